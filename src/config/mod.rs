@@ -1,0 +1,250 @@
+//! Environment config: where the topology's logical inputs and outputs are
+//! bound, and how the engine runs.
+//!
+//! # Layering
+//! 1. Built-in defaults (the `default_*` functions below).
+//! 2. The file: `--config <path>`, or the embedded `config/default.toml`.
+//! 3. Environment variables `ASSAY_<SECTION>__<KEY>`, e.g. `ASSAY_RUNTIME__WORKERS=2`
+//!    or `ASSAY_BINDINGS__SEARCH_DOCUMENTS__PATH=out/docs.jsonl`. The value is
+//!    read as TOML when it parses as a value, otherwise as a string.
+//!
+//! Unknown keys are errors. Every error is collected before anything starts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::diagnostics::{deserialize_collecting, Diagnostics, SourceText};
+use crate::topology::Plan;
+
+/// The embedded default: every binding is a file under the repository.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.toml");
+pub const EMBEDDED_DEFAULT_NAME: &str = "config/default.toml (embedded)";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvConfig {
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    /// Logical name (as the topology uses it) to a concrete place.
+    pub bindings: BTreeMap<String, Binding>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Timely worker threads in this process. Each owns whole input partitions.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Records per epoch. An epoch is the unit of batching, scoring, output
+    /// ordering and checkpointing: larger epochs batch better, smaller ones
+    /// lower latency. For files the epoch is a pure function of the line
+    /// number, so output order never depends on timing.
+    #[serde(default = "default_epoch_records")]
+    pub epoch_records: u64,
+    /// Epochs a source may run ahead of the sink: bounds memory when a later
+    /// stage is slower than the source (back-pressure).
+    #[serde(default = "default_max_epochs_in_flight")]
+    pub max_epochs_in_flight: u64,
+    /// Time between checkpoints. Shorter means less replay after a crash, at
+    /// the cost of a pipeline drain and a RocksDB batch each time.
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
+    /// Progress bar on stderr: `auto` (when stderr is a terminal), `always`, `never`.
+    #[serde(default)]
+    pub progress: ProgressMode,
+}
+
+fn default_workers() -> usize {
+    1
+}
+fn default_epoch_records() -> u64 {
+    1024
+}
+fn default_max_epochs_in_flight() -> u64 {
+    8
+}
+fn default_checkpoint_interval_ms() -> u64 {
+    1000
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            workers: default_workers(),
+            epoch_records: default_epoch_records(),
+            max_epochs_in_flight: default_max_epochs_in_flight(),
+            checkpoint_interval_ms: default_checkpoint_interval_ms(),
+            progress: ProgressMode::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressMode {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Root of the state directories; each topology gets `<dir>/<topology name>`.
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+    /// RocksDB block cache: hot listings are read from memory.
+    #[serde(default = "default_block_cache_mb")]
+    pub block_cache_mb: usize,
+    /// RocksDB memtable: absorbs writes between flushes.
+    #[serde(default = "default_write_buffer_mb")]
+    pub write_buffer_mb: usize,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+/// 64 MiB keeps a million listings' hot set in memory within the 300 MB budget.
+fn default_block_cache_mb() -> usize {
+    64
+}
+fn default_write_buffer_mb() -> usize {
+    32
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig { dir: default_state_dir(), block_cache_mb: default_block_cache_mb(), write_buffer_mb: default_write_buffer_mb() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Binding {
+    File(FileBinding),
+}
+
+/// A JSONL file: one record per line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBinding {
+    pub path: PathBuf,
+    /// As an input: records are spread over this many partitions by a hash of
+    /// their key (like a keyed Kafka topic), and partitions over workers.
+    /// Keep it fixed for a state directory: it is part of the state key.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// As an input: longer lines are dead-lettered (`record_too_large`).
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+    /// As an input: replay at most this many records per second (0 = unlimited),
+    /// to watch a replay or to test a crash mid-run.
+    #[serde(default)]
+    pub records_per_second: u64,
+}
+
+fn default_partitions() -> u32 {
+    8
+}
+/// 1 MiB: far above any real listing, far below what would hurt memory.
+fn default_max_record_bytes() -> usize {
+    1 << 20
+}
+
+impl EnvConfig {
+    pub fn binding(&self, name: &str) -> Option<&Binding> {
+        self.bindings.get(name)
+    }
+
+    pub fn input_file(&self, plan: &Plan) -> &FileBinding {
+        match &self.bindings[&plan.input_binding] {
+            Binding::File(file) => file,
+        }
+    }
+}
+
+/// Loads the config (file or embedded default, then environment) and checks
+/// it against the topology. `env` is the environment, passed in for tests.
+pub fn load(path: Option<&Path>, env: &[(String, String)], plan: Option<&Plan>) -> Result<EnvConfig, Diagnostics> {
+    let source = match path {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => SourceText { path: path.to_path_buf(), text },
+            Err(error) => {
+                let mut diagnostics = Diagnostics::default();
+                diagnostics.error(path, format!("cannot read the config: {error}"), Some("pass the path of a config/*.toml file".into()));
+                return Err(diagnostics);
+            }
+        },
+        None => SourceText { path: PathBuf::from(EMBEDDED_DEFAULT_NAME), text: EMBEDDED_DEFAULT.to_string() },
+    };
+    // located errors first, from the file as written
+    let mut config: EnvConfig = deserialize_collecting(&source)?;
+    let mut diagnostics = Diagnostics::default();
+    let overrides: Vec<&(String, String)> = env.iter().filter(|(k, _)| k.starts_with("ASSAY_") && k.contains("__")).collect();
+    if !overrides.is_empty() {
+        let mut table: toml::Table = toml::from_str(&source.text).expect("the text deserialized a moment ago");
+        for (name, value) in &overrides {
+            let path: Vec<String> = name["ASSAY_".len()..].split("__").map(|p| p.to_lowercase()).collect();
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}")).ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(value.clone()));
+            let mut cursor = &mut table;
+            for part in &path[..path.len() - 1] {
+                let entry = cursor.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match entry {
+                    toml::Value::Table(inner) => cursor = inner,
+                    _ => {
+                        diagnostics.error(Path::new(name), format!("`{part}` is not a table"), Some("ASSAY_<SECTION>__<KEY>=value".into()));
+                        return Err(diagnostics);
+                    }
+                }
+            }
+            cursor.insert(path[path.len() - 1].clone(), parsed);
+        }
+        match toml::Value::Table(table).try_into::<EnvConfig>() {
+            Ok(layered) => config = layered,
+            Err(error) => {
+                let names: Vec<&str> = overrides.iter().map(|(k, _)| k.as_str()).collect();
+                diagnostics.error(Path::new(&format!("environment ({})", names.join(", "))), error.message().to_string(), Some("ASSAY_<SECTION>__<KEY>=value, e.g. ASSAY_RUNTIME__WORKERS=2".into()));
+                return Err(diagnostics);
+            }
+        }
+    }
+    check(&config, &source.path, plan, &mut diagnostics);
+    diagnostics.into_result(config)
+}
+
+fn check(config: &EnvConfig, file: &Path, plan: Option<&Plan>, diagnostics: &mut Diagnostics) {
+    if config.runtime.workers == 0 {
+        diagnostics.error(file, "runtime.workers must be at least 1", None);
+    }
+    if config.runtime.epoch_records == 0 {
+        diagnostics.error(file, "runtime.epoch_records must be at least 1", None);
+    }
+    if config.runtime.max_epochs_in_flight == 0 {
+        diagnostics.error(file, "runtime.max_epochs_in_flight must be at least 1", None);
+    }
+    for (name, binding) in &config.bindings {
+        let Binding::File(file_binding) = binding;
+        if file_binding.partitions == 0 {
+            diagnostics.error(file, format!("bindings.{name}.partitions must be at least 1"), None);
+        }
+    }
+    let Some(plan) = plan else { return };
+    let known: Vec<&str> = config.bindings.keys().map(String::as_str).collect();
+    for (role, name) in [("input", &plan.input_binding), ("output", &plan.output_binding), ("dead letters", &plan.dead_letter_binding)] {
+        if !config.bindings.contains_key(name) {
+            diagnostics.error(file, format!("the topology's {role} `{name}` is not bound"),
+                Some(format!("add [bindings.{name}] with type = \"file\" and a path; bound here: {}", known.join(", "))));
+        }
+    }
+    if let Some(Binding::File(input)) = config.bindings.get(&plan.input_binding) {
+        if !input.path.is_file() {
+            diagnostics.error(file, format!("input file {} does not exist", input.path.display()),
+                Some("relative paths are resolved from the directory you run assay in".into()));
+        }
+    }
+}

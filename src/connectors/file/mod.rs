@@ -1,0 +1,4 @@
+//! JSONL files: the embedded default binding.
+
+pub mod sink;
+pub mod source;

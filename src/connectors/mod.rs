@@ -1,0 +1,3 @@
+//! Sources and sinks, one folder per system.
+
+pub mod file;

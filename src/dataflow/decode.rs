@@ -1,0 +1,158 @@
+//! Decode and validate: raw bytes to a typed change event, or a dead letter
+//! with the reason.
+//!
+//! # Rules
+//! - The record is a UTF-8 JSON object no longer than the binding's limit.
+//! - Envelope: key (string or integer), version (integer >= 0), event time
+//!   (integer Unix seconds), kind (one of the topology's kinds).
+//! - Declared fields must have their declared type, range and allowed values;
+//!   `null` counts as absent. Undeclared fields are ignored, so producers can
+//!   add fields before the topology uses them.
+//! - A `complete` kind must carry every required field; `requires` fields must
+//!   be present.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::record::{DeadLetter, RawRecord, SourcePosition, Value};
+use crate::topology::{FieldType, Plan};
+
+/// A validated listing change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    pub key: String,
+    pub version: u64,
+    pub event_time: i64,
+    pub kind: usize,
+    /// By field index; `None` when absent.
+    pub fields: Vec<Option<Value>>,
+    /// Kept for a later stage's dead letter (e.g. an update for an unknown listing).
+    pub bytes: Vec<u8>,
+    pub position: SourcePosition,
+    pub read_at_nanos: u64,
+}
+
+pub const STAGE: &str = "decode";
+
+/// Decodes one record.
+pub fn decode(plan: &Plan, max_record_bytes: usize, raw: RawRecord) -> Result<ChangeEvent, DeadLetter> {
+    let fail = |raw: RawRecord, reason: &str, detail: String| DeadLetter {
+        bytes: raw.bytes,
+        position: raw.position,
+        reason: reason.to_string(),
+        detail,
+        stage: STAGE.to_string(),
+        read_at_nanos: raw.read_at_nanos,
+    };
+    if raw.bytes.len() > max_record_bytes {
+        let detail = format!("{} bytes, the limit is {max_record_bytes}", raw.bytes.len());
+        return Err(fail(raw, "record_too_large", detail));
+    }
+    if let Err(error) = std::str::from_utf8(&raw.bytes) {
+        return Err(fail(raw, "not_utf8", format!("invalid UTF-8 at byte {}", error.valid_up_to())));
+    }
+    let object = match serde_json::from_slice::<Json>(&raw.bytes) {
+        Ok(Json::Object(object)) => object,
+        Ok(other) => return Err(fail(raw, "not_an_object", format!("a JSON {} instead of an object", json_type(&other)))),
+        Err(error) => return Err(fail(raw, "invalid_json", error.to_string())),
+    };
+    let key = match object.get(&plan.key_field) {
+        Some(Json::String(s)) if !s.is_empty() => s.clone(),
+        Some(Json::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+        None | Some(Json::Null) => return Err(fail(raw, "missing_key", format!("no `{}`", plan.key_field))),
+        Some(other) => return Err(fail(raw, "bad_key", format!("`{}` is {}; a non-empty string or an integer is expected", plan.key_field, describe(other)))),
+    };
+    let version = match object.get(&plan.version_field) {
+        Some(Json::Number(n)) if n.is_u64() => n.as_u64().unwrap(),
+        None | Some(Json::Null) => return Err(fail(raw, "missing_version", format!("no `{}`", plan.version_field))),
+        Some(other) => return Err(fail(raw, "bad_version", format!("`{}` is {}; a non-negative integer is expected", plan.version_field, describe(other)))),
+    };
+    let event_time = match object.get(&plan.event_time_field) {
+        Some(Json::Number(n)) if n.is_i64() => n.as_i64().unwrap(),
+        None | Some(Json::Null) => return Err(fail(raw, "missing_event_time", format!("no `{}`", plan.event_time_field))),
+        Some(other) => return Err(fail(raw, "bad_event_time", format!("`{}` is {}; integer Unix seconds are expected", plan.event_time_field, describe(other)))),
+    };
+    let kind = match object.get(&plan.kind_field) {
+        Some(Json::String(s)) => match plan.kinds.iter().position(|k| &k.name == s) {
+            Some(kind) => kind,
+            None => {
+                let known: Vec<&str> = plan.kinds.iter().map(|k| k.name.as_str()).collect();
+                return Err(fail(raw, "unknown_kind", format!("kind `{s}` is not one of {}", known.join(", "))));
+            }
+        },
+        None | Some(Json::Null) => return Err(fail(raw, "missing_kind", format!("no `{}`", plan.kind_field))),
+        Some(other) => return Err(fail(raw, "unknown_kind", format!("`{}` is {}; a string is expected", plan.kind_field, describe(other)))),
+    };
+    let mut fields = Vec::with_capacity(plan.fields.len());
+    for field in &plan.fields {
+        let value = match object.get(&field.name) {
+            None | Some(Json::Null) => None,
+            Some(json) => {
+                let value = match (field.field_type, json) {
+                    (FieldType::String, Json::String(s)) => Value::Str(s.clone()),
+                    (FieldType::Integer, Json::Number(n)) if n.is_i64() => Value::Int(n.as_i64().unwrap()),
+                    (FieldType::Number, Json::Number(n)) => match n.as_i64() {
+                        Some(i) => Value::Int(i),
+                        None => Value::Num(n.as_f64().unwrap_or(f64::NAN)),
+                    },
+                    (expected, other) => {
+                        let detail = format!("field `{}` is {}; {} expected", field.name, describe(other), type_name(expected));
+                        return Err(fail(raw, "wrong_type", detail));
+                    }
+                };
+                if let Some(number) = value.as_f64() {
+                    if !number.is_finite() || field.min.is_some_and(|min| number < min) || field.max.is_some_and(|max| number > max) {
+                        let detail = format!("field `{}` is {number}, outside [{}, {}]", field.name,
+                            field.min.map(|m| m.to_string()).unwrap_or("-inf".into()), field.max.map(|m| m.to_string()).unwrap_or("inf".into()));
+                        return Err(fail(raw, "out_of_range", detail));
+                    }
+                }
+                if let (Some(allowed), Value::Str(text)) = (&field.allowed, &value) {
+                    if !allowed.contains(text) {
+                        let mut allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+                        allowed.sort();
+                        let detail = format!("field `{}` is {text:?}, not one of {}", field.name, allowed.join(", "));
+                        return Err(fail(raw, "not_allowed", detail));
+                    }
+                }
+                Some(value)
+            }
+        };
+        fields.push(value);
+    }
+    let kind_plan = &plan.kinds[kind];
+    let missing: Vec<&str> = plan.fields.iter().enumerate()
+        .filter(|(i, f)| fields[*i].is_none() && ((kind_plan.complete && f.required) || kind_plan.requires.contains(i)))
+        .map(|(_, f)| f.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        let detail = format!("kind `{}` needs {}", kind_plan.name, missing.join(", "));
+        return Err(fail(raw, "missing_required", detail));
+    }
+    Ok(ChangeEvent { key, version, event_time, kind, fields, bytes: raw.bytes, position: raw.position, read_at_nanos: raw.read_at_nanos })
+}
+
+fn json_type(value: &Json) -> &'static str {
+    match value {
+        Json::Null => "null",
+        Json::Bool(_) => "boolean",
+        Json::Number(_) => "number",
+        Json::String(_) => "string",
+        Json::Array(_) => "array",
+        Json::Object(_) => "object",
+    }
+}
+
+fn describe(value: &Json) -> String {
+    let text = value.to_string();
+    let text = if text.len() > 40 { format!("{}…", &text[..text.char_indices().take_while(|(i, _)| *i < 40).last().map(|(i, c)| i + c.len_utf8()).unwrap_or(0)]) } else { text };
+    format!("a {} ({text})", json_type(value))
+}
+
+fn type_name(field_type: FieldType) -> &'static str {
+    match field_type {
+        FieldType::String => "a string",
+        FieldType::Integer => "an integer",
+        FieldType::Number => "a number",
+    }
+}

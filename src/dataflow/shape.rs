@@ -1,0 +1,152 @@
+//! Output shaping: derived values, bands, rounding, field selection, JSON.
+//!
+//! The document is written field by field in the topology's order, so the
+//! same input always gives the same bytes. Missing values are left out.
+
+use std::fmt::Write as _;
+
+use crate::dataflow::listing_state::Enriched;
+use crate::features;
+use crate::model::LoadedModel;
+use crate::record::Value;
+use crate::topology::{Function, Plan, ValueRef};
+
+/// A value being shaped.
+enum Shaped<'a> {
+    Number(f64),
+    Integer(i64),
+    Text(&'a str),
+}
+
+/// The JSON document for a live listing.
+pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_values: &[&[f32]]) -> String {
+    let mut derived: Vec<Option<f64>> = Vec::with_capacity(plan.derived.len());
+    for value in &plan.derived {
+        let number = |r: ValueRef, derived: &[Option<f64>]| numeric(r, row, model_values, derived);
+        derived.push(match &value.function {
+            Function::Ratio { numerator, denominator, min_denominator } => {
+                features::ratio(number(*numerator, &derived), number(*denominator, &derived), *min_denominator)
+            }
+            Function::YearsSince { field } => features::years_since(number(*field, &derived), row.event_time),
+            // state functions are features; compile keeps derived values to pure ones
+            _ => None,
+        });
+    }
+    let bands: Vec<Option<&str>> = plan.bands.iter()
+        .map(|band| features::band(numeric(band.source, row, model_values, &derived), &band.steps, &band.otherwise))
+        .collect();
+
+    let mut out = String::with_capacity(512);
+    out.push('{');
+    write_key(&mut out, &plan.key_field);
+    write_string(&mut out, &row.key);
+    out.push(',');
+    write_key(&mut out, &plan.version_field);
+    let _ = write!(out, "{}", row.version);
+    out.push(',');
+    write_key(&mut out, &plan.event_time_field);
+    let _ = write!(out, "{}", row.event_time);
+    for field in &plan.output_fields {
+        let value = match field.source {
+            ValueRef::Field(i) => match &row.fields[i] {
+                Some(Value::Str(s)) => Some(Shaped::Text(s)),
+                Some(Value::Int(v)) => Some(Shaped::Integer(*v)),
+                Some(Value::Num(v)) => Some(Shaped::Number(*v)),
+                None => None,
+            },
+            ValueRef::Band(i) => bands[i].map(Shaped::Text),
+            other => numeric(other, row, model_values, &derived).map(Shaped::Number),
+        };
+        let Some(value) = value else { continue };
+        let value = match (value, field.round_to) {
+            (Shaped::Number(v), Some(step)) => {
+                let rounded = features::round_to_step(v, step);
+                if step.fract() == 0.0 && rounded.abs() < 9e15 { Shaped::Integer(rounded as i64) } else { Shaped::Number(rounded) }
+            }
+            (Shaped::Integer(v), Some(step)) if step.fract() == 0.0 && step >= 1.0 => Shaped::Integer(features::round_to_step(v as f64, step) as i64),
+            (value, _) => value,
+        };
+        out.push(',');
+        write_key(&mut out, &field.name);
+        match value {
+            Shaped::Text(s) => write_string(&mut out, s),
+            Shaped::Integer(v) => {
+                let _ = write!(out, "{v}");
+            }
+            // whole numbers print as integers: counts and ages read as 3, not 3.0
+            Shaped::Number(v) if v.fract() == 0.0 && v.abs() < 9e15 => {
+                let _ = write!(out, "{}", v as i64);
+            }
+            Shaped::Number(v) => match serde_json::Number::from_f64(v) {
+                Some(n) => {
+                    let _ = write!(out, "{n}");
+                }
+                None => out.push_str("null"),
+            },
+        }
+    }
+    if !models.is_empty() {
+        out.push_str(",\"scored_by\":{");
+        for (i, model) in models.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            write_key(&mut out, &model.name);
+            write_string(&mut out, &model.version);
+        }
+        out.push('}');
+    }
+    out.push('}');
+    out
+}
+
+fn numeric(r: ValueRef, row: &Enriched, model_values: &[&[f32]], derived: &[Option<f64>]) -> Option<f64> {
+    match r {
+        ValueRef::Field(i) => row.fields[i].as_ref().and_then(Value::as_f64),
+        ValueRef::Feature(i) => row.features[i],
+        ValueRef::ModelOutput { model, output } => Some(model_values[model][output] as f64),
+        ValueRef::Derived(i) => derived.get(i).copied().flatten(),
+        ValueRef::Band(_) => None,
+    }
+}
+
+fn write_key(out: &mut String, key: &str) {
+    write_string(out, key);
+    out.push(':');
+}
+
+fn write_string(out: &mut String, text: &str) {
+    out.push_str(&serde_json::to_string(text).expect("a string serializes"));
+}
+
+/// The benchmark baseline's document: the decoded fields re-encoded, nothing computed.
+pub fn pass_through_document(plan: &Plan, event: crate::dataflow::decode::ChangeEvent) -> crate::record::OutputDocument {
+    let mut out = String::with_capacity(384);
+    out.push('{');
+    write_key(&mut out, &plan.key_field);
+    write_string(&mut out, &event.key);
+    let _ = write!(out, ",\"{}\":{},\"{}\":{}", plan.version_field, event.version, plan.event_time_field, event.event_time);
+    for (field, value) in plan.fields.iter().zip(&event.fields) {
+        let Some(value) = value else { continue };
+        out.push(',');
+        write_key(&mut out, &field.name);
+        match value {
+            Value::Str(s) => write_string(&mut out, s),
+            Value::Int(v) => {
+                let _ = write!(out, "{v}");
+            }
+            Value::Num(v) => {
+                let _ = write!(out, "{}", serde_json::Number::from_f64(*v).map(|n| n.to_string()).unwrap_or("null".into()));
+            }
+        }
+    }
+    out.push('}');
+    let deleted = plan.kinds[event.kind].action == crate::topology::KindAction::Delete;
+    crate::record::OutputDocument {
+        key: event.key,
+        version: event.version,
+        body: if deleted { None } else { Some(out) },
+        position: event.position,
+        read_at_nanos: event.read_at_nanos,
+    }
+}

@@ -1,0 +1,143 @@
+//! The `assay` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod bench_command;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "assay", version, about = "Enrich marketplace listing changes for search: decode, per-listing state, features, ONNX scoring, documents out.",
+    long_about = "assay consumes a stream of listing changes, keeps per-listing state in RocksDB, computes features, \
+scores them with ONNX models and writes enriched documents (upserts and tombstones) for a search indexer.\n\n\
+Start with:  assay run topologies/listings.toml\n\
+It reads the committed sample stream and writes out/search_documents.jsonl and out/dead_letters.jsonl.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a topology until its input is consumed, then print a summary.
+    Run {
+        /// The topology file, e.g. topologies/listings.toml.
+        topology: PathBuf,
+        /// Environment config (bindings, workers, state); default: the embedded config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Discard the topology's state and truncate its output files before running.
+        #[arg(long)]
+        from_scratch: bool,
+        /// Progress bar on stderr: auto (when a terminal), always or never.
+        #[arg(long, default_value = "auto")]
+        progress: String,
+        /// Also write the summary as JSON to this file.
+        #[arg(long)]
+        summary_json: Option<PathBuf>,
+        /// Benchmark baseline: decode and re-encode only (no state, features or models).
+        #[arg(long, hide = true)]
+        pass_through: bool,
+    },
+    /// Benchmark: generate a stream calibrated on the sample, run the full
+    /// topology and a pass-through baseline on 1 and 2 workers, print
+    /// throughput, latency percentiles and peak memory.
+    Bench {
+        #[arg(long, default_value = "topologies/listings.toml")]
+        topology: PathBuf,
+        /// Events in the mixed stream.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Live listings for the memory scenario (a stream of creates only); 0 skips it.
+        #[arg(long, default_value_t = 1_000_000)]
+        live_listings: u64,
+        /// Worker counts to measure, comma-separated.
+        #[arg(long, default_value = "1,2")]
+        workers: String,
+        #[arg(long, default_value_t = 1024)]
+        epoch_records: u64,
+        /// Where generated streams, state and outputs go.
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+    },
+    /// Check a topology and config: every error at once, with file, line and a hint.
+    Validate {
+        topology: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the compiled plan: stages, keys, state, models.
+    Explain {
+        topology: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn environment() -> Vec<(String, String)> {
+    std::env::vars().filter(|(k, _)| k.starts_with("ASSAY_")).collect()
+}
+
+fn prepare(topology: &std::path::Path, config: Option<&std::path::Path>) -> Result<assay::Prepared, ExitCode> {
+    match assay::prepare(topology, config, &environment()) {
+        Ok(prepared) => Ok(prepared),
+        Err(assay::PrepareError::Invalid(diagnostics)) => {
+            eprintln!("{diagnostics}");
+            eprintln!("{} error(s); nothing was started", diagnostics.errors.len());
+            Err(ExitCode::from(2))
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { topology, config } => {
+            let prepared = match prepare(&topology, config.as_deref()) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            println!("{}: ok ({} fields, {} features, {} models passed their golden checks)", topology.display(), prepared.plan.fields.len(), prepared.plan.features.len(), prepared.models.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain { topology, config } => {
+            let prepared = match prepare(&topology, config.as_deref()) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let input = prepared.config.input_file(&prepared.plan);
+            print!("{}", assay::topology::explain(&prepared.plan, prepared.config.runtime.workers, input.partitions));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { topology, events, live_listings, workers, epoch_records, dir } => {
+            let workers: Vec<usize> = workers.split(',').map(|w| w.trim().parse()).collect::<Result<_, _>>().context("--workers takes numbers like 1,2")?;
+            bench_command::run(&topology, events, live_listings, &workers, epoch_records, &dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { topology, config, from_scratch, progress, summary_json, pass_through } => {
+            let prepared = match prepare(&topology, config.as_deref()) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let progress = match progress.as_str() {
+                "auto" => None,
+                "always" => Some(true),
+                "never" => Some(false),
+                other => anyhow::bail!("--progress takes auto, always or never, not {other:?}"),
+            };
+            let options = assay::dataflow::RunOptions { from_scratch, progress, pass_through };
+            let summary = assay::dataflow::run(prepared.plan.clone(), &prepared.config, prepared.models.clone(), &options)?;
+            eprint!("{}", summary.render());
+            if let Some(path) = summary_json {
+                std::fs::write(&path, serde_json::to_string_pretty(&summary)?).with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(if summary.reconciled { ExitCode::SUCCESS } else { ExitCode::from(3) })
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! What a person sees: the progress bar, the end-of-run summary, latency
+//! percentiles. Every count is named once, here.
+//!
+//! # Reconciliation
+//! `records_in = upserts + tombstones + dead_letters + stale + duplicates`:
+//! every record read ends in exactly one of those terms. The summary checks
+//! it and says so.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Latency histogram with ~1% relative precision: log-linear buckets.
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram {
+    buckets: Vec<u64>,
+    count: u64,
+    max_nanos: u64,
+}
+
+const SUB_BUCKETS: u64 = 64;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram { buckets: vec![0; (64 * SUB_BUCKETS) as usize], count: 0, max_nanos: 0 }
+    }
+}
+
+impl LatencyHistogram {
+    fn bucket_of(nanos: u64) -> usize {
+        if nanos < SUB_BUCKETS {
+            return nanos as usize;
+        }
+        let magnitude = 63 - nanos.leading_zeros() as u64; // >= 6
+        let shift = magnitude - 6;
+        let sub = (nanos >> shift) - SUB_BUCKETS; // 0..64
+        ((shift + 1) * SUB_BUCKETS + sub) as usize
+    }
+
+    fn bucket_upper(bucket: usize) -> u64 {
+        let bucket = bucket as u64;
+        if bucket < SUB_BUCKETS {
+            return bucket;
+        }
+        let shift = bucket / SUB_BUCKETS - 1;
+        let sub = bucket % SUB_BUCKETS;
+        ((SUB_BUCKETS + sub + 1) << shift) - 1
+    }
+
+    pub fn record(&mut self, nanos: u64) {
+        self.buckets[Self::bucket_of(nanos)] += 1;
+        self.count += 1;
+        self.max_nanos = self.max_nanos.max(nanos);
+    }
+
+    pub fn merge(&mut self, other: &LatencyHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.max_nanos = self.max_nanos.max(other.max_nanos);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The value at quantile `q` (0..=1), as the upper edge of its bucket.
+    pub fn quantile(&self, q: f64) -> Duration {
+        if self.count == 0 {
+            return Duration::ZERO;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (bucket, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Duration::from_nanos(Self::bucket_upper(bucket).min(self.max_nanos));
+            }
+        }
+        Duration::from_nanos(self.max_nanos)
+    }
+}
+
+/// Counts from one worker; merged at the end.
+#[derive(Debug, Default, Clone)]
+pub struct WorkerReport {
+    pub records_in: u64,
+    pub upserts: u64,
+    pub tombstones: u64,
+    pub dead_letters: BTreeMap<String, u64>,
+    pub stale: u64,
+    pub duplicates: u64,
+    pub checkpoints: u64,
+    pub resumed_from_line: u64,
+    pub latency: LatencyHistogram,
+}
+
+impl WorkerReport {
+    pub fn merge(&mut self, other: &WorkerReport) {
+        self.records_in += other.records_in;
+        self.upserts += other.upserts;
+        self.tombstones += other.tombstones;
+        for (reason, n) in &other.dead_letters {
+            *self.dead_letters.entry(reason.clone()).or_default() += n;
+        }
+        self.stale += other.stale;
+        self.duplicates += other.duplicates;
+        self.checkpoints += other.checkpoints;
+        self.latency.merge(&other.latency);
+    }
+}
+
+/// The end-of-run summary, printed for people and written as JSON for tools.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub topology: String,
+    pub workers: usize,
+    pub records_in: u64,
+    pub documents_emitted: u64,
+    pub upserts: u64,
+    pub tombstones: u64,
+    pub dead_letters: u64,
+    pub dead_letters_by_reason: BTreeMap<String, u64>,
+    pub stale: u64,
+    pub duplicates: u64,
+    pub reconciled: bool,
+    pub checkpoints: u64,
+    pub elapsed_seconds: f64,
+    pub events_per_second: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+    pub peak_rss_mb: f64,
+}
+
+impl RunSummary {
+    pub fn new(topology: &str, workers: usize, report: &WorkerReport, elapsed: Duration) -> RunSummary {
+        let dead_letters: u64 = report.dead_letters.values().sum();
+        let emitted = report.upserts + report.tombstones;
+        RunSummary {
+            topology: topology.to_string(),
+            workers,
+            records_in: report.records_in,
+            documents_emitted: emitted,
+            upserts: report.upserts,
+            tombstones: report.tombstones,
+            dead_letters,
+            dead_letters_by_reason: report.dead_letters.clone(),
+            stale: report.stale,
+            duplicates: report.duplicates,
+            reconciled: report.records_in == emitted + dead_letters + report.stale + report.duplicates,
+            checkpoints: report.checkpoints,
+            elapsed_seconds: elapsed.as_secs_f64(),
+            events_per_second: report.records_in as f64 / elapsed.as_secs_f64().max(1e-9),
+            latency_p50_ms: report.latency.quantile(0.50).as_secs_f64() * 1e3,
+            latency_p99_ms: report.latency.quantile(0.99).as_secs_f64() * 1e3,
+            latency_max_ms: report.latency.quantile(1.0).as_secs_f64() * 1e3,
+            peak_rss_mb: peak_rss_bytes() as f64 / (1024.0 * 1024.0),
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!("assay run: topology {} on {} worker(s)\n", self.topology, self.workers));
+        out.push_str(&format!("  records in          {:>10}\n", self.records_in));
+        out.push_str(&format!("  documents emitted   {:>10}  ({} upserts, {} tombstones)\n", self.documents_emitted, self.upserts, self.tombstones));
+        out.push_str(&format!("  dead letters        {:>10}\n", self.dead_letters));
+        for (reason, n) in &self.dead_letters_by_reason {
+            out.push_str(&format!("    {reason:<22}{n:>8}\n"));
+        }
+        out.push_str(&format!("  stale events        {:>10}\n", self.stale));
+        out.push_str(&format!("  duplicate events    {:>10}\n", self.duplicates));
+        out.push_str(&format!(
+            "  reconciled          {:>10}  (in = emitted + dead letters + stale + duplicates)\n",
+            if self.reconciled { "yes" } else { "NO" }
+        ));
+        out.push_str(&format!("  throughput          {:>10.0} events/s over {:.2} s, {} checkpoint(s)\n", self.events_per_second, self.elapsed_seconds, self.checkpoints));
+        out.push_str(&format!("  latency             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (read to written)\n", self.latency_p50_ms, self.latency_p99_ms, self.latency_max_ms));
+        out.push_str(&format!("  peak memory (RSS)   {:>10.1} MB\n", self.peak_rss_mb));
+        out
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), 0 when unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<u64>().ok()))
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// A one-line progress bar on stderr, redrawn at most every 200 ms.
+pub struct ProgressBar {
+    enabled: bool,
+    last_draw: std::time::Instant,
+    started: std::time::Instant,
+}
+
+impl ProgressBar {
+    pub fn new(enabled: Option<bool>) -> ProgressBar {
+        let enabled = enabled.unwrap_or_else(|| std::io::stderr().is_terminal());
+        let now = std::time::Instant::now();
+        ProgressBar { enabled, last_draw: now - Duration::from_secs(1), started: now }
+    }
+
+    pub fn update(&mut self, done_bytes: u64, total_bytes: u64, records: u64) {
+        if !self.enabled || self.last_draw.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        self.last_draw = std::time::Instant::now();
+        let fraction = if total_bytes == 0 { 1.0 } else { done_bytes as f64 / total_bytes as f64 };
+        let width = 30;
+        let filled = ((fraction * width as f64) as usize).min(width);
+        let rate = records as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        let mut stderr = std::io::stderr();
+        let _ = write!(stderr, "\r[{}{}] {:>5.1}%  {:>9} records  {:>8.0}/s ", "#".repeat(filled), ".".repeat(width - filled), fraction * 100.0, records, rate);
+        let _ = stderr.flush();
+    }
+
+    pub fn finish(&mut self) {
+        if self.enabled {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_within_two_percent() {
+        let mut h = LatencyHistogram::default();
+        for v in 1..=100_000u64 {
+            h.record(v * 1_000);
+        }
+        for (q, exact) in [(0.5, 50_000_000u64), (0.99, 99_000_000), (1.0, 100_000_000)] {
+            let got = h.quantile(q).as_nanos() as f64;
+            assert!((got - exact as f64).abs() / exact as f64 <= 0.02, "q{q}: {got} vs {exact}");
+        }
+        let mut other = LatencyHistogram::default();
+        other.record(5);
+        h.merge(&other);
+        assert_eq!(h.count(), 100_001);
+        assert_eq!(LatencyHistogram::default().quantile(0.5), Duration::ZERO);
+    }
+}

@@ -1,0 +1,72 @@
+//! Values and records that travel between stages.
+
+use serde::{Deserialize, Serialize};
+
+/// A field value after decoding. Integers stay integers so that documents
+/// print them as the producer sent them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    Int(i64),
+    Num(f64),
+    Str(String),
+}
+
+impl Value {
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Int(i) => Some(*i as f64),
+            Value::Num(n) => Some(*n),
+            Value::Str(_) => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Where a record came from: enough to find it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SourcePosition {
+    pub partition: u32,
+    /// Line number for files (0-based), offset for Kafka.
+    pub offset: u64,
+    /// Byte offset of the record's first byte, for files.
+    pub byte_offset: u64,
+}
+
+/// Bytes as read from a source, before decoding.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RawRecord {
+    pub bytes: Vec<u8>,
+    pub position: SourcePosition,
+    /// Nanoseconds since the run started, when the source read it: for latency only.
+    pub read_at_nanos: u64,
+}
+
+/// A record that failed somewhere, with everything needed to find and replay it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub bytes: Vec<u8>,
+    pub position: SourcePosition,
+    /// Short, stable, machine-readable: counted per reason in the summary.
+    pub reason: String,
+    pub detail: String,
+    pub stage: String,
+    pub read_at_nanos: u64,
+}
+
+/// One output record for the search index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutputDocument {
+    pub key: String,
+    /// Monotone per listing: the indexer's external version.
+    pub version: u64,
+    /// The document as JSON, or `None` for a tombstone.
+    pub body: Option<String>,
+    pub position: SourcePosition,
+    pub read_at_nanos: u64,
+}

@@ -1,0 +1,375 @@
+//! The RocksDB store: per-listing state and source positions, written together.
+//!
+//! No stage touches `rocksdb::DB` directly. Reads are batched (`get_many`, one
+//! `multi_get` per message); writes happen only in [`Store::checkpoint`], one
+//! `WriteBatch` holding every state change of the checkpointed epochs *and* the
+//! source positions that produced them, so state is never ahead of positions.
+//!
+//! # Encoding
+//! Keys: `[1][partition u32 BE][listing id bytes]` in column family `listings`.
+//! Values: format byte `1`, then the fields of [`ListingState`] little-endian
+//! (see `encode`). The topology's field list is stored under `meta/schema`;
+//! opening state written for another field list is refused with a message,
+//! because field values are stored by position.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
+
+use crate::record::Value;
+
+const LISTINGS: &str = "listings";
+const META: &str = "meta";
+const KEY_FORMAT: u8 = 1;
+const VALUE_FORMAT: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot open the state store at {path}: {detail}")]
+    Open { path: PathBuf, detail: String },
+    #[error("state store at {path} was written for different input fields\n  stored:   {stored}\n  topology: {current}\n  hint: use a new state directory, or run with --from-scratch to discard the old state")]
+    SchemaMismatch { path: PathBuf, stored: String, current: String },
+    #[error("state store I/O failed: {0}")]
+    Io(String),
+    #[error("state store holds a value it cannot read (format {format}): {detail}")]
+    Corrupt { format: u8, detail: String },
+}
+
+impl From<rocksdb::Error> for StateError {
+    fn from(error: rocksdb::Error) -> Self {
+        StateError::Io(error.to_string())
+    }
+}
+
+/// What the engine remembers about one listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListingState {
+    /// Highest version applied (also kept after a delete, to recognize stale events).
+    pub version: u64,
+    /// A tombstone: the listing was removed; `fields` is empty.
+    pub deleted: bool,
+    pub first_seen: i64,
+    pub last_event_time: i64,
+    pub initial_price: Option<f64>,
+    pub price_change_count: u32,
+    pub last_price_change: Option<i64>,
+    /// Current values of the topology's input fields, by field index.
+    pub fields: Vec<Option<Value>>,
+}
+
+/// A source position as checkpointed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CheckpointedPosition {
+    /// Next record to read (line number or Kafka offset).
+    pub next_offset: u64,
+    /// Next byte to read, for files.
+    pub next_byte: u64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    path: PathBuf,
+}
+
+/// Memory knobs, from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreTuning {
+    /// Shared block cache: hot listings are read from memory.
+    pub block_cache_bytes: usize,
+    /// Memtable size: larger absorbs more writes per flush, costs memory.
+    pub write_buffer_bytes: usize,
+}
+
+impl Store {
+    pub fn open(path: &Path, schema_fingerprint: &str, tuning: StoreTuning) -> Result<Store, StateError> {
+        let open_error = |detail: String| StateError::Open { path: path.to_path_buf(), detail };
+        std::fs::create_dir_all(path).map_err(|e| open_error(e.to_string()))?;
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let cache = rocksdb::Cache::new_lru_cache(tuning.block_cache_bytes);
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+        let mut listings = Options::default();
+        listings.set_block_based_table_factory(&table);
+        listings.set_write_buffer_size(tuning.write_buffer_bytes);
+        listings.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let descriptors = vec![ColumnFamilyDescriptor::new(LISTINGS, listings), ColumnFamilyDescriptor::new(META, Options::default())];
+        let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(|e| open_error(e.to_string()))?;
+        let store = Store { db: Arc::new(db), path: path.to_path_buf() };
+        let meta = store.db.cf_handle(META).expect("meta column family exists");
+        match store.db.get_cf(&meta, b"schema")? {
+            Some(stored) => {
+                let stored = String::from_utf8_lossy(&stored).to_string();
+                if stored != schema_fingerprint {
+                    return Err(StateError::SchemaMismatch { path: path.to_path_buf(), stored, current: schema_fingerprint.to_string() });
+                }
+            }
+            None => store.db.put_cf(&meta, b"schema", schema_fingerprint.as_bytes())?,
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn state_key(partition: u32, listing_id: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(5 + listing_id.len());
+        key.push(KEY_FORMAT);
+        key.extend_from_slice(&partition.to_be_bytes());
+        key.extend_from_slice(listing_id.as_bytes());
+        key
+    }
+
+    /// Reads many listings at once (one `multi_get`).
+    pub fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<ListingState>>, StateError> {
+        let cf = self.db.cf_handle(LISTINGS).expect("listings column family exists");
+        let results = self.db.batched_multi_get_cf(&cf, keys.iter(), false);
+        results
+            .into_iter()
+            .map(|result| match result? {
+                Some(bytes) => decode(&bytes).map(Some),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    /// Source positions checkpointed for a binding, by partition.
+    pub fn positions(&self, binding: &str) -> Result<HashMap<u32, CheckpointedPosition>, StateError> {
+        let meta = self.db.cf_handle(META).expect("meta column family exists");
+        let prefix = format!("position/{binding}/");
+        let mut positions = HashMap::new();
+        for item in self.db.prefix_iterator_cf(&meta, prefix.as_bytes()) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let partition: u32 = std::str::from_utf8(&key[prefix.len()..]).ok().and_then(|p| p.parse().ok())
+                .ok_or_else(|| StateError::Corrupt { format: 0, detail: format!("position key {:?}", String::from_utf8_lossy(&key)) })?;
+            if value.len() != 16 {
+                return Err(StateError::Corrupt { format: 0, detail: "position value is not 16 bytes".into() });
+            }
+            positions.insert(partition, CheckpointedPosition {
+                next_offset: u64::from_le_bytes(value[..8].try_into().unwrap()),
+                next_byte: u64::from_le_bytes(value[8..].try_into().unwrap()),
+            });
+        }
+        Ok(positions)
+    }
+
+    /// Writes state changes and the positions that produced them in one batch.
+    /// `None` deletes the key.
+    pub fn checkpoint<'a>(
+        &self,
+        changes: impl Iterator<Item = (&'a [u8], Option<&'a ListingState>)>,
+        binding: &str,
+        positions: &[(u32, CheckpointedPosition)],
+    ) -> Result<usize, StateError> {
+        let listings = self.db.cf_handle(LISTINGS).expect("listings column family exists");
+        let meta = self.db.cf_handle(META).expect("meta column family exists");
+        let mut batch = WriteBatch::default();
+        let mut buffer = Vec::with_capacity(256);
+        let mut count = 0;
+        for (key, state) in changes {
+            match state {
+                Some(state) => {
+                    buffer.clear();
+                    encode(state, &mut buffer);
+                    batch.put_cf(&listings, key, &buffer);
+                }
+                None => batch.delete_cf(&listings, key),
+            }
+            count += 1;
+        }
+        for (partition, position) in positions {
+            let mut value = [0u8; 16];
+            value[..8].copy_from_slice(&position.next_offset.to_le_bytes());
+            value[8..].copy_from_slice(&position.next_byte.to_le_bytes());
+            batch.put_cf(&meta, format!("position/{binding}/{partition}").as_bytes(), value);
+        }
+        self.db.write(batch)?;
+        Ok(count)
+    }
+
+    /// Every live listing of the given partitions (for rebuilding in-memory views).
+    pub fn for_each_listing(&self, mut visit: impl FnMut(u32, &str, ListingState)) -> Result<(), StateError> {
+        let cf = self.db.cf_handle(LISTINGS).expect("listings column family exists");
+        for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
+            let (key, value) = item?;
+            if key.len() < 5 || key[0] != KEY_FORMAT {
+                return Err(StateError::Corrupt { format: key.first().copied().unwrap_or(0), detail: "state key".into() });
+            }
+            let partition = u32::from_be_bytes(key[1..5].try_into().unwrap());
+            let id = String::from_utf8_lossy(&key[5..]);
+            visit(partition, &id, decode(&value)?);
+        }
+        Ok(())
+    }
+}
+
+fn put_opt_f64(out: &mut Vec<u8>, value: Option<f64>) {
+    match value {
+        Some(v) => {
+            out.push(1);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        None => out.push(0),
+    }
+}
+
+pub fn encode(state: &ListingState, out: &mut Vec<u8>) {
+    out.push(VALUE_FORMAT);
+    out.extend_from_slice(&state.version.to_le_bytes());
+    out.push(state.deleted as u8);
+    out.extend_from_slice(&state.first_seen.to_le_bytes());
+    out.extend_from_slice(&state.last_event_time.to_le_bytes());
+    put_opt_f64(out, state.initial_price);
+    out.extend_from_slice(&state.price_change_count.to_le_bytes());
+    match state.last_price_change {
+        Some(t) => {
+            out.push(1);
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&(state.fields.len() as u16).to_le_bytes());
+    for field in &state.fields {
+        match field {
+            None => out.push(0),
+            Some(Value::Int(i)) => {
+                out.push(1);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            Some(Value::Num(n)) => {
+                out.push(2);
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            Some(Value::Str(s)) => {
+                out.push(3);
+                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }
+        }
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StateError> {
+        let slice = self.bytes.get(self.at..self.at + n).ok_or_else(|| StateError::Corrupt { format: VALUE_FORMAT, detail: "value is truncated".into() })?;
+        self.at += n;
+        Ok(slice)
+    }
+    fn u8(&mut self) -> Result<u8, StateError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u64(&mut self) -> Result<u64, StateError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn i64(&mut self) -> Result<i64, StateError> {
+        Ok(i64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn f64(&mut self) -> Result<f64, StateError> {
+        Ok(f64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<ListingState, StateError> {
+    let mut r = Reader { bytes, at: 0 };
+    let format = r.u8()?;
+    if format != VALUE_FORMAT {
+        return Err(StateError::Corrupt { format, detail: format!("this build reads format {VALUE_FORMAT}") });
+    }
+    let version = r.u64()?;
+    let deleted = r.u8()? != 0;
+    let first_seen = r.i64()?;
+    let last_event_time = r.i64()?;
+    let initial_price = if r.u8()? == 1 { Some(r.f64()?) } else { None };
+    let price_change_count = u32::from_le_bytes(r.take(4)?.try_into().unwrap());
+    let last_price_change = if r.u8()? == 1 { Some(r.i64()?) } else { None };
+    let count = u16::from_le_bytes(r.take(2)?.try_into().unwrap()) as usize;
+    let mut fields = Vec::with_capacity(count);
+    for _ in 0..count {
+        fields.push(match r.u8()? {
+            0 => None,
+            1 => Some(Value::Int(r.i64()?)),
+            2 => Some(Value::Num(r.f64()?)),
+            3 => {
+                let len = u32::from_le_bytes(r.take(4)?.try_into().unwrap()) as usize;
+                let text = std::str::from_utf8(r.take(len)?).map_err(|e| StateError::Corrupt { format, detail: e.to_string() })?;
+                Some(Value::Str(text.to_string()))
+            }
+            tag => return Err(StateError::Corrupt { format, detail: format!("unknown value tag {tag}") }),
+        });
+    }
+    Ok(ListingState { version, deleted, first_seen, last_event_time, initial_price, price_change_count, last_price_change, fields })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(seed: u64) -> ListingState {
+        ListingState {
+            version: seed,
+            deleted: seed % 3 == 0,
+            first_seen: -(seed as i64) * 7,
+            last_event_time: seed as i64 * 11,
+            initial_price: if seed % 2 == 0 { Some(seed as f64 * 1.5) } else { None },
+            price_change_count: (seed % 5) as u32,
+            last_price_change: if seed % 4 == 0 { Some(seed as i64) } else { None },
+            fields: (0..(seed % 6)).map(|i| match (seed + i) % 4 {
+                0 => None,
+                1 => Some(Value::Int(i as i64 - 3)),
+                2 => Some(Value::Num(i as f64 / 3.0)),
+                _ => Some(Value::Str(format!("v{i}é"))),
+            }).collect(),
+        }
+    }
+
+    #[test]
+    fn encoding_round_trips() {
+        for seed in 0..200 {
+            let state = sample(seed);
+            let mut bytes = Vec::new();
+            encode(&state, &mut bytes);
+            assert_eq!(decode(&bytes).expect("decodes"), state, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn truncated_and_foreign_values_are_refused() {
+        let mut bytes = Vec::new();
+        encode(&sample(5), &mut bytes);
+        assert!(decode(&bytes[..bytes.len() - 1]).is_err());
+        bytes[0] = 9;
+        assert!(matches!(decode(&bytes), Err(StateError::Corrupt { format: 9, .. })));
+    }
+
+    #[test]
+    fn checkpoint_writes_state_and_positions_together_and_schema_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = StoreTuning { block_cache_bytes: 1 << 20, write_buffer_bytes: 1 << 20 };
+        let store = Store::open(dir.path(), "a:String", tuning).unwrap();
+        let key = Store::state_key(3, "cl-1");
+        let state = sample(4);
+        store.checkpoint([(key.as_slice(), Some(&state))].into_iter(), "in", &[(3, CheckpointedPosition { next_offset: 10, next_byte: 99 })]).unwrap();
+        assert_eq!(store.get_many(&[key.clone(), Store::state_key(3, "none")]).unwrap(), vec![Some(state), None]);
+        assert_eq!(store.positions("in").unwrap()[&3], CheckpointedPosition { next_offset: 10, next_byte: 99 });
+        assert!(store.positions("other").unwrap().is_empty());
+        drop(store);
+        match Store::open(dir.path(), "b:String", tuning) {
+            Err(StateError::SchemaMismatch { .. }) => {}
+            other => panic!("expected a schema mismatch, got {:?}", other.err()),
+        }
+    }
+}

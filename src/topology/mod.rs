@@ -1,0 +1,496 @@
+//! Topology: what the pipeline computes. Parse ([`spec`]), validate and compile
+//! ([`compile`]) into a [`Plan`] whose names are all resolved to indices.
+//!
+//! # Name scope
+//! Input fields, features, model outputs, derived values and bands share one
+//! namespace. Each may refer only to names defined before it in that order
+//! (a model to earlier models' outputs), so evaluation is a single pass.
+
+pub mod spec;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use crate::diagnostics::{deserialize_recovering, Diagnostics, SourceText};
+use crate::model::sidecar::{Sidecar, SidecarInput};
+pub use spec::{FieldType, KindAction};
+use spec::{FeatureFunctionName, FeatureSpec, TopologySpec};
+
+/// A validated topology, ready to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    pub description: String,
+    pub path: PathBuf,
+    pub input_binding: String,
+    pub key_field: String,
+    pub version_field: String,
+    pub event_time_field: String,
+    pub kind_field: String,
+    pub kinds: Vec<Kind>,
+    pub fields: Vec<Field>,
+    pub price_field: Option<usize>,
+    pub features: Vec<Computed>,
+    pub models: Vec<ModelPlan>,
+    pub derived: Vec<Computed>,
+    pub bands: Vec<Band>,
+    pub output_binding: String,
+    pub dead_letter_binding: String,
+    pub output_fields: Vec<OutputField>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Kind {
+    pub name: String,
+    pub action: KindAction,
+    pub complete: bool,
+    pub requires: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub name: String,
+    pub field_type: FieldType,
+    pub required: bool,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub allowed: Option<HashSet<String>>,
+}
+
+/// Where a named value comes from, resolved at compile time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueRef {
+    Field(usize),
+    Feature(usize),
+    ModelOutput { model: usize, output: usize },
+    Derived(usize),
+    Band(usize),
+}
+
+/// A feature or derived value: a name and a function.
+#[derive(Debug, Clone)]
+pub struct Computed {
+    pub name: String,
+    pub function: Function,
+}
+
+#[derive(Debug, Clone)]
+pub enum Function {
+    DaysOnMarket,
+    PriceChangeCount,
+    PriceDropPercent,
+    DaysSincePriceChange,
+    YearsSince { field: ValueRef },
+    Ratio { numerator: ValueRef, denominator: ValueRef, min_denominator: Option<f64> },
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelPlan {
+    pub name: String,
+    pub onnx_path: PathBuf,
+    pub golden_path: PathBuf,
+    pub golden_tolerance: f64,
+    pub sidecar: Sidecar,
+    /// Per sidecar input, where its value comes from.
+    pub input_refs: Vec<ValueRef>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Band {
+    pub name: String,
+    pub source: ValueRef,
+    pub steps: Vec<(f64, String)>,
+    pub otherwise: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutputField {
+    pub name: String,
+    pub source: ValueRef,
+    pub round_to: Option<f64>,
+}
+
+impl Plan {
+    pub fn field_index(&self, name: &str) -> Option<usize> {
+        self.fields.iter().position(|f| f.name == name)
+    }
+
+    /// The names of the input fields, in order: stored with the state so that a
+    /// topology whose schema changed does not misread old state.
+    pub fn field_fingerprint(&self) -> String {
+        self.fields.iter().map(|f| format!("{}:{:?}", f.name, f.field_type)).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Reads, validates and compiles a topology file. Every problem is reported.
+pub fn load(path: &Path) -> Result<Plan, Diagnostics> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) => {
+            let mut diagnostics = Diagnostics::default();
+            diagnostics.error(path, format!("cannot read the topology: {error}"), Some("pass the path of a topologies/*.toml file".into()));
+            return Err(diagnostics);
+        }
+    };
+    let source = SourceText { path: path.to_path_buf(), text };
+    // serde errors and reference errors are reported together: the references
+    // are checked on what could be read with the broken pairs left out
+    let (spec, mut diagnostics) = deserialize_recovering::<TopologySpec>(&source);
+    let Some(spec) = spec else { return Err(diagnostics) };
+    match compile(&spec, &source) {
+        Ok(plan) if diagnostics.is_empty() => Ok(plan),
+        Ok(_) => Err(diagnostics),
+        Err(more) => {
+            diagnostics.extend(more);
+            Err(diagnostics)
+        }
+    }
+}
+
+struct Scope {
+    names: HashMap<String, (ValueRef, bool)>, // (where, numeric)
+}
+
+impl Scope {
+    fn define(&mut self, diagnostics: &mut Diagnostics, source: &SourceText, name: &Spanned<String>, value: ValueRef, numeric: bool) {
+        if self.names.contains_key(name.get_ref()) {
+            diagnostics.error_at(source, name.span(), format!("`{}` is defined twice", name.get_ref()),
+                Some("fields, features, model outputs, derived values and bands share one namespace".into()));
+            return;
+        }
+        self.names.insert(name.get_ref().clone(), (value, numeric));
+    }
+
+    fn resolve(&self, diagnostics: &mut Diagnostics, source: &SourceText, name: &Spanned<String>, what: &str, want_numeric: bool) -> Option<ValueRef> {
+        match self.names.get(name.get_ref()) {
+            Some((value, numeric)) => {
+                if want_numeric && !numeric {
+                    diagnostics.error_at(source, name.span(), format!("{what} `{}` is not numeric", name.get_ref()), Some("use a number or integer field, or a feature".into()));
+                }
+                Some(*value)
+            }
+            None => {
+                diagnostics.error_at(source, name.span(), format!("{what} `{}` is not defined before this point", name.get_ref()), Some(self.suggest(name.get_ref())));
+                None
+            }
+        }
+    }
+
+    fn suggest(&self, wanted: &str) -> String {
+        let close = |k: &str| edit_distance(k, wanted) <= 3 || (wanted.len() >= 3 && (k.contains(wanted) || wanted.contains(k)));
+        let mut known: Vec<&String> = self.names.keys().filter(|k| close(k)).collect();
+        known.sort_by_key(|k| (edit_distance(k, wanted), (*k).clone()));
+        match known.first() {
+            Some(best) => format!("did you mean `{best}`?"),
+            None => "names must be defined earlier: fields, then features, models, derived values, bands".into(),
+        }
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for j in 0..b.len() {
+            let current = row[j + 1];
+            row[j + 1] = if ca == b[j] { previous } else { 1 + previous.min(row[j]).min(row[j + 1]) };
+            previous = current;
+        }
+    }
+    row[b.len()]
+}
+
+fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics> {
+    let mut diagnostics = Diagnostics::default();
+    let base_dir = source.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut scope = Scope { names: HashMap::new() };
+
+    let envelope = [&spec.input.key, &spec.input.version, &spec.input.event_time, &spec.input.kind];
+    let mut fields = Vec::new();
+    for (index, field) in spec.input.fields.iter().enumerate() {
+        if envelope.iter().any(|e| e.get_ref() == field.name.get_ref()) {
+            diagnostics.error_at(source, field.name.span(), format!("`{}` is an envelope field (key, version, event_time or kind)", field.name.get_ref()),
+                Some("envelope fields are declared in [input] and not repeated as [[input.field]]".into()));
+        }
+        if let (Some(min), Some(max)) = (field.min, field.max) {
+            if min > max {
+                diagnostics.error_at(source, field.name.span(), format!("field `{}` has min {min} above max {max}", field.name.get_ref()), None);
+            }
+        }
+        if field.allowed.is_some() && field.field_type != FieldType::String {
+            diagnostics.error_at(source, field.name.span(), format!("field `{}`: `allowed` applies to strings only", field.name.get_ref()), Some("use min and max for numbers".into()));
+        }
+        scope.define(&mut diagnostics, source, &field.name, ValueRef::Field(index), field.field_type != FieldType::String);
+        fields.push(Field {
+            name: field.name.get_ref().clone(),
+            field_type: field.field_type,
+            required: field.required,
+            min: field.min,
+            max: field.max,
+            allowed: field.allowed.as_ref().map(|a| a.iter().cloned().collect()),
+        });
+    }
+
+    let mut kinds = Vec::new();
+    for (name, kind) in &spec.input.kinds {
+        let mut requires = Vec::new();
+        for required in &kind.get_ref().requires {
+            match fields.iter().position(|f| &f.name == required.get_ref()) {
+                Some(index) => requires.push(index),
+                None => diagnostics.error_at(source, required.span(), format!("kind `{name}` requires `{}`, which is not an input field", required.get_ref()), Some(scope.suggest(required.get_ref()))),
+            }
+        }
+        if kind.get_ref().action == KindAction::Delete && (kind.get_ref().complete || !kind.get_ref().requires.is_empty()) {
+            diagnostics.error_at(source, kind.span(), format!("kind `{name}` deletes: `complete` and `requires` do not apply"), None);
+        }
+        kinds.push(Kind { name: name.clone(), action: kind.get_ref().action, complete: kind.get_ref().complete, requires });
+    }
+    if kinds.is_empty() {
+        diagnostics.error_at(source, spec.input.kind.span(), "no kinds are declared", Some("add [input.kinds] with at least one upsert kind".into()));
+    }
+
+    let price_field = spec.state.price_field.as_ref().and_then(|name| {
+        match fields.iter().position(|f| &f.name == name.get_ref()) {
+            Some(index) if fields[index].field_type != FieldType::String => Some(index),
+            Some(_) => {
+                diagnostics.error_at(source, name.span(), format!("price field `{}` is not numeric", name.get_ref()), None);
+                None
+            }
+            None => {
+                diagnostics.error_at(source, name.span(), format!("price field `{}` is not an input field", name.get_ref()), Some(scope.suggest(name.get_ref())));
+                None
+            }
+        }
+    });
+
+    let mut features = Vec::new();
+    for (index, feature) in spec.features.iter().enumerate() {
+        if let Some(function) = compile_function(feature, &scope, price_field.is_some(), &mut diagnostics, source) {
+            features.push(Computed { name: feature.name.get_ref().clone(), function });
+        }
+        scope.define(&mut diagnostics, source, &feature.name, ValueRef::Feature(index), true);
+    }
+
+    let mut models = Vec::new();
+    for (model_index, model) in spec.models.iter().enumerate() {
+        let onnx_path = base_dir.join(model.onnx.get_ref());
+        let sidecar_path = base_dir.join(model.sidecar.get_ref());
+        let golden_path = base_dir.join(model.golden.get_ref());
+        for (path, span) in [(&onnx_path, model.onnx.span()), (&golden_path, model.golden.span())] {
+            if !path.is_file() {
+                diagnostics.error_at(source, span, format!("file {} does not exist", path.display()), Some("paths are relative to the topology file; scripts/train-models.sh writes the models".into()));
+            }
+        }
+        let sidecar = match Sidecar::load(&sidecar_path) {
+            Ok(sidecar) => sidecar,
+            Err(message) => {
+                diagnostics.error_at(source, model.sidecar.span(), message, Some("the sidecar is written by the training script beside the topology".into()));
+                scope.define(&mut diagnostics, source, &model.name, ValueRef::ModelOutput { model: model_index, output: 0 }, true);
+                continue;
+            }
+        };
+        let mut input_refs = Vec::new();
+        for input in &sidecar.inputs {
+            let (name, numeric) = match input {
+                SidecarInput::Numeric { name, .. } => (name, true),
+                SidecarInput::OneHot { name, .. } => (name, false),
+            };
+            match scope.names.get(name) {
+                Some((value, is_numeric)) => {
+                    if numeric && !is_numeric {
+                        diagnostics.error_at(source, model.sidecar.span(), format!("model `{}` takes `{name}` as a number, but it is a string field", model.name.get_ref()), Some("the sidecar and the topology disagree: retrain or fix the field type".into()));
+                    }
+                    input_refs.push(*value);
+                }
+                None => diagnostics.error_at(source, model.sidecar.span(), format!("model `{}` takes input `{name}`, which is not defined before the model", model.name.get_ref()), Some(scope.suggest(name))),
+            }
+        }
+        for (output_index, output) in sidecar.outputs.iter().enumerate() {
+            let spanned = Spanned::new(model.name.span(), output.clone());
+            scope.define(&mut diagnostics, source, &spanned, ValueRef::ModelOutput { model: model_index, output: output_index }, true);
+        }
+        models.push(ModelPlan {
+            name: model.name.get_ref().clone(),
+            onnx_path,
+            golden_path,
+            golden_tolerance: model.golden_tolerance,
+            sidecar,
+            input_refs,
+        });
+    }
+
+    let mut derived = Vec::new();
+    for (index, value) in spec.derived.iter().enumerate() {
+        if let Some(function) = compile_function(value, &scope, price_field.is_some(), &mut diagnostics, source) {
+            derived.push(Computed { name: value.name.get_ref().clone(), function });
+        }
+        scope.define(&mut diagnostics, source, &value.name, ValueRef::Derived(index), true);
+    }
+
+    let mut bands = Vec::new();
+    for (index, band) in spec.bands.iter().enumerate() {
+        let source_ref = scope.resolve(&mut diagnostics, source, &band.source, "band source", true);
+        let mut steps: Vec<(f64, String)> = Vec::new();
+        for step in &band.bands {
+            if let Some((previous, _)) = steps.last() {
+                if step.get_ref().below <= *previous {
+                    diagnostics.error_at(source, step.span(), format!("band `{}`: thresholds must increase ({} after {previous})", band.name.get_ref(), step.get_ref().below), None);
+                }
+            }
+            steps.push((step.get_ref().below, step.get_ref().label.clone()));
+        }
+        if let Some(source_ref) = source_ref {
+            bands.push(Band { name: band.name.get_ref().clone(), source: source_ref, steps, otherwise: band.otherwise.clone() });
+        }
+        scope.define(&mut diagnostics, source, &band.name, ValueRef::Band(index), false);
+    }
+
+    let rounding: BTreeMap<&str, (f64, &Spanned<String>)> = spec.output.round.iter().map(|(k, v)| (k.get_ref().as_str(), (*v, k))).collect();
+    for (name, (step, spanned)) in &rounding {
+        if !spec.output.fields.iter().any(|f| f.get_ref() == name) {
+            diagnostics.error_at(source, spanned.span(), format!("rounding for `{name}`, which is not an output field"), Some("add it to output.fields or remove the rounding".into()));
+        }
+        if !(*step > 0.0) {
+            diagnostics.error_at(source, spanned.span(), format!("rounding step for `{name}` must be positive"), None);
+        }
+    }
+    let mut output_fields = Vec::new();
+    let mut seen = HashSet::new();
+    for field in &spec.output.fields {
+        if !seen.insert(field.get_ref().clone()) {
+            diagnostics.error_at(source, field.span(), format!("output field `{}` is listed twice", field.get_ref()), None);
+        }
+        let round_to = rounding.get(field.get_ref().as_str()).map(|(step, _)| *step);
+        if let Some(source_ref) = scope.resolve(&mut diagnostics, source, field, "output field", round_to.is_some()) {
+            output_fields.push(OutputField { name: field.get_ref().clone(), source: source_ref, round_to });
+        }
+    }
+    for (label, name) in [("output", &spec.output.binding), ("dead_letters", &spec.output.dead_letters), ("input", &spec.input.binding)] {
+        if name.get_ref().trim().is_empty() {
+            diagnostics.error_at(source, name.span(), format!("the {label} binding name is empty"), None);
+        }
+    }
+
+    let plan = Plan {
+        name: spec.name.clone(),
+        description: spec.description.clone(),
+        path: source.path.clone(),
+        input_binding: spec.input.binding.get_ref().clone(),
+        key_field: spec.input.key.get_ref().clone(),
+        version_field: spec.input.version.get_ref().clone(),
+        event_time_field: spec.input.event_time.get_ref().clone(),
+        kind_field: spec.input.kind.get_ref().clone(),
+        kinds,
+        fields,
+        price_field,
+        features,
+        models,
+        derived,
+        bands,
+        output_binding: spec.output.binding.get_ref().clone(),
+        dead_letter_binding: spec.output.dead_letters.get_ref().clone(),
+        output_fields,
+    };
+    diagnostics.into_result(plan)
+}
+
+fn compile_function(spec: &FeatureSpec, scope: &Scope, has_price: bool, diagnostics: &mut Diagnostics, source: &SourceText) -> Option<Function> {
+    let name = spec.name.get_ref();
+    let needs = |what: &Option<Spanned<String>>, key: &str, diagnostics: &mut Diagnostics| -> Option<ValueRef> {
+        match what {
+            Some(reference) => scope.resolve(diagnostics, source, reference, key, true),
+            None => {
+                diagnostics.error_at(source, spec.function.span(), format!("`{name}`: function `{:?}` needs `{key}`", spec.function.get_ref()).to_lowercase(), Some(format!("add `{key} = \"<name>\"`")));
+                None
+            }
+        }
+    };
+    let price_function = matches!(spec.function.get_ref(), FeatureFunctionName::PriceChangeCount | FeatureFunctionName::PriceDropPercent | FeatureFunctionName::DaysSincePriceChange);
+    if price_function && !has_price {
+        diagnostics.error_at(source, spec.function.span(), format!("`{name}` needs a price history"), Some("set [state] price_field".into()));
+        return None;
+    }
+    Some(match spec.function.get_ref() {
+        FeatureFunctionName::DaysOnMarket => Function::DaysOnMarket,
+        FeatureFunctionName::PriceChangeCount => Function::PriceChangeCount,
+        FeatureFunctionName::PriceDropPercent => Function::PriceDropPercent,
+        FeatureFunctionName::DaysSincePriceChange => Function::DaysSincePriceChange,
+        FeatureFunctionName::YearsSince => Function::YearsSince { field: needs(&spec.field, "field", diagnostics)? },
+        FeatureFunctionName::Ratio => {
+            let numerator = needs(&spec.numerator, "numerator", diagnostics);
+            let denominator = needs(&spec.denominator, "denominator", diagnostics);
+            Function::Ratio { numerator: numerator?, denominator: denominator?, min_denominator: spec.min_denominator }
+        }
+    })
+}
+
+/// The compiled plan as an operator reads it (`assay explain`).
+pub fn explain(plan: &Plan, workers: usize, partitions: u32) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "topology {} ({})", plan.name, plan.path.display());
+    if !plan.description.is_empty() {
+        let _ = writeln!(out, "  {}", plan.description);
+    }
+    let _ = writeln!(out, "\nstages (each worker runs all of them on the partitions it owns):");
+    let _ = writeln!(out, "  1. source       binding `{}`: {} partitions over {} worker(s); partition = hash(`{}`) mod {}, owner = partition mod workers",
+        plan.input_binding, partitions, workers, plan.key_field, partitions);
+    let _ = writeln!(out, "  2. decode       JSON object; envelope `{}` (key), `{}` (version), `{}` (event time, s), `{}` (kind); {} fields; bad records -> `{}`",
+        plan.key_field, plan.version_field, plan.event_time_field, plan.kind_field, plan.fields.len(), plan.dead_letter_binding);
+    for kind in &plan.kinds {
+        let requires: Vec<&str> = kind.requires.iter().map(|i| plan.fields[*i].name.as_str()).collect();
+        let _ = writeln!(out, "                   kind `{}`: {:?}{}{}", kind.name, kind.action,
+            if kind.complete { ", complete (all required fields)" } else { "" },
+            if requires.is_empty() { String::new() } else { format!(", requires {}", requires.join(", ")) });
+    }
+    let _ = writeln!(out, "  3. state        RocksDB column family `listings`, key = (partition, `{}`); version gate drops stale and duplicate events; price history of `{}`",
+        plan.key_field, plan.price_field.map(|i| plan.fields[i].name.as_str()).unwrap_or("(none)"));
+    let _ = writeln!(out, "                   features: {}", plan.features.iter().map(|f| format!("{} = {}", f.name, describe_function(plan, &f.function))).collect::<Vec<_>>().join("; "));
+    let _ = writeln!(out, "  4. score        batched per epoch, one run per model per batch, in order:");
+    for model in &plan.models {
+        let inputs: Vec<String> = model.sidecar.inputs.iter().map(|i| match i {
+            SidecarInput::Numeric { name, .. } => name.clone(),
+            SidecarInput::OneHot { name, categories } => format!("{name}[one-hot {}]", categories.len()),
+        }).collect();
+        let _ = writeln!(out, "                   {} (version {}, {}): [{}] -> {}", model.name, model.sidecar.version, model.onnx_path.display(), inputs.join(", "), model.sidecar.outputs.join(", "));
+    }
+    let _ = writeln!(out, "  5. shape        derived: {}; bands: {}",
+        plan.derived.iter().map(|d| format!("{} = {}", d.name, describe_function(plan, &d.function))).collect::<Vec<_>>().join("; "),
+        plan.bands.iter().map(|b| format!("{} from {} ({} steps, else {})", b.name, name_of(plan, b.source), b.steps.len(), b.otherwise)).collect::<Vec<_>>().join("; "));
+    let _ = writeln!(out, "                   document fields: {}", plan.output_fields.iter().map(|f| match f.round_to {
+        Some(step) => format!("{} (round {step})", f.name),
+        None => f.name.clone(),
+    }).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(out, "  6. sink         exchange to worker 0, epoch order; binding `{}` (upserts and tombstones keyed by `{}`), dead letters `{}`",
+        plan.output_binding, plan.key_field, plan.dead_letter_binding);
+    let _ = writeln!(out, "\nstate: column families `listings` (per-listing state), `meta` (source positions, schema fingerprint), written in one batch per checkpoint");
+    out
+}
+
+fn describe_function(plan: &Plan, function: &Function) -> String {
+    match function {
+        Function::DaysOnMarket => "days_on_market()".into(),
+        Function::PriceChangeCount => "price_change_count()".into(),
+        Function::PriceDropPercent => "price_drop_percent()".into(),
+        Function::DaysSincePriceChange => "days_since_price_change()".into(),
+        Function::YearsSince { field } => format!("years_since({})", name_of(plan, *field)),
+        Function::Ratio { numerator, denominator, min_denominator } => match min_denominator {
+            Some(floor) => format!("{} / max({}, {floor})", name_of(plan, *numerator), name_of(plan, *denominator)),
+            None => format!("{} / {}", name_of(plan, *numerator), name_of(plan, *denominator)),
+        },
+    }
+}
+
+pub fn name_of(plan: &Plan, value: ValueRef) -> String {
+    match value {
+        ValueRef::Field(i) => plan.fields[i].name.clone(),
+        ValueRef::Feature(i) => plan.features.get(i).map(|f| f.name.clone()).unwrap_or_default(),
+        ValueRef::ModelOutput { model, output } => plan.models[model].sidecar.outputs[output].clone(),
+        ValueRef::Derived(i) => plan.derived[i].name.clone(),
+        ValueRef::Band(i) => plan.bands[i].name.clone(),
+    }
+}

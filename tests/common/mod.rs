@@ -1,0 +1,82 @@
+//! Helpers shared by the integration tests: temp configs, runs, output reading.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn listings_topology() -> PathBuf {
+    repo().join("topologies/listings.toml")
+}
+
+pub fn sample_stream() -> PathBuf {
+    repo().join("topologies/listings/data/listing_changes.jsonl")
+}
+
+/// A config binding the listings topology to files in `dir`.
+pub struct TestConfig {
+    pub path: PathBuf,
+    pub documents: PathBuf,
+    pub dead_letters: PathBuf,
+    pub state: PathBuf,
+}
+
+pub fn write_config(dir: &Path, input: &Path, workers: usize, epoch_records: u64, extra_input: &str) -> TestConfig {
+    let documents = dir.join("out/search_documents.jsonl");
+    let dead_letters = dir.join("out/dead_letters.jsonl");
+    let state = dir.join("state");
+    let text = format!(
+        r#"[runtime]
+workers = {workers}
+epoch_records = {epoch_records}
+checkpoint_interval_ms = 100
+progress = "never"
+
+[state]
+dir = {state:?}
+
+[bindings.listing_changes]
+type = "file"
+path = {input:?}
+partitions = 8
+{extra_input}
+
+[bindings.search_documents]
+type = "file"
+path = {documents:?}
+
+[bindings.dead_letters]
+type = "file"
+path = {dead_letters:?}
+"#
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).expect("write config");
+    TestConfig { path, documents, dead_letters, state }
+}
+
+/// Runs the listings topology in-process with the given config.
+pub fn run_in_process(topology: &Path, config: &TestConfig, from_scratch: bool) -> assay::observe::RunSummary {
+    let prepared = assay::prepare(topology, Some(&config.path), &[]).unwrap_or_else(|e| panic!("prepare failed: {e}"));
+    let options = assay::dataflow::RunOptions { from_scratch, progress: Some(false), pass_through: false };
+    assay::dataflow::run(prepared.plan, &prepared.config, prepared.models, &options).unwrap_or_else(|e| panic!("run failed: {e}"))
+}
+
+pub fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())).lines().map(str::to_string).collect()
+}
+
+/// The first `n` lines of the committed sample, as a file in `dir`.
+pub fn sample_prefix(dir: &Path, n: usize) -> PathBuf {
+    let text = std::fs::read_to_string(sample_stream()).expect("sample stream");
+    let mut out = String::new();
+    for line in text.lines().take(n) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    let path = dir.join(format!("sample_first_{n}.jsonl"));
+    std::fs::write(&path, out).expect("write sample prefix");
+    path
+}
