@@ -42,10 +42,10 @@ pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_
     write_string(&mut out, &row.key);
     out.push(',');
     write_key(&mut out, &plan.version_field);
-    let _ = write!(out, "{}", row.version);
+    write_integer(&mut out, row.version as i64);
     out.push(',');
     write_key(&mut out, &plan.event_time_field);
-    let _ = write!(out, "{}", row.event_time);
+    write_integer(&mut out, row.event_time);
     for field in &plan.output_fields {
         let value = match field.source {
             ValueRef::Field(i) => match &row.fields[i] {
@@ -70,19 +70,10 @@ pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_
         write_key(&mut out, &field.name);
         match value {
             Shaped::Text(s) => write_string(&mut out, s),
-            Shaped::Integer(v) => {
-                let _ = write!(out, "{v}");
-            }
+            Shaped::Integer(v) => write_integer(&mut out, v),
             // whole numbers print as integers: counts and ages read as 3, not 3.0
-            Shaped::Number(v) if v.fract() == 0.0 && v.abs() < 9e15 => {
-                let _ = write!(out, "{}", v as i64);
-            }
-            Shaped::Number(v) => match serde_json::Number::from_f64(v) {
-                Some(n) => {
-                    let _ = write!(out, "{n}");
-                }
-                None => out.push_str("null"),
-            },
+            Shaped::Number(v) if v.fract() == 0.0 && v.abs() < 9e15 => write_integer(&mut out, v as i64),
+            Shaped::Number(v) => write_float(&mut out, v),
         }
     }
     if !models.is_empty() {
@@ -116,7 +107,26 @@ fn write_key(out: &mut String, key: &str) {
 }
 
 fn write_string(out: &mut String, text: &str) {
-    out.push_str(&serde_json::to_string(text).expect("a string serializes"));
+    // most values need no escaping: copy them straight in
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(text).expect("a string serializes"));
+    }
+}
+
+fn write_integer(out: &mut String, value: i64) {
+    out.push_str(itoa::Buffer::new().format(value));
+}
+
+fn write_float(out: &mut String, value: f64) {
+    if value.is_finite() {
+        out.push_str(ryu::Buffer::new().format_finite(value));
+    } else {
+        out.push_str("null");
+    }
 }
 
 /// The benchmark baseline's document: the decoded fields re-encoded, nothing computed.

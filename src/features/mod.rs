@@ -65,8 +65,13 @@ pub fn band<'a>(value: Option<f64>, steps: &'a [(f64, String)], otherwise: &'a s
 /// Rounds to a multiple of `step`, printing cleanly (0.1 steps give 12.3, not 12.300000000000001).
 pub fn round_to_step(value: f64, step: f64) -> f64 {
     let rounded = (value / step).round() * step;
-    let decimals = (-step.log10()).ceil().max(0.0) as usize;
-    format!("{rounded:.decimals$}").parse().unwrap_or(rounded)
+    if step >= 1.0 {
+        return rounded;
+    }
+    // a second rounding at the step's decimal places removes the binary noise
+    // of `k * 0.1` (cheaper than formatting and parsing)
+    let scale = 10f64.powi((-step.log10()).ceil() as i32);
+    (rounded * scale).round() / scale
 }
 
 #[cfg(test)]

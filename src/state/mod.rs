@@ -98,6 +98,10 @@ impl Store {
         listings.set_block_based_table_factory(&table);
         listings.set_write_buffer_size(tuning.write_buffer_bytes);
         listings.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // most reads of a new listing miss: a memtable bloom filter answers
+        // them without walking the skip list
+        listings.set_memtable_whole_key_filtering(true);
+        listings.set_memtable_prefix_bloom_ratio(0.1);
         let descriptors = vec![ColumnFamilyDescriptor::new(LISTINGS, listings), ColumnFamilyDescriptor::new(META, Options::default())];
         let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(|e| open_error(e.to_string()))?;
         let store = Store { db: Arc::new(db), path: path.to_path_buf() };

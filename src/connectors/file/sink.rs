@@ -50,7 +50,8 @@ impl FileSink {
         self.buffer.clear();
         self.buffer.extend_from_slice(b"{\"key\":");
         serde_json::to_writer(&mut self.buffer, &document.key).expect("a string serializes");
-        self.buffer.extend_from_slice(format!(",\"version\":{}", document.version).as_bytes());
+        self.buffer.extend_from_slice(b",\"version\":");
+        self.buffer.extend_from_slice(itoa::Buffer::new().format(document.version).as_bytes());
         match &document.body {
             Some(body) => {
                 self.buffer.extend_from_slice(b",\"op\":\"upsert\",\"doc\":");
