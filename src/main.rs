@@ -41,6 +41,37 @@ enum Command {
         #[arg(long, hide = true)]
         pass_through: bool,
     },
+    /// Produce a JSONL file into a Kafka topic, one record per line, keyed by the listing id.
+    Produce {
+        /// The JSONL file, e.g. topologies/listings/data/listing_changes.jsonl.
+        file: PathBuf,
+        #[arg(long, default_value = "listing_changes")]
+        topic: String,
+        #[arg(long, default_value = "127.0.0.1:9092", env = "ASSAY_KAFKA__BOOTSTRAP_SERVERS")]
+        brokers: String,
+        /// Top-level field whose value is the record key.
+        #[arg(long, default_value = "listing_id")]
+        key_field: String,
+        /// Create the topic with this many partitions first, if it does not exist.
+        #[arg(long)]
+        create_partitions: Option<u32>,
+    },
+    /// Print a topic's records as JSON lines (partition, offset, key, headers, value).
+    Tail {
+        #[arg(long, default_value = "search_documents")]
+        topic: String,
+        #[arg(long, default_value = "127.0.0.1:9092", env = "ASSAY_KAFKA__BOOTSTRAP_SERVERS")]
+        brokers: String,
+        /// Start at the beginning of the topic instead of its end.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop when nothing arrived for this long.
+        #[arg(long, default_value_t = 5000)]
+        idle_ms: u64,
+    },
     /// Benchmark: generate a stream calibrated on the sample, run the full
     /// topology and a pass-through baseline on 1 and 2 workers, print
     /// throughput, latency percentiles and peak memory.
@@ -111,8 +142,24 @@ fn main() -> anyhow::Result<ExitCode> {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
             };
-            let input = prepared.config.input_file(&prepared.plan);
-            print!("{}", assay::topology::explain(&prepared.plan, prepared.config.runtime.workers, input.partitions));
+            let partitions = prepared.config.input_partitions(&prepared.plan);
+            print!("{}", assay::topology::explain(&prepared.plan, prepared.config.runtime.workers, partitions));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Produce { file, topic, brokers, key_field, create_partitions } => {
+            if let Some(partitions) = create_partitions {
+                let kafka = assay::config::KafkaConfig { bootstrap_servers: brokers.clone(), ..Default::default() };
+                let binding = assay::config::KafkaBinding { topic: topic.clone(), partitions: Some(partitions), create_topic: true, properties: Default::default(), epoch_ms: 5, stop_when_idle_ms: 0 };
+                assay::connectors::kafka::ensure_topic(&kafka, &binding)?;
+            }
+            let count = assay::connectors::kafka::tools::produce_file(&brokers, &topic, &file, &key_field).map_err(anyhow::Error::msg)?;
+            eprintln!("produced {count} records from {} to topic {topic}", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tail { topic, brokers, from_beginning, count, idle_ms } => {
+            let mut stdout = std::io::stdout().lock();
+            let seen = assay::connectors::kafka::tools::tail(&brokers, &topic, from_beginning, count, std::time::Duration::from_millis(idle_ms), &mut stdout).map_err(anyhow::Error::msg)?;
+            eprintln!("{seen} record(s) from topic {topic}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { topology, events, live_listings, workers, epoch_records, dir } => {

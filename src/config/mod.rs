@@ -29,6 +29,9 @@ pub struct EnvConfig {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub state: StateConfig,
+    /// Settings shared by every Kafka binding.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
     /// Logical name (as the topology uses it) to a concrete place.
     pub bindings: BTreeMap<String, Binding>,
 }
@@ -124,9 +127,64 @@ impl Default for StateConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated host:port list, for every Kafka binding.
+    #[serde(default = "default_bootstrap_servers")]
+    pub bootstrap_servers: String,
+    /// How long to wait for a broker at start before giving up with an error.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Consumer group for offset commits (lag monitoring); default `assay-<topology>`.
+    pub group_id: Option<String>,
+}
+
+fn default_bootstrap_servers() -> String {
+    "127.0.0.1:9092".into()
+}
+/// 30 s: long enough for a broker that is still starting, short enough to fail visibly.
+fn default_connect_timeout_ms() -> u64 {
+    30_000
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig { bootstrap_servers: default_bootstrap_servers(), connect_timeout_ms: default_connect_timeout_ms(), group_id: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Binding {
     File(FileBinding),
+    Kafka(KafkaBinding),
+}
+
+/// A Kafka topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaBinding {
+    pub topic: String,
+    /// Expected partition count (checked at start), and the count used by `create_topic`.
+    pub partitions: Option<u32>,
+    /// Create the topic at start when it does not exist (replication factor 1).
+    #[serde(default)]
+    pub create_topic: bool,
+    /// Any librdkafka property, passed through; applied after assay's own.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// As an input: the longest an epoch stays open. Shorter lowers latency,
+    /// longer batches better.
+    #[serde(default = "default_epoch_ms")]
+    pub epoch_ms: u64,
+    /// As an input: stop when nothing arrived for this long (0 = run forever).
+    /// For replays, tests and benchmarks.
+    #[serde(default)]
+    pub stop_when_idle_ms: u64,
+}
+
+fn default_epoch_ms() -> u64 {
+    5
 }
 
 /// A JSONL file: one record per line.
@@ -161,9 +219,11 @@ impl EnvConfig {
         self.bindings.get(name)
     }
 
-    pub fn input_file(&self, plan: &Plan) -> &FileBinding {
+    /// Input partitions for `explain`; Kafka's are known only from the broker.
+    pub fn input_partitions(&self, plan: &Plan) -> Option<u32> {
         match &self.bindings[&plan.input_binding] {
-            Binding::File(file) => file,
+            Binding::File(file) => Some(file.partitions),
+            Binding::Kafka(kafka) => kafka.partitions,
         }
     }
 }
@@ -228,9 +288,17 @@ fn check(config: &EnvConfig, file: &Path, plan: Option<&Plan>, diagnostics: &mut
         diagnostics.error(file, "runtime.max_epochs_in_flight must be at least 1", None);
     }
     for (name, binding) in &config.bindings {
-        let Binding::File(file_binding) = binding;
-        if file_binding.partitions == 0 {
-            diagnostics.error(file, format!("bindings.{name}.partitions must be at least 1"), None);
+        match binding {
+            Binding::File(file_binding) if file_binding.partitions == 0 => {
+                diagnostics.error(file, format!("bindings.{name}.partitions must be at least 1"), None);
+            }
+            Binding::Kafka(kafka) if kafka.topic.trim().is_empty() => {
+                diagnostics.error(file, format!("bindings.{name}.topic is empty"), None);
+            }
+            Binding::Kafka(kafka) if kafka.partitions == Some(0) => {
+                diagnostics.error(file, format!("bindings.{name}.partitions must be at least 1"), None);
+            }
+            _ => {}
         }
     }
     let Some(plan) = plan else { return };
@@ -238,7 +306,7 @@ fn check(config: &EnvConfig, file: &Path, plan: Option<&Plan>, diagnostics: &mut
     for (role, name) in [("input", &plan.input_binding), ("output", &plan.output_binding), ("dead letters", &plan.dead_letter_binding)] {
         if !config.bindings.contains_key(name) {
             diagnostics.error(file, format!("the topology's {role} `{name}` is not bound"),
-                Some(format!("add [bindings.{name}] with type = \"file\" and a path; bound here: {}", known.join(", "))));
+                Some(format!("add [bindings.{name}] with type = \"file\" and a path, or type = \"kafka\" and a topic; bound here: {}", known.join(", "))));
         }
     }
     if let Some(Binding::File(input)) = config.bindings.get(&plan.input_binding) {

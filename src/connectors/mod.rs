@@ -1,3 +1,100 @@
-//! Sources and sinks, one folder per system.
+//! Sources and sinks, one folder per system, behind two small enums so that
+//! the worker loop does not care where records come from or go.
 
 pub mod file;
+pub mod kafka;
+
+use crate::record::{DeadLetter, OutputDocument, RawRecord};
+use crate::state::CheckpointedPosition;
+
+pub enum Source {
+    File(file::source::FileSource),
+    Kafka(kafka::source::KafkaSource),
+}
+
+impl Source {
+    /// The epoch the first records will carry.
+    pub fn first_epoch(&self, epoch_records: u64) -> u64 {
+        match self {
+            // epochs of a file are a pure function of line numbers
+            Source::File(file) => file.next_line() / epoch_records,
+            Source::Kafka(_) => 0,
+        }
+    }
+
+    /// Reads the records of epoch `epoch` into `out`; returns the next epoch.
+    pub fn fill(&mut self, epoch: u64, epoch_records: u64, out: &mut Vec<RawRecord>) -> Result<u64, String> {
+        match self {
+            Source::File(file) => {
+                file.read_until((epoch + 1) * epoch_records, out).map_err(|e| e.to_string())?;
+                Ok(epoch + 1)
+            }
+            Source::Kafka(kafka) => Ok(kafka.fill(epoch, out)),
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        match self {
+            Source::File(file) => file.finished(),
+            Source::Kafka(kafka) => kafka.finished(),
+        }
+    }
+
+    pub fn positions(&self) -> Vec<(u32, CheckpointedPosition)> {
+        match self {
+            Source::File(file) => file.positions(),
+            Source::Kafka(kafka) => kafka.positions(),
+        }
+    }
+
+    /// Called after a checkpoint with the positions it wrote.
+    pub fn checkpointed(&self, positions: &[(u32, CheckpointedPosition)]) {
+        if let Source::Kafka(kafka) = self {
+            kafka.commit(positions);
+        }
+    }
+
+    /// (done, total) bytes, when the source has an end.
+    pub fn progress(&self) -> Option<(u64, u64)> {
+        match self {
+            Source::File(file) => Some(file.progress()),
+            Source::Kafka(_) => None,
+        }
+    }
+
+    pub fn resume_offset(&self) -> u64 {
+        match self {
+            Source::File(file) => file.next_line(),
+            Source::Kafka(_) => 0,
+        }
+    }
+}
+
+pub enum Sink {
+    File(file::sink::FileSink),
+    Kafka(kafka::sink::KafkaSink),
+}
+
+impl Sink {
+    pub fn write_document(&mut self, document: &OutputDocument) -> Result<(), String> {
+        match self {
+            Sink::File(file) => file.write_document(document).map_err(|e| e.to_string()),
+            Sink::Kafka(kafka) => kafka.write_document(document).map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn write_dead_letter(&mut self, letter: &DeadLetter, source_binding: &str) -> Result<(), String> {
+        match self {
+            Sink::File(file) => file.write_dead_letter(letter, source_binding).map_err(|e| e.to_string()),
+            Sink::Kafka(kafka) => kafka.write_dead_letter(letter).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Returns when everything written is handed to the OS (files) or delivered (Kafka).
+    pub fn flush(&mut self) -> Result<(), String> {
+        match self {
+            Sink::File(file) => file.flush().map_err(|e| e.to_string()),
+            Sink::Kafka(kafka) => kafka.flush().map_err(|e| e.to_string()),
+        }
+    }
+}

@@ -36,6 +36,9 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 use crate::config::{Binding, EnvConfig};
 use crate::connectors::file::sink::FileSink;
 use crate::connectors::file::source::FileSource;
+use crate::connectors::kafka::sink::KafkaSink;
+use crate::connectors::kafka::source::KafkaSource;
+use crate::connectors::{Sink, Source};
 use crate::model::LoadedModel;
 use crate::observe::{LatencyHistogram, ProgressBar, RunSummary, WorkerReport};
 use crate::record::{DeadLetter, OutputDocument, RawRecord};
@@ -50,6 +53,10 @@ pub enum RunError {
     State(#[from] StateError),
     #[error(transparent)]
     Sink(#[from] crate::connectors::file::sink::FileSinkError),
+    #[error(transparent)]
+    KafkaSink(#[from] crate::connectors::kafka::sink::KafkaSinkError),
+    #[error(transparent)]
+    KafkaSetup(#[from] crate::connectors::kafka::KafkaSetupError),
     #[error("worker {worker} failed: {detail}")]
     Worker { worker: usize, detail: String },
     #[error("cannot discard old state at {path}: {detail}")]
@@ -76,27 +83,44 @@ struct SinkCounts {
     latency: LatencyHistogram,
 }
 
-fn file_path(config: &EnvConfig, name: &str) -> PathBuf {
-    match config.binding(name).expect("validated: every binding exists") {
-        Binding::File(file) => file.path.clone(),
-    }
+/// Opens an output binding (checking a Kafka topic first).
+fn open_sink(config: &EnvConfig, name: &str, truncate: bool, source_topic: &str, model_versions: &[(String, String)]) -> Result<Sink, RunError> {
+    Ok(match config.binding(name).expect("validated: every binding exists") {
+        Binding::File(file) => Sink::File(FileSink::open(&file.path, truncate)?),
+        Binding::Kafka(kafka) => {
+            crate::connectors::kafka::ensure_topic(&config.kafka, kafka)?;
+            Sink::Kafka(KafkaSink::open(&config.kafka, kafka, source_topic, model_versions.to_vec())?)
+        }
+    })
+}
+
+/// Stops the process at once after an output failure: no checkpoint can be
+/// written past output that was not delivered, and a restart replays from
+/// the last good checkpoint (crash-only, as after `kill -9`).
+fn fail_output(what: &str, error: &str) -> ! {
+    eprintln!("error: {what} failed: {error}\n  stopping without a checkpoint; rerun to resume from the last one");
+    std::process::exit(70);
 }
 
 /// Runs the topology to the end of its input and returns the summary.
 pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, options: &RunOptions) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let state_path = config.state.dir.join(&plan.name);
-    let documents_path = file_path(config, &plan.output_binding);
-    let dead_letters_path = file_path(config, &plan.dead_letter_binding);
     if options.from_scratch && state_path.exists() {
         std::fs::remove_dir_all(&state_path).map_err(|e| RunError::Reset { path: state_path.clone(), detail: e.to_string() })?;
     }
     let tuning = StoreTuning { block_cache_bytes: config.state.block_cache_mb << 20, write_buffer_bytes: config.state.write_buffer_mb << 20 };
     let store = Store::open(&state_path, &plan.field_fingerprint(), tuning)?;
-    let document_sink = Arc::new(Mutex::new(Some(FileSink::open(&documents_path, options.from_scratch)?)));
-    let dead_letter_sink = Arc::new(Mutex::new(Some(FileSink::open(&dead_letters_path, options.from_scratch)?)));
-
-    let input = config.input_file(&plan).clone();
+    let input = config.binding(&plan.input_binding).expect("validated: every binding exists").clone();
+    let (partitions, source_topic) = match &input {
+        Binding::File(file) => (file.partitions, file.path.display().to_string()),
+        Binding::Kafka(kafka) => (crate::connectors::kafka::ensure_topic(&config.kafka, kafka)?, kafka.topic.clone()),
+    };
+    let model_versions: Vec<(String, String)> = models.iter().map(|m| (m.name.clone(), m.version.clone())).collect();
+    let document_sink = Arc::new(Mutex::new(Some(open_sink(config, &plan.output_binding, options.from_scratch, &source_topic, &model_versions)?)));
+    let dead_letter_sink = Arc::new(Mutex::new(Some(open_sink(config, &plan.dead_letter_binding, options.from_scratch, &source_topic, &model_versions)?)));
+    let kafka = config.kafka.clone();
+    let group_id = config.kafka.group_id.clone().unwrap_or_else(|| format!("assay-{}", plan.name));
     let runtime = config.runtime.clone();
     let workers = runtime.workers;
     let progress_enabled = options.progress.or(match runtime.progress {
@@ -111,13 +135,21 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
         let plan = worker_plan.clone();
         let index = worker.index();
         let peers = worker.peers();
-        let owned: Vec<u32> = (0..input.partitions).filter(|p| *p as usize % peers == index).collect();
+        let owned: Vec<u32> = (0..partitions).filter(|p| *p as usize % peers == index).collect();
         let checkpointed = store.positions(&plan.input_binding).map_err(|e| e.to_string())?;
-        let mut source = FileSource::open(&input.path, &plan.key_field, input.partitions, &owned, &checkpointed, input.records_per_second, started)
-            .map_err(|e| e.to_string())?;
+        let (mut source, max_record_bytes) = match &input {
+            Binding::File(file) => (
+                Source::File(FileSource::open(&file.path, &plan.key_field, partitions, &owned, &checkpointed, file.records_per_second, started).map_err(|e| e.to_string())?),
+                file.max_record_bytes,
+            ),
+            Binding::Kafka(binding) => (
+                Source::Kafka(KafkaSource::open(&kafka, binding, &group_id, &owned, &checkpointed, runtime.epoch_records as usize, started)?),
+                // the broker's own message size limit applies; keep the same guard as files
+                1 << 20,
+            ),
+        };
         let stage = Rc::new(RefCell::new(ListingStateStage::new(plan.clone(), store.clone())));
         let counts = Rc::new(RefCell::new(SinkCounts::default()));
-        let sink_error: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));
         let (mut documents_out, mut dead_out) = if index == 0 {
             (document_sink.lock().unwrap().take(), dead_letter_sink.lock().unwrap().take())
         } else {
@@ -129,7 +161,6 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
         worker.dataflow::<u64, _, _>(|scope| {
             let raw = scope.input_from(&mut input_handle);
             let decode_plan = plan.clone();
-            let max_record_bytes = input.max_record_bytes;
             let (events, decode_dead) = raw.ok_err::<Vec<_>, _, Vec<_>, _, _>(move |raw: RawRecord| decode::decode(&decode_plan, max_record_bytes, raw));
 
             let (documents, state_dead) = if pass_through {
@@ -187,27 +218,24 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
             };
 
             let document_counts = counts.clone();
-            let document_error = sink_error.clone();
             sink::write_in_epoch_order(documents, "DocumentSink", |d: &OutputDocument| (d.position.offset, d.position.partition), move |_epoch, documents| {
                 let Some(out) = documents_out.as_mut() else { return };
                 let mut counts = document_counts.borrow_mut();
                 let now = started.elapsed().as_nanos() as u64;
                 for document in &documents {
                     if let Err(e) = out.write_document(document) {
-                        *document_error.borrow_mut() = Some(e.to_string());
-                        return;
+                        fail_output("writing documents", &e);
                     }
                     if document.body.is_some() { counts.upserts += 1 } else { counts.tombstones += 1 }
                     counts.latency.record(now.saturating_sub(document.read_at_nanos));
                 }
                 if let Err(e) = out.flush() {
-                    *document_error.borrow_mut() = Some(e.to_string());
+                    fail_output("writing documents", &e);
                 }
             })
             .probe_with(&probe);
 
             let dead_counts = counts.clone();
-            let dead_error = sink_error.clone();
             let dead_binding = plan.input_binding.clone();
             sink::write_in_epoch_order(decode_dead.concat(state_dead), "DeadLetterSink", |d: &DeadLetter| (d.position.offset, d.position.partition), move |_epoch, letters| {
                 let Some(out) = dead_out.as_mut() else { return };
@@ -215,51 +243,50 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
                 let now = started.elapsed().as_nanos() as u64;
                 for letter in &letters {
                     if let Err(e) = out.write_dead_letter(letter, &dead_binding) {
-                        *dead_error.borrow_mut() = Some(e.to_string());
-                        return;
+                        fail_output("writing dead letters", &e);
                     }
                     *counts.dead_letters.entry(letter.reason.clone()).or_default() += 1;
                     counts.latency.record(now.saturating_sub(letter.read_at_nanos));
                 }
                 if let Err(e) = out.flush() {
-                    *dead_error.borrow_mut() = Some(e.to_string());
+                    fail_output("writing dead letters", &e);
                 }
             })
             .probe_with(&probe);
         });
 
-        let mut report = WorkerReport { resumed_from_line: source.next_line(), ..WorkerReport::default() };
+        let mut report = WorkerReport { resumed_from_line: source.resume_offset(), ..WorkerReport::default() };
         let mut progress = ProgressBar::new(if index == 0 { progress_enabled } else { Some(false) });
         let epoch_records = runtime.epoch_records;
-        let mut epoch = source.next_line() / epoch_records;
+        let mut epoch = source.first_epoch(epoch_records);
         input_handle.advance_to(epoch);
         let checkpoint_interval = Duration::from_millis(runtime.checkpoint_interval_ms);
         let mut last_checkpoint = Instant::now();
         let mut batch: Vec<RawRecord> = Vec::with_capacity(epoch_records as usize);
-        let checkpoint = |stage: &Rc<RefCell<ListingStateStage>>, source: &FileSource, report: &mut WorkerReport| -> Result<(), String> {
-            if let Some(error) = sink_error.borrow().as_ref() {
-                return Err(format!("output failed, no checkpoint written: {error}"));
-            }
-            stage.borrow_mut().checkpoint(&plan.input_binding, &source.positions()).map_err(|e| e.to_string())?;
+        let checkpoint = |stage: &Rc<RefCell<ListingStateStage>>, source: &Source, report: &mut WorkerReport| -> Result<(), String> {
+            let positions = source.positions();
+            stage.borrow_mut().checkpoint(&plan.input_binding, &positions).map_err(|e| e.to_string())?;
+            source.checkpointed(&positions);
             report.checkpoints += 1;
             Ok(())
         };
         while !source.finished() {
-            source.read_until((epoch + 1) * epoch_records, &mut batch).map_err(|e| e.to_string())?;
+            let next_epoch = source.fill(epoch, epoch_records, &mut batch)?;
             report.records_in += batch.len() as u64;
             if !batch.is_empty() {
                 input_handle.send_batch(&mut batch);
                 batch.clear();
             }
-            epoch += 1;
+            epoch = next_epoch;
             input_handle.advance_to(epoch);
             worker.step();
             // back-pressure: stay at most max_epochs_in_flight ahead of the sinks
             while probe.less_than(&epoch.saturating_sub(runtime.max_epochs_in_flight)) {
                 worker.step();
             }
-            let (done, total) = source.progress();
-            progress.update(done, total, report.records_in * peers as u64);
+            if let Some((done, total)) = source.progress() {
+                progress.update(done, total, report.records_in * peers as u64);
+            }
             if last_checkpoint.elapsed() >= checkpoint_interval {
                 while probe.less_than(input_handle.time()) {
                     worker.step();

@@ -430,7 +430,8 @@ fn compile_function(spec: &FeatureSpec, scope: &Scope, has_price: bool, diagnost
 }
 
 /// The compiled plan as an operator reads it (`assay explain`).
-pub fn explain(plan: &Plan, workers: usize, partitions: u32) -> String {
+pub fn explain(plan: &Plan, workers: usize, partitions: Option<u32>) -> String {
+    let partitions = partitions.map(|p| p.to_string()).unwrap_or_else(|| "(the topic's)".into());
     let mut out = String::new();
     let _ = writeln!(out, "topology {} ({})", plan.name, plan.path.display());
     if !plan.description.is_empty() {

@@ -1,0 +1,146 @@
+//! Kafka source: one consumer per worker, manually assigned the partitions
+//! the worker owns (partition mod workers), starting at the offsets
+//! checkpointed in RocksDB.
+//!
+//! # Positions
+//! RocksDB holds the offsets recovery trusts; after each checkpoint they are
+//! also committed to the consumer group, so standard lag tools show the real
+//! lag. The group's own committed offsets are never read back.
+//!
+//! # Prefetch
+//! librdkafka prefetches into a local queue; `queued.max.messages.kbytes`
+//! (default here 16 MiB per consumer) bounds it, so memory does not grow when
+//! the engine is slower than the topic. Beyond that, the source stops polling
+//! while too many epochs are in flight (the worker loop's back-pressure).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::client_config;
+use crate::config::{KafkaBinding, KafkaConfig};
+use crate::record::{RawRecord, SourcePosition};
+use crate::state::CheckpointedPosition;
+
+pub struct KafkaSource {
+    consumer: BaseConsumer,
+    topic: String,
+    next_offsets: BTreeMap<u32, i64>,
+    epoch_ms: u64,
+    epoch_records: usize,
+    stop_when_idle: Option<Duration>,
+    last_record_at: Instant,
+    started: Instant,
+    finished: bool,
+    last_error_report: Option<Instant>,
+}
+
+impl KafkaSource {
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(kafka: &KafkaConfig, binding: &KafkaBinding, group_id: &str, owned: &[u32], checkpointed: &std::collections::HashMap<u32, CheckpointedPosition>, epoch_records: usize, started: Instant) -> Result<KafkaSource, String> {
+        let mut config = client_config(kafka, binding);
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest");
+        if !binding.properties.contains_key("queued.max.messages.kbytes") {
+            config.set("queued.max.messages.kbytes", "16384");
+        }
+        // the binding's own properties win over ours
+        for (key, value) in &binding.properties {
+            config.set(key, value);
+        }
+        let consumer: BaseConsumer = config.create().map_err(|e| format!("cannot create a consumer for `{}`: {e}", binding.topic))?;
+        let mut assignment = TopicPartitionList::new();
+        let mut next_offsets = BTreeMap::new();
+        for partition in owned {
+            let offset = match checkpointed.get(partition) {
+                Some(position) => Offset::Offset(position.next_offset as i64),
+                None => Offset::Beginning,
+            };
+            assignment.add_partition_offset(&binding.topic, *partition as i32, offset).map_err(|e| e.to_string())?;
+            next_offsets.insert(*partition, checkpointed.get(partition).map(|p| p.next_offset as i64).unwrap_or(0));
+        }
+        consumer.assign(&assignment).map_err(|e| format!("cannot assign partitions of `{}`: {e}", binding.topic))?;
+        Ok(KafkaSource {
+            consumer,
+            topic: binding.topic.clone(),
+            next_offsets,
+            epoch_ms: binding.epoch_ms.max(1),
+            epoch_records,
+            stop_when_idle: (binding.stop_when_idle_ms > 0).then(|| Duration::from_millis(binding.stop_when_idle_ms)),
+            last_record_at: Instant::now(),
+            started,
+            finished: owned.is_empty() && binding.stop_when_idle_ms > 0,
+            last_error_report: None,
+        })
+    }
+
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Polls for up to one epoch (`epoch_ms` or `epoch_records`, whichever
+    /// comes first) and returns the epoch that follows. Epochs follow a clock
+    /// shared by all workers, so their epochs line up.
+    pub fn fill(&mut self, epoch: u64, out: &mut Vec<RawRecord>) -> u64 {
+        let deadline = Instant::now() + Duration::from_millis(self.epoch_ms);
+        while out.len() < self.epoch_records {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.consumer.poll(deadline - now) {
+                Some(Ok(message)) => {
+                    let partition = message.partition() as u32;
+                    let offset = message.offset();
+                    self.next_offsets.insert(partition, offset + 1);
+                    out.push(RawRecord {
+                        bytes: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                        position: SourcePosition { partition, offset: offset as u64, byte_offset: 0 },
+                        read_at_nanos: self.started.elapsed().as_nanos() as u64,
+                    });
+                    self.last_record_at = Instant::now();
+                }
+                Some(Err(error)) => {
+                    // broker trouble: librdkafka reconnects by itself; say so, at most every 5 s
+                    if self.last_error_report.map(|t| t.elapsed() > Duration::from_secs(5)).unwrap_or(true) {
+                        eprintln!("warning: kafka source `{}`: {error} (retrying)", self.topic);
+                        self.last_error_report = Some(Instant::now());
+                    }
+                }
+                None => break,
+            }
+        }
+        if let Some(idle) = self.stop_when_idle {
+            if out.is_empty() && self.last_record_at.elapsed() >= idle {
+                self.finished = true;
+            }
+        }
+        let clock = self.started.elapsed().as_millis() as u64 / self.epoch_ms;
+        clock.max(epoch + 1)
+    }
+
+    pub fn positions(&self) -> Vec<(u32, CheckpointedPosition)> {
+        self.next_offsets.iter().map(|(p, o)| (*p, CheckpointedPosition { next_offset: *o as u64, next_byte: 0 })).collect()
+    }
+
+    /// After a checkpoint: tell the consumer group, for lag monitoring.
+    pub fn commit(&self, positions: &[(u32, CheckpointedPosition)]) {
+        let mut list = TopicPartitionList::new();
+        for (partition, position) in positions {
+            if position.next_offset > 0 {
+                let _ = list.add_partition_offset(&self.topic, *partition as i32, Offset::Offset(position.next_offset as i64));
+            }
+        }
+        if list.count() > 0 {
+            if let Err(error) = self.consumer.commit(&list, CommitMode::Async) {
+                eprintln!("warning: committing offsets of `{}` to the consumer group failed: {error} (recovery uses the checkpoint, not these)", self.topic);
+            }
+        }
+    }
+}
