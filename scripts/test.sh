@@ -4,6 +4,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 "$here/scripts/bootstrap.sh"
+# the Kafka tests run against a real broker: tansu, built once into .tools/
+"$here/scripts/install-tansu.sh"
 cd "$here"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --release --no-fail-fast "$@"

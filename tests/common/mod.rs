@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: temp configs, runs, output reading.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::path::{Path, PathBuf};
 
 pub fn repo() -> PathBuf {

@@ -1,0 +1,307 @@
+//! Kafka in, Kafka out, against a real broker (tansu on loopback).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::broker::Broker;
+use common::*;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+
+struct KafkaTestConfig {
+    path: PathBuf,
+}
+
+fn kafka_config(dir: &Path, brokers: &str, workers: usize, input_partitions: u32, idle_ms: u64) -> KafkaTestConfig {
+    let text = format!(
+        r#"[runtime]
+workers = {workers}
+epoch_records = 512
+checkpoint_interval_ms = 100
+progress = "never"
+
+[state]
+dir = {state:?}
+
+[kafka]
+bootstrap_servers = "{brokers}"
+connect_timeout_ms = 10000
+
+[bindings.listing_changes]
+type = "kafka"
+topic = "listing_changes"
+partitions = {input_partitions}
+create_topic = true
+stop_when_idle_ms = {idle_ms}
+
+[bindings.search_documents]
+type = "kafka"
+topic = "search_documents"
+partitions = 4
+create_topic = true
+
+[bindings.dead_letters]
+type = "kafka"
+topic = "dead_letters"
+partitions = 1
+create_topic = true
+"#,
+        state = dir.join("state")
+    );
+    let path = dir.join("kafka.toml");
+    std::fs::write(&path, text).unwrap();
+    KafkaTestConfig { path }
+}
+
+fn create_topic(brokers: &str, topic: &str, partitions: u32) {
+    let kafka = assay::config::KafkaConfig { bootstrap_servers: brokers.into(), ..Default::default() };
+    let binding = assay::config::KafkaBinding { topic: topic.into(), partitions: Some(partitions), create_topic: true, properties: Default::default(), epoch_ms: 5, stop_when_idle_ms: 0 };
+    assay::connectors::kafka::ensure_topic(&kafka, &binding).unwrap_or_else(|e| panic!("create {topic}: {e}"));
+}
+
+fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new().set("bootstrap.servers", brokers).set("enable.idempotence", "true").set("linger.ms", "5").create().unwrap()
+}
+
+fn produce_lines(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, lines: &[Vec<u8>]) {
+    for line in lines {
+        let key = assay::connectors::file::source::find_top_level_key(line, b"\"listing_id\"").map(<[u8]>::to_vec);
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(line);
+        record.key = key.as_deref();
+        let mut record = record;
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, returned)) => {
+                    record = returned;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+}
+
+fn sample_lines() -> Vec<Vec<u8>> {
+    std::fs::read(sample_stream()).unwrap().split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect()
+}
+
+/// (key, version, value) of every record in a topic.
+fn read_topic(brokers: &str, topic: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    assay::connectors::kafka::tools::tail(brokers, topic, true, None, Duration::from_secs(3), &mut out).unwrap();
+    String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The documents as (key, version, document JSON) from the topic.
+fn documents_from_topic(records: &[serde_json::Value]) -> Vec<(String, u64, String)> {
+    records.iter().map(|r| (
+        r["key"].as_str().unwrap().to_string(),
+        r["headers"]["assay.version"].as_str().unwrap().parse().unwrap(),
+        r["value"].to_string(),
+    )).collect()
+}
+
+/// The documents of a file run in the same form.
+fn documents_from_file(path: &Path) -> Vec<(String, u64, String)> {
+    read_lines(path).iter().map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        (v["key"].as_str().unwrap().to_string(), v["version"].as_u64().unwrap(), v["doc"].to_string())
+    }).collect()
+}
+
+fn file_run_documents(dir: &Path) -> (Vec<(String, u64, String)>, TestConfig) {
+    let config = write_config(dir, &sample_stream(), 1, 512, "");
+    run_in_process(&listings_topology(), &config, true);
+    (documents_from_file(&config.documents), config)
+}
+
+fn run_kafka(config: &KafkaTestConfig) -> assay::observe::RunSummary {
+    let prepared = assay::prepare(&listings_topology(), Some(&config.path), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let options = assay::dataflow::RunOptions { from_scratch: false, progress: Some(false), pass_through: false };
+    assay::dataflow::run(prepared.plan, &prepared.config, prepared.models, &options).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn sorted<T: Ord + Clone>(items: &[T]) -> Vec<T> {
+    let mut items = items.to_vec();
+    items.sort();
+    items
+}
+
+/// At-least-once with versioned output: per listing, first occurrences have
+/// increasing versions, and a repeated version repeats the same document.
+fn assert_versions_monotone_and_duplicates_identical(documents: &[(String, u64, String)]) {
+    let mut seen: BTreeMap<&str, BTreeMap<u64, &str>> = BTreeMap::new();
+    let mut highest: BTreeMap<&str, u64> = BTreeMap::new();
+    for (key, version, body) in documents {
+        let versions = seen.entry(key).or_default();
+        match versions.get(version) {
+            Some(earlier) => assert_eq!(earlier, body, "listing {key} version {version} was emitted twice with different content"),
+            None => {
+                let top = highest.entry(key).or_insert(0);
+                assert!(*version > *top, "listing {key}: new version {version} after {top}");
+                *top = *version;
+                versions.insert(*version, body);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_sample_through_kafka_on_four_partitions_and_two_workers_equals_the_file_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::memory(dir.path());
+    let brokers = broker.address();
+    create_topic(&brokers, "listing_changes", 4);
+    produce_lines(&producer(&brokers), "listing_changes", &sample_lines());
+
+    let config = kafka_config(dir.path(), &brokers, 2, 4, 2000);
+    let summary = run_kafka(&config);
+    assert!(summary.reconciled, "{summary:?}");
+    assert_eq!(summary.records_in, sample_lines().len() as u64);
+
+    let file_dir = tempfile::tempdir().unwrap();
+    let (expected, file_config) = file_run_documents(file_dir.path());
+    let documents = documents_from_topic(&read_topic(&brokers, "search_documents"));
+    assert_eq!(documents.len(), expected.len());
+    assert!(sorted(&documents) == sorted(&expected), "the Kafka run's documents differ from the file run's");
+    // each listing's updates left in order (one listing lives in one output partition)
+    assert_versions_monotone_and_duplicates_identical(&documents);
+
+    let dead = read_topic(&brokers, "dead_letters");
+    let mut reasons: Vec<String> = dead.iter().map(|r| r["headers"]["assay.reason"].as_str().unwrap().to_string()).collect();
+    let mut expected_reasons: Vec<String> = read_lines(&file_config.dead_letters).iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"].as_str().unwrap().to_string()).collect();
+    reasons.sort();
+    expected_reasons.sort();
+    assert_eq!(reasons, expected_reasons);
+}
+
+#[test]
+fn poison_records_go_to_the_dead_letter_topic_and_the_partition_keeps_flowing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::memory(dir.path());
+    let brokers = broker.address();
+    create_topic(&brokers, "listing_changes", 1);
+    let lines: Vec<Vec<u8>> = vec![
+        br#"{"kind":"create","listing_id":"a","version":1,"event_time":1640995200,"price":20000,"model":"c-class","year":2015}"#.to_vec(),
+        br#"{"kind":"create","listing_id":"a","version":2,"event_ti"#.to_vec(),
+        vec![0xff, 0x00, 0xfe],
+        br#"{"kind":"create","listing_id":"b","version":1,"event_time":1640995200,"price":0,"model":"c-class","year":2015}"#.to_vec(),
+        br#"{"kind":"price_change","listing_id":"a","version":3,"event_time":1640995300,"price":19000}"#.to_vec(),
+        br#"{"kind":"create","listing_id":"c","version":1,"event_time":1640995400,"price":30000,"model":"e-class","year":2018}"#.to_vec(),
+    ];
+    produce_lines(&producer(&brokers), "listing_changes", &lines);
+    let summary = run_kafka(&kafka_config(dir.path(), &brokers, 1, 1, 1500));
+    assert!(summary.reconciled);
+    assert_eq!((summary.upserts, summary.dead_letters), (3, 3), "{summary:?}");
+
+    let dead = read_topic(&brokers, "dead_letters");
+    let reasons: Vec<&str> = dead.iter().map(|r| r["headers"]["assay.reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, vec!["invalid_json", "not_utf8", "out_of_range"]);
+    let offsets: Vec<&str> = dead.iter().map(|r| r["headers"]["assay.source.offset"].as_str().unwrap()).collect();
+    assert_eq!(offsets, vec!["1", "2", "3"]);
+    assert_eq!(dead[0]["value"].as_str().unwrap().as_bytes(), &lines[1][..], "original bytes are kept");
+    let documents = documents_from_topic(&read_topic(&brokers, "search_documents"));
+    let keys: Vec<(&str, u64)> = documents.iter().map(|(k, v, _)| (k.as_str(), *v)).collect();
+    assert_eq!(sorted(&keys), vec![("a", 1), ("a", 3), ("c", 1)]);
+}
+
+fn assay_binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_assay"));
+    command.current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped());
+    command
+}
+
+fn topic_count(brokers: &str, topic: &str) -> usize {
+    let mut out = Vec::new();
+    let _ = assay::connectors::kafka::tools::tail(brokers, topic, true, None, Duration::from_millis(300), &mut out);
+    out.iter().filter(|b| **b == b'\n').count()
+}
+
+#[test]
+fn engine_killed_mid_stream_and_restarted_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::memory(dir.path());
+    let brokers = broker.address();
+    create_topic(&brokers, "listing_changes", 4);
+    let config = kafka_config(dir.path(), &brokers, 2, 4, 3000);
+    let lines = sample_lines();
+
+    // the engine runs while the changes arrive; it is killed half way
+    let mut engine = assay_binary().args(["run", "topologies/listings.toml", "--config"]).arg(&config.path).spawn().unwrap();
+    let producer = producer(&brokers);
+    let chunks: Vec<&[Vec<u8>]> = lines.chunks(2000).collect();
+    for (index, chunk) in chunks.iter().enumerate() {
+        produce_lines(&producer, "listing_changes", chunk);
+        if index == chunks.len() / 2 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while topic_count(&brokers, "search_documents") < 3000 {
+                assert!(Instant::now() < deadline, "no output before the kill");
+            }
+            engine.kill().unwrap(); // SIGKILL
+            engine.wait().unwrap();
+        }
+    }
+    let status = assay_binary().args(["run", "topologies/listings.toml", "--config"]).arg(&config.path).status().unwrap();
+    assert!(status.success());
+
+    let file_dir = tempfile::tempdir().unwrap();
+    let (expected, _) = file_run_documents(file_dir.path());
+    let documents = documents_from_topic(&read_topic(&brokers, "search_documents"));
+    let got: BTreeSet<&(String, u64, String)> = documents.iter().collect();
+    let want: BTreeSet<&(String, u64, String)> = expected.iter().collect();
+    let missing: Vec<_> = want.difference(&got).take(3).collect();
+    assert!(missing.is_empty(), "lost by the crash: {missing:?}");
+    let extra: Vec<_> = got.difference(&want).take(3).collect();
+    assert!(extra.is_empty(), "documents a clean run does not produce: {extra:?}");
+    assert_versions_monotone_and_duplicates_identical(&documents);
+}
+
+#[test]
+fn broker_restarted_mid_stream_the_engine_resumes_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::durable(dir.path());
+    let brokers = broker.address();
+    create_topic(&brokers, "listing_changes", 4);
+    produce_lines(&producer(&brokers), "listing_changes", &sample_lines());
+    let config = kafka_config(dir.path(), &brokers, 2, 4, 15000);
+    let mut engine = assay_binary().args(["run", "topologies/listings.toml", "--config"]).arg(&config.path).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while topic_count(&brokers, "search_documents") < 1000 {
+        assert!(Instant::now() < deadline, "no output before the broker restart");
+    }
+    broker.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    broker.restart();
+    let status = engine.wait().unwrap();
+    let stderr = std::io::read_to_string(engine.stderr.take().unwrap()).unwrap();
+    assert!(status.success(), "{stderr}");
+
+    let file_dir = tempfile::tempdir().unwrap();
+    let (expected, _) = file_run_documents(file_dir.path());
+    let documents = documents_from_topic(&read_topic(&brokers, "search_documents"));
+    let got: BTreeSet<&(String, u64, String)> = documents.iter().collect();
+    let want: BTreeSet<&(String, u64, String)> = expected.iter().collect();
+    assert!(want.difference(&got).next().is_none(), "documents lost across the broker restart");
+    assert!(got.difference(&want).next().is_none(), "unexpected documents");
+}
+
+#[test]
+fn unreachable_broker_at_start_is_a_clear_error_after_the_timeout() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(dir.path(), &format!("127.0.0.1:{port}"), 1, 1, 1000);
+    let text = std::fs::read_to_string(&config.path).unwrap().replace("connect_timeout_ms = 10000", "connect_timeout_ms = 1500");
+    std::fs::write(&config.path, text).unwrap();
+    let started = Instant::now();
+    let output = assay_binary().args(["run", "topologies/listings.toml", "--config"]).arg(&config.path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("cannot reach Kafka"), "{stderr}");
+    assert!(stderr.contains("hint:"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+}
