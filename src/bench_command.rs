@@ -15,7 +15,7 @@ struct Measurement {
     summary: RunSummary,
 }
 
-fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
+pub fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
     let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
     let number = |key: &str| value[key].as_f64().unwrap_or(0.0);
     let count = |key: &str| value[key].as_u64().unwrap_or(0);
@@ -38,6 +38,7 @@ fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
         latency_p99_ms: number("latency_p99_ms"),
         latency_max_ms: number("latency_max_ms"),
         peak_rss_mb: number("peak_rss_mb"),
+        cpu_seconds: number("cpu_seconds"),
     })
 }
 

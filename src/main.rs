@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod bench_command;
+mod bench_kafka;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -71,6 +72,28 @@ enum Command {
         /// Stop when nothing arrived for this long.
         #[arg(long, default_value_t = 5000)]
         idle_ms: u64,
+    },
+    /// Benchmark against a running broker: pass-through and full topology,
+    /// throughput, end-to-end latency at half the maximum rate, CPU.
+    BenchKafka {
+        #[arg(long, default_value = "topologies/listings.toml")]
+        topology: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Events produced during the latency measurement.
+        #[arg(long, default_value_t = 200_000)]
+        latency_events: u64,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long, default_value_t = 4)]
+        partitions: u32,
+        /// The broker's process id, to report its CPU.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
     },
     /// Benchmark: generate a stream calibrated on the sample, run the full
     /// topology and a pass-through baseline on 1 and 2 workers, print
@@ -160,6 +183,10 @@ fn main() -> anyhow::Result<ExitCode> {
             let mut stdout = std::io::stdout().lock();
             let seen = assay::connectors::kafka::tools::tail(&brokers, &topic, from_beginning, count, std::time::Duration::from_millis(idle_ms), &mut stdout).map_err(anyhow::Error::msg)?;
             eprintln!("{seen} record(s) from topic {topic}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchKafka { topology, brokers, events, latency_events, workers, partitions, broker_pid, dir } => {
+            bench_kafka::run(&topology, &brokers, events, latency_events, workers, partitions, broker_pid, &dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { topology, events, live_listings, workers, epoch_records, dir } => {

@@ -36,6 +36,9 @@ pub struct SourcePosition {
     pub offset: u64,
     /// Byte offset of the record's first byte, for files.
     pub byte_offset: u64,
+    /// Kafka: the record's timestamp (ms since the epoch) as the broker gave it; 0 for files.
+    /// Carried to the output headers so end-to-end latency can be measured.
+    pub timestamp_ms: i64,
 }
 
 /// Bytes as read from a source, before decoding.

@@ -134,6 +134,8 @@ pub struct RunSummary {
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
     pub peak_rss_mb: f64,
+    /// CPU time (user + system) this process used.
+    pub cpu_seconds: f64,
 }
 
 impl RunSummary {
@@ -159,6 +161,7 @@ impl RunSummary {
             latency_p99_ms: report.latency.quantile(0.99).as_secs_f64() * 1e3,
             latency_max_ms: report.latency.quantile(1.0).as_secs_f64() * 1e3,
             peak_rss_mb: peak_rss_bytes() as f64 / (1024.0 * 1024.0),
+            cpu_seconds: cpu_seconds(None),
         }
     }
 
@@ -179,9 +182,24 @@ impl RunSummary {
         ));
         out.push_str(&format!("  throughput          {:>10.0} events/s over {:.2} s, {} checkpoint(s)\n", self.events_per_second, self.elapsed_seconds, self.checkpoints));
         out.push_str(&format!("  latency             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (read to written)\n", self.latency_p50_ms, self.latency_p99_ms, self.latency_max_ms));
-        out.push_str(&format!("  peak memory (RSS)   {:>10.1} MB\n", self.peak_rss_mb));
+        out.push_str(&format!("  peak memory (RSS)   {:>10.1} MB, CPU {:.2} s\n", self.peak_rss_mb, self.cpu_seconds));
         out
     }
+}
+
+/// CPU time (user + system) of a process (`None`: this one) from /proc, 0 when unknown.
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let Ok(stat) = std::fs::read_to_string(path) else { return 0.0 };
+    // fields after the command name (which may contain spaces) start at ") "
+    let Some(rest) = stat.rfind(") ").map(|i| &stat[i + 2..]) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name; in clock ticks (100/s on Linux)
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), 0 when unknown.

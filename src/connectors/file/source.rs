@@ -130,7 +130,7 @@ impl FileSource {
             self.throttle();
             out.push(RawRecord {
                 bytes: bytes.to_vec(),
-                position: SourcePosition { partition, offset: line_number, byte_offset },
+                position: SourcePosition { partition, offset: line_number, byte_offset, timestamp_ms: 0 },
                 read_at_nanos: self.started.elapsed().as_nanos() as u64,
             });
             self.records_emitted += 1;

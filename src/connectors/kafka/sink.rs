@@ -98,6 +98,10 @@ impl KafkaSink {
             .insert(Header { key: "assay.source.topic", value: Some(self.source_topic.as_str()) })
             .insert(Header { key: "assay.source.partition", value: Some(partition.as_str()) })
             .insert(Header { key: "assay.source.offset", value: Some(offset.as_str()) });
+        if document.position.timestamp_ms > 0 {
+            let timestamp = document.position.timestamp_ms.to_string();
+            headers = headers.insert(Header { key: "assay.source.timestamp", value: Some(timestamp.as_str()) });
+        }
         if document.body.is_some() {
             for (key, value) in &self.model_headers {
                 headers = headers.insert(Header { key: key.as_str(), value: Some(value.as_str()) });

@@ -101,7 +101,7 @@ impl KafkaSource {
                     self.next_offsets.insert(partition, offset + 1);
                     out.push(RawRecord {
                         bytes: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                        position: SourcePosition { partition, offset: offset as u64, byte_offset: 0 },
+                        position: SourcePosition { partition, offset: offset as u64, byte_offset: 0, timestamp_ms: message.timestamp().to_millis().unwrap_or(0) },
                         read_at_nanos: self.started.elapsed().as_nanos() as u64,
                     });
                     self.last_record_at = Instant::now();
