@@ -12,6 +12,7 @@ pub struct Broker {
     pub port: u16,
     storage: String,
     log: PathBuf,
+    dir: PathBuf,
 }
 
 fn tansu() -> PathBuf {
@@ -27,16 +28,17 @@ fn free_port() -> u16 {
 impl Broker {
     /// In-memory storage: fast, gone when the broker stops.
     pub fn memory(dir: &std::path::Path) -> Broker {
-        Broker::start(free_port(), "memory://tansu/".into(), dir.join("tansu.log"))
+        Broker::start(free_port(), "memory://tansu/".into(), dir)
     }
 
     /// SQLite storage in `dir`: survives a broker restart.
     pub fn durable(dir: &std::path::Path) -> Broker {
-        Broker::start(free_port(), format!("sqlite://{}", dir.join("tansu.db").display()), dir.join("tansu.log"))
+        // tansu resolves a sqlite path against its working directory
+        Broker::start(free_port(), "sqlite://tansu.db".into(), dir)
     }
 
-    fn start(port: u16, storage: String, log: PathBuf) -> Broker {
-        let mut broker = Broker { child: None, port, storage, log };
+    fn start(port: u16, storage: String, dir: &std::path::Path) -> Broker {
+        let mut broker = Broker { child: None, port, storage, log: dir.join("tansu.log"), dir: dir.to_path_buf() };
         broker.spawn();
         broker
     }
@@ -45,6 +47,7 @@ impl Broker {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(tansu())
+            .current_dir(&self.dir)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &self.storage])
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -68,6 +71,23 @@ impl Broker {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open but nothing answers,
+    /// as when a broker hangs or the network partitions.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the broker runs").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// Starts it again on the same port and storage.

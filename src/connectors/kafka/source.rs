@@ -36,6 +36,10 @@ pub struct KafkaSource {
     started: Instant,
     finished: bool,
     last_error_report: Option<Instant>,
+    /// Records skipped because their offset was below the partition's position.
+    pub redelivered: u64,
+    /// Partitions assigned at a checkpointed offset whose first record has not arrived yet.
+    just_seeked: std::collections::HashSet<u32>,
 }
 
 impl KafkaSource {
@@ -77,6 +81,8 @@ impl KafkaSource {
             started,
             finished: owned.is_empty() && binding.stop_when_idle_ms > 0,
             last_error_report: None,
+            redelivered: 0,
+            just_seeked: owned.iter().copied().filter(|p| checkpointed.get(p).is_some_and(|c| c.next_offset > 0)).collect(),
         })
     }
 
@@ -98,6 +104,27 @@ impl KafkaSource {
                 Some(Ok(message)) => {
                     let partition = message.partition() as u32;
                     let offset = message.offset();
+                    let expected = self.next_offsets.get(&partition).copied().unwrap_or(0);
+                    if offset < expected {
+                        // a re-delivery below our position (a broker that answered "offset out
+                        // of range" made the client reset to the earliest offset): already
+                        // processed, and taking it would move the checkpointed position back
+                        self.redelivered += 1;
+                        continue;
+                    }
+                    if offset > expected && self.just_seeked.remove(&partition) {
+                        // Asked for `expected`, given a later offset right after the seek: the
+                        // broker skipped the rest of the batch holding `expected`. (tansu 0.6.0
+                        // does this when a fetch starts inside a batch; Kafka returns the whole
+                        // batch.) Re-read the partition from its start once; the check above
+                        // skips what was already processed.
+                        eprintln!("warning: kafka source `{}`: partition {partition}: asked for offset {expected}, the broker answered from {offset}; re-reading the partition from its start so that nothing is skipped", self.topic);
+                        if let Err(error) = self.consumer.seek(&self.topic, partition as i32, Offset::Beginning, Duration::from_secs(10)) {
+                            eprintln!("warning: kafka source `{}`: seek failed: {error}", self.topic);
+                        }
+                        continue;
+                    }
+                    self.just_seeked.remove(&partition);
                     self.next_offsets.insert(partition, offset + 1);
                     out.push(RawRecord {
                         bytes: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
@@ -115,6 +142,10 @@ impl KafkaSource {
                 }
                 None => break,
             }
+        }
+        if self.redelivered > 0 && self.last_error_report.map(|t| t.elapsed() > Duration::from_secs(5)).unwrap_or(true) {
+            eprintln!("warning: kafka source `{}`: skipped {} re-delivered record(s) below the consumed position", self.topic, self.redelivered);
+            self.last_error_report = Some(Instant::now());
         }
         if let Some(idle) = self.stop_when_idle {
             if out.is_empty() && self.last_record_at.elapsed() >= idle {
