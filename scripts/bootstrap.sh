@@ -4,8 +4,13 @@
 #  - libclang: the rocksdb crate generates its bindings with bindgen.
 #  - cargo-nextest: the test runner (falls back to `cargo test` if absent).
 set -euo pipefail
+# bindgen loads libclang.so or libclang-<version>.so; libclang-cpp (which some
+# images carry without libclang) does not count
 have_libclang() {
-  ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1
+  compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null ||
+    compgen -G '/usr/lib/llvm-*/lib/libclang-[0-9]*.so*' >/dev/null ||
+    compgen -G '/usr/lib/*-linux-gnu/libclang-[0-9]*.so*' >/dev/null ||
+    compgen -G '/usr/lib/*-linux-gnu/libclang.so*' >/dev/null
 }
 if ! have_libclang; then
   echo "bootstrap: installing libclang-dev (for the rocksdb crate's bindgen)" >&2
