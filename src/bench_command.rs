@@ -39,6 +39,11 @@ pub fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
         latency_max_ms: number("latency_max_ms"),
         peak_rss_mb: number("peak_rss_mb"),
         cpu_seconds: number("cpu_seconds"),
+        unchanged: count("unchanged"),
+        market_reevaluations: count("market_reevaluations"),
+        market_documents: count("market_documents"),
+        fan_out: number("fan_out"),
+        ..RunSummary::default()
     })
 }
 

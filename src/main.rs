@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod bench_command;
 mod bench_kafka;
+mod bench_market;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -116,6 +117,23 @@ enum Command {
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
     },
+    /// Benchmark market aggregates: a generated market of live listings over
+    /// Zipf-sized segments, then updates; with and without aggregates in the
+    /// same invocation: throughput, fan-out, arrangement memory, rebuild time.
+    BenchMarket {
+        #[arg(long, default_value_t = 1_000_000)]
+        listings: u64,
+        #[arg(long, default_value_t = 1_000_000)]
+        updates: u64,
+        #[arg(long, default_value_t = 5_000)]
+        segments: usize,
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        #[arg(long, default_value_t = 4096)]
+        epoch_records: u64,
+        #[arg(long, default_value = "target/bench-market")]
+        dir: PathBuf,
+    },
     /// Check a topology and config: every error at once, with file, line and a hint.
     Validate {
         topology: PathBuf,
@@ -192,6 +210,10 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Bench { topology, events, live_listings, workers, epoch_records, dir } => {
             let workers: Vec<usize> = workers.split(',').map(|w| w.trim().parse()).collect::<Result<_, _>>().context("--workers takes numbers like 1,2")?;
             bench_command::run(&topology, events, live_listings, &workers, epoch_records, &dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchMarket { listings, updates, segments, workers, epoch_records, dir } => {
+            bench_market::run(listings, updates, segments, workers, epoch_records, &dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { topology, config, from_scratch, progress, summary_json, pass_through } => {

@@ -72,4 +72,7 @@ pub struct OutputDocument {
     pub body: Option<String>,
     pub position: SourcePosition,
     pub read_at_nanos: u64,
+    /// Emitted because the listing's market statistics moved, not for an
+    /// event of its own (`position` then holds only the partition).
+    pub market: bool,
 }

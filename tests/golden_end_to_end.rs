@@ -29,6 +29,9 @@ fn golden_first_3000_events_of_the_sample() {
         "dead_letters_by_reason": summary.dead_letters_by_reason,
         "stale": summary.stale,
         "duplicates": summary.duplicates,
+        "unchanged": summary.unchanged,
+        "market_documents": summary.market_documents,
+        "market_reevaluations": summary.market_reevaluations,
     });
     let counts = serde_json::to_string_pretty(&counts).unwrap() + "\n";
     if std::env::var_os("ASSAY_BLESS").is_some() {

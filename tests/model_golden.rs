@@ -20,6 +20,8 @@ fn a_tampered_model_fails_its_golden_check_and_the_original_passes() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(listings_topology(), dir.path().join("listings.toml")).unwrap();
     copy_dir(&repo().join("topologies/listings/models"), &dir.path().join("listings/models"));
+    std::fs::create_dir_all(dir.path().join("listings/data")).unwrap();
+    std::fs::copy(repo().join("topologies/listings/data/us_state_region.csv"), dir.path().join("listings/data/us_state_region.csv")).unwrap();
     let config = write_config(dir.path(), &sample_stream(), 1, 256, "");
     let topology = dir.path().join("listings.toml");
     assay::prepare(&topology, Some(&config.path), &[]).unwrap_or_else(|e| panic!("the untouched copy should load: {e}"));

@@ -19,8 +19,9 @@ fn broken_topology(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::create_dir_all(dir.join("listings")).unwrap();
     let copy = dir.join("listings.toml");
     std::fs::write(&copy, &text).unwrap();
-    // the models are referenced relative to the topology
+    // the models and lookup tables are referenced relative to the topology
     std::os::unix::fs::symlink(repo().join("topologies/listings/models"), dir.join("listings/models")).unwrap();
+    std::os::unix::fs::symlink(repo().join("topologies/listings/data"), dir.join("listings/data")).unwrap();
     copy
 }
 

@@ -6,6 +6,13 @@
 //!   event against the freshest state (dirty map first, then the store).
 //! - `checkpoint`: the worker loop calls it when every epoch it has sent is
 //!   complete; dirty states and source positions go to RocksDB in one batch.
+//! - `rebuild`: at start, every live listing of the worker's partitions as a
+//!   member of its segments, so the market arrangements are rebuilt.
+//!
+//! # Market members
+//! With `[[aggregate]]` blocks, every accepted event also yields member
+//! updates: the listing's old member of each aggregate is retracted and its
+//! new one inserted (see `market`). A delete only retracts.
 //!
 //! # Version gate
 //! An event whose version is not above the listing's stored version is
@@ -13,12 +20,11 @@
 //! tombstone state holding its last version, so a late event cannot bring it
 //! back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use crate::dataflow::decode::ChangeEvent;
+use crate::dataflow::market::{self, MemberUpdate};
 use crate::features;
 use crate::record::{DeadLetter, SourcePosition, Value};
 use crate::state::{CheckpointedPosition, ListingState, StateError, Store};
@@ -26,17 +32,41 @@ use crate::topology::{Function, KindAction, Plan, ValueRef};
 
 pub const STAGE: &str = "state";
 
-/// A change that passed the gate, with its listing's merged fields and features.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Why a document is being evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The listing's own event.
+    Event,
+    /// The listing's market statistics moved.
+    Market,
+}
+
+/// A listing to evaluate: its state at the event (or now, for a market
+/// re-evaluation), later joined with its market statistics.
+#[derive(Debug, Clone)]
 pub struct Enriched {
     pub key: String,
     pub version: u64,
     pub event_time: i64,
     pub deleted: bool,
-    pub fields: Vec<Option<Value>>,
+    pub state: ListingState,
+    /// Filled by the evaluator: features in declaration order.
     pub features: Vec<Option<f64>>,
+    /// Filled by the evaluator: rounded statistics of every aggregate, flattened.
+    pub market: Vec<f64>,
     pub position: SourcePosition,
     pub read_at_nanos: u64,
+    pub cause: Cause,
+}
+
+/// What the state stage sends on.
+#[derive(Debug, Clone)]
+pub enum StateOutput {
+    Event(Enriched),
+    Dead(DeadLetter),
+    Member(MemberUpdate),
+    /// A segment seen for the first time on this worker: (segment id, label).
+    Label(u64, String),
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -50,14 +80,81 @@ pub struct ListingStateStage {
     store: Store,
     dirty: HashMap<Vec<u8>, ListingState>,
     pub counts: GateCounts,
+    /// Segments this worker has labelled already.
+    labelled: HashSet<u64>,
 }
 
 impl ListingStateStage {
     pub fn new(plan: Arc<Plan>, store: Store) -> Self {
-        ListingStateStage { plan, store, dirty: HashMap::new(), counts: GateCounts::default() }
+        ListingStateStage { plan, store, dirty: HashMap::new(), counts: GateCounts::default(), labelled: HashSet::new() }
     }
 
-    pub fn process(&mut self, events: Vec<ChangeEvent>) -> Result<Vec<Result<Enriched, DeadLetter>>, StateError> {
+    /// Member updates for a listing going from `old` to `new` (either may be absent or deleted).
+    fn member_updates(&mut self, partition: u32, key: &str, old: Option<&ListingState>, new: Option<&ListingState>, time: u64, out: &mut Vec<StateOutput>) {
+        for aggregate_index in 0..self.plan.aggregates.len() {
+            for (state, diff) in [(old, -1isize), (new, 1)] {
+                let Some(state) = state.filter(|s| !s.deleted) else { continue };
+                let Some(segment) = market::segment_of(&self.plan, aggregate_index, &state.fields) else { continue };
+                if diff > 0 && self.labelled.insert(segment) {
+                    if let Some(label) = market::segment_label(&self.plan, aggregate_index, &state.fields) {
+                        out.push(StateOutput::Label(segment, label));
+                    }
+                }
+                let member = market::encode_member(&self.plan, &self.plan.aggregates[aggregate_index], &state.fields, partition, state.version, key);
+                out.push(StateOutput::Member(((segment, member), time, diff)));
+            }
+        }
+    }
+
+    /// Every live listing of `partitions` as members at `time`: rebuilds the
+    /// market arrangements after a restart. Returns how many listings.
+    pub fn rebuild(&mut self, partitions: &[u32], time: u64, out: &mut Vec<StateOutput>) -> Result<u64, StateError> {
+        if self.plan.aggregates.is_empty() {
+            return Ok(0);
+        }
+        let owned: HashSet<u32> = partitions.iter().copied().collect();
+        let mut listings = Vec::new();
+        self.store.for_each_listing(|partition, key, state| {
+            if owned.contains(&partition) && !state.deleted {
+                listings.push((partition, key.to_string(), state));
+            }
+        })?;
+        for (partition, key, state) in &listings {
+            self.member_updates(*partition, key, None, Some(state), time, out);
+        }
+        Ok(listings.len() as u64)
+    }
+
+    /// Current states (as of the last processed event) of many listings.
+    pub fn current(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<ListingState>>, StateError> {
+        let missing: Vec<Vec<u8>> = keys.iter().filter(|k| !self.dirty.contains_key(*k)).cloned().collect();
+        let mut fetched = self.store.get_many(&missing)?.into_iter();
+        Ok(keys.iter().map(|k| match self.dirty.get(k) {
+            Some(state) => Some(state.clone()),
+            None => fetched.next().flatten(),
+        }).collect())
+    }
+
+    /// Records what the evaluator decided for a listing: the gate's memory and
+    /// the market view. Only those parts of the state change, so a newer
+    /// event already applied (when no aggregates hold the stages in step) is kept.
+    pub fn record_evaluation(&mut self, key: Vec<u8>, base: Option<ListingState>, emitted_hash: u64, revision: u32, market: Vec<f64>) {
+        let entry = match self.dirty.entry(key) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => match base {
+                Some(base) => entry.insert(base),
+                None => return,
+            },
+        };
+        if entry.deleted {
+            return;
+        }
+        entry.emitted_hash = emitted_hash;
+        entry.revision = revision;
+        entry.market = market;
+    }
+
+    pub fn process(&mut self, events: Vec<ChangeEvent>, time: u64, out: &mut Vec<StateOutput>) -> Result<(), StateError> {
         let keys: Vec<Vec<u8>> = events.iter().map(|e| Store::state_key(e.position.partition, &e.key)).collect();
         let mut wanted: Vec<Vec<u8>> = keys.iter().filter(|k| !self.dirty.contains_key(*k)).cloned().collect();
         wanted.sort();
@@ -68,7 +165,6 @@ impl ListingStateStage {
                 fetched.insert(key.clone(), state);
             }
         }
-        let mut out = Vec::with_capacity(events.len());
         for (event, key) in events.into_iter().zip(keys) {
             let current = self.dirty.get(&key).or_else(|| fetched.get(&key));
             if let Some(current) = current {
@@ -93,13 +189,16 @@ impl ListingStateStage {
                     price_change_count: 0,
                     last_price_change: None,
                     fields: Vec::new(),
+                    market: Vec::new(),
+                    emitted_hash: 0,
+                    revision: 0,
                 },
                 KindAction::Upsert => match live {
                     Some(current) => merge(&self.plan, current, &event, kind.complete),
                     None if kind.complete => create(&self.plan, &event),
                     None => {
                         let detail = format!("kind `{}` for listing `{}`, which has no live state (never created, or removed)", kind.name, event.key);
-                        out.push(Err(DeadLetter {
+                        out.push(StateOutput::Dead(DeadLetter {
                             bytes: event.bytes,
                             position: event.position,
                             reason: "unknown_listing".into(),
@@ -111,20 +210,25 @@ impl ListingStateStage {
                     }
                 },
             };
-            let features = if next.deleted { Vec::new() } else { compute_features(&self.plan, &next, event.event_time) };
-            out.push(Ok(Enriched {
+            if !self.plan.aggregates.is_empty() {
+                let old = current.cloned();
+                self.member_updates(event.position.partition, &event.key, old.as_ref(), Some(&next), time, out);
+            }
+            out.push(StateOutput::Event(Enriched {
                 key: event.key,
                 version: event.version,
                 event_time: event.event_time,
                 deleted: next.deleted,
-                fields: next.fields.clone(),
-                features,
+                state: next.clone(),
+                features: Vec::new(),
+                market: Vec::new(),
                 position: event.position,
                 read_at_nanos: event.read_at_nanos,
+                cause: Cause::Event,
             }));
             self.dirty.insert(key, next);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Writes every change since the last checkpoint with the positions, in one batch.
@@ -149,6 +253,9 @@ fn create(plan: &Plan, event: &ChangeEvent) -> ListingState {
         price_change_count: 0,
         last_price_change: None,
         fields: event.fields.clone(),
+        market: Vec::new(),
+        emitted_hash: 0,
+        revision: 0,
     }
 }
 
@@ -178,14 +285,22 @@ fn merge(plan: &Plan, current: &ListingState, event: &ChangeEvent, complete: boo
     next
 }
 
+/// Where a statistic sits in a listing's flattened market view.
+pub fn statistic_offset(plan: &Plan, aggregate: usize, statistic: usize) -> usize {
+    plan.aggregates[..aggregate].iter().map(|a| a.statistic_count()).sum::<usize>() + statistic
+}
+
 /// The topology's features for a listing at an event, in declaration order.
-pub fn compute_features(plan: &Plan, state: &ListingState, event_time: i64) -> Vec<Option<f64>> {
+/// `market` is the listing's flattened statistics (NaN: none).
+pub fn compute_features(plan: &Plan, state: &ListingState, event_time: i64, market: &[f64]) -> Vec<Option<f64>> {
     let mut values: Vec<Option<f64>> = Vec::with_capacity(plan.features.len());
     for feature in &plan.features {
         let lookup = |r: ValueRef, values: &[Option<f64>]| -> Option<f64> {
             match r {
                 ValueRef::Field(i) => state.fields[i].as_ref().and_then(Value::as_f64),
                 ValueRef::Feature(i) => values.get(i).copied().flatten(),
+                ValueRef::Lookup(i) => market::lookup_value(plan, i, &state.fields, &mut false).and_then(Value::as_f64),
+                ValueRef::Statistic { aggregate, statistic } => market.get(statistic_offset(plan, aggregate, statistic)).copied().filter(|x| !x.is_nan()),
                 _ => None, // later stages; compile forbids it
             }
         };

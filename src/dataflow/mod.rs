@@ -16,10 +16,13 @@
 //! could pass them (see `sink`).
 
 pub mod decode;
+pub mod evaluate;
 pub mod listing_state;
+pub mod market;
 pub mod score;
 pub mod shape;
 pub mod sink;
+pub mod statistics;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -28,7 +31,10 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use timely::dataflow::channels::pact::Pipeline;
+use std::cell::Cell;
+
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::vec::{Map, Partition};
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::{Capability, Concat, Input, OkErr, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
@@ -44,8 +50,7 @@ use crate::observe::{LatencyHistogram, ProgressBar, RunSummary, WorkerReport};
 use crate::record::{DeadLetter, OutputDocument, RawRecord};
 use crate::state::{StateError, Store, StoreTuning};
 use crate::topology::Plan;
-use listing_state::{Enriched, ListingStateStage};
-use score::Scorer;
+use listing_state::{ListingStateStage, StateOutput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -79,8 +84,22 @@ pub struct RunOptions {
 struct SinkCounts {
     upserts: u64,
     tombstones: u64,
+    /// Of the documents, those emitted because the market moved.
+    market_documents: u64,
     dead_letters: BTreeMap<String, u64>,
     latency: LatencyHistogram,
+}
+
+/// Output order within an epoch: documents of events by source position, then
+/// market re-emissions by (partition, listing id). Independent of the worker count.
+fn document_order(a: &OutputDocument, b: &OutputDocument) -> std::cmp::Ordering {
+    a.market.cmp(&b.market).then_with(|| {
+        if a.market {
+            (a.position.partition, &a.key).cmp(&(b.position.partition, &b.key))
+        } else {
+            (a.position.offset, a.position.partition).cmp(&(b.position.offset, b.position.partition))
+        }
+    })
 }
 
 /// Opens an output binding (checking a Kafka topic first).
@@ -119,6 +138,12 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
     let model_versions: Vec<(String, String)> = models.iter().map(|m| (m.name.clone(), m.version.clone())).collect();
     let document_sink = Arc::new(Mutex::new(Some(open_sink(config, &plan.output_binding, options.from_scratch, &source_topic, &model_versions)?)));
     let dead_letter_sink = Arc::new(Mutex::new(Some(open_sink(config, &plan.dead_letter_binding, options.from_scratch, &source_topic, &model_versions)?)));
+    let statistics_sink = Arc::new(Mutex::new(match &plan.statistics_binding {
+        // optional: written only when the config binds it
+        Some(binding) if !options.pass_through && config.binding(binding).is_some() => Some(open_sink(config, binding, options.from_scratch, &source_topic, &[])?),
+        _ => None,
+    }));
+    let statistics_enabled = statistics_sink.lock().unwrap().is_some();
     let kafka = config.kafka.clone();
     let group_id = config.kafka.group_id.clone().unwrap_or_else(|| format!("assay-{}", plan.name));
     let runtime = config.runtime.clone();
@@ -150,11 +175,16 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
         };
         let stage = Rc::new(RefCell::new(ListingStateStage::new(plan.clone(), store.clone())));
         let counts = Rc::new(RefCell::new(SinkCounts::default()));
-        let (mut documents_out, mut dead_out) = if index == 0 {
-            (document_sink.lock().unwrap().take(), dead_letter_sink.lock().unwrap().take())
+        let evaluate_counts = Rc::new(RefCell::new(evaluate::EvaluateCounts::default()));
+        let (mut documents_out, mut dead_out, mut statistics_out) = if index == 0 {
+            (document_sink.lock().unwrap().take(), dead_letter_sink.lock().unwrap().take(), statistics_sink.lock().unwrap().take())
         } else {
-            (None, None)
+            (None, None, None)
         };
+        let first_epoch = source.first_epoch(runtime.epoch_records);
+        // epochs below this one have been evaluated (see the lockstep in the graph)
+        let evaluated_below = Rc::new(Cell::new(first_epoch));
+        let state_activator: Rc<RefCell<Option<timely::scheduling::Activator>>> = Rc::new(RefCell::new(None));
 
         let mut input_handle: InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<RawRecord>>> = InputHandle::new();
         let probe = ProbeHandle::new();
@@ -178,25 +208,25 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
                 let no_dead = documents.clone().unary::<timely::container::CapacityContainerBuilder<Vec<DeadLetter>>, _, _, _>(Pipeline, "NoDeadLetters", |_, _| |input, _output| input.for_each(|_, _| {}));
                 (documents, no_dead)
             } else {
+                // with aggregates, the state stage waits for the evaluator to finish
+                // epoch e-1 before it applies epoch e: a market re-evaluation reads a
+                // neighbour's state, which must be the state as of its epoch
+                let lockstep = !plan.aggregates.is_empty();
                 let state_stage = stage.clone();
-                let gated = events.unary::<timely::container::CapacityContainerBuilder<Vec<Result<Enriched, DeadLetter>>>, _, _, _>(Pipeline, "ListingState", move |_, _| {
-                    move |input, output| {
-                        input.for_each_stamp(|capability, containers| {
-                            let mut session = output.session(&capability);
-                            for container in containers {
-                                let batch = std::mem::take(container);
-                                let results = state_stage.borrow_mut().process(batch).unwrap_or_else(|e| panic!("listing state: {e}"));
-                                session.give_iterator(results.into_iter());
-                            }
-                        });
-                    }
-                });
-                let (enriched, state_dead) = gated.ok_err::<Vec<_>, _, Vec<_>, _, _>(|result: Result<Enriched, DeadLetter>| result);
-
-                let mut scorer = Scorer::new(plan.clone(), models.clone());
-                let documents = enriched.unary_frontier::<timely::container::CapacityContainerBuilder<Vec<OutputDocument>>, _, _, _>(Pipeline, "Score", move |_, _| {
-                    let mut pending: BTreeMap<u64, (Capability<u64>, Vec<Enriched>)> = BTreeMap::new();
-                    move |(input, frontier), output| {
+                let done = evaluated_below.clone();
+                let activator_slot = state_activator.clone();
+                let rebuild_partitions = owned.clone();
+                let outputs = events.unary_frontier::<timely::container::CapacityContainerBuilder<Vec<StateOutput>>, _, _, _>(Pipeline, "ListingState", move |capability, info| {
+                    *activator_slot.borrow_mut() = Some(scope.activator_for(info.address.clone()));
+                    let mut rebuild_capability = Some(capability);
+                    let mut pending: BTreeMap<u64, (Capability<u64>, Vec<decode::ChangeEvent>)> = BTreeMap::new();
+                    move |(input, _frontier), output| {
+                        if let Some(mut capability) = rebuild_capability.take() {
+                            capability.downgrade(&first_epoch);
+                            let mut out = Vec::new();
+                            state_stage.borrow_mut().rebuild(&rebuild_partitions, first_epoch, &mut out).unwrap_or_else(|e| panic!("rebuilding the market from state: {e}"));
+                            output.session(&capability).give_iterator(out.into_iter());
+                        }
                         input.for_each_stamp(|capability, containers| {
                             let Some(capability) = capability.retain_least(0) else { return };
                             let entry = pending.entry(*capability.time()).or_insert_with(|| (capability, Vec::new()));
@@ -205,20 +235,102 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
                             }
                         });
                         while let Some(entry) = pending.first_entry() {
-                            if frontier.less_equal(entry.key()) {
+                            if lockstep && *entry.key() > done.get() {
                                 break;
                             }
-                            let (capability, rows) = entry.remove();
-                            let documents = scorer.score_batch(rows).unwrap_or_else(|e| panic!("{e}"));
-                            output.session(&capability).give_iterator(documents.into_iter());
+                            let (time, (capability, batch)) = entry.remove_entry();
+                            let mut out = Vec::with_capacity(batch.len() * 2);
+                            state_stage.borrow_mut().process(batch, time, &mut out).unwrap_or_else(|e| panic!("listing state: {e}"));
+                            output.session(&capability).give_iterator(out.into_iter());
                         }
                     }
                 });
+                let mut parts = outputs.partition(4, |output: StateOutput| match output {
+                    StateOutput::Event(_) => (0, output),
+                    StateOutput::Dead(_) => (1, output),
+                    StateOutput::Member(_) => (2, output),
+                    StateOutput::Label(..) => (3, output),
+                }).into_iter();
+                let (events, dead, members, labels) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+                let events = events.map(|o| match o { StateOutput::Event(e) => e, _ => unreachable!("partitioned") });
+                let state_dead = dead.map(|o| match o { StateOutput::Dead(d) => d, _ => unreachable!("partitioned") });
+                let members = members.map(|o| match o { StateOutput::Member(m) => m, _ => unreachable!("partitioned") });
+                let labels = labels.map(|o| match o { StateOutput::Label(segment, label) => (segment, label), _ => unreachable!("partitioned") });
+
+                let (market_updates, statistics_changes) = market::build(plan.clone(), members);
+
+                let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone());
+                let evaluator_counts = evaluate_counts.clone();
+                let done = evaluated_below.clone();
+                let activator_slot = state_activator.clone();
+                let documents = events.binary_frontier::<_, timely::container::CapacityContainerBuilder<Vec<OutputDocument>>, _, _, _, _>(
+                    market_updates,
+                    Pipeline,
+                    Exchange::new(|(update, _, _): &(market::MarketUpdate, u64, isize)| update.partition as u64),
+                    "Evaluate",
+                    move |_, _| {
+                        type Pending = (Capability<u64>, Vec<listing_state::Enriched>, Vec<(market::MarketUpdate, u64, isize)>);
+                        let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
+                        move |(own_input, own_frontier), (market_input, market_frontier), output| {
+                            own_input.for_each_stamp(|capability, containers| {
+                                let Some(capability) = capability.retain_least(0) else { return };
+                                let entry = pending.entry(*capability.time()).or_insert_with(|| (capability, Vec::new(), Vec::new()));
+                                for container in containers {
+                                    entry.1.append(container);
+                                }
+                            });
+                            market_input.for_each_stamp(|capability, containers| {
+                                let Some(capability) = capability.retain_least(0) else { return };
+                                let entry = pending.entry(*capability.time()).or_insert_with(|| (capability, Vec::new(), Vec::new()));
+                                for container in containers {
+                                    entry.2.append(container);
+                                }
+                            });
+                            let passed = |time: &u64| !own_frontier.less_equal(time) && !market_frontier.less_equal(time);
+                            while let Some(entry) = pending.first_entry() {
+                                if !passed(entry.key()) {
+                                    break;
+                                }
+                                let (capability, own, updates) = entry.remove();
+                                let documents = evaluator.evaluate_epoch(own, updates).unwrap_or_else(|e| panic!("{e}"));
+                                output.session(&capability).give_iterator(documents.into_iter());
+                            }
+                            *evaluator_counts.borrow_mut() = evaluator.counts.clone();
+                            // every epoch below both frontiers has been evaluated
+                            let below = own_frontier.frontier().iter().chain(market_frontier.frontier().iter()).min().copied().unwrap_or(u64::MAX);
+                            let below = pending.first_key_value().map(|(t, _)| (*t).min(below)).unwrap_or(below);
+                            if below > done.get() {
+                                done.set(below);
+                                if let Some(activator) = activator_slot.borrow().as_ref() {
+                                    activator.activate();
+                                }
+                            }
+                        }
+                    },
+                );
+
+                // every worker builds the same graph (timely requires it); only
+                // worker 0 holds the sink
+                if statistics_enabled {
+                    let statistics_plan = plan.clone();
+                    statistics::write_statistics(statistics_changes, labels, statistics_plan, move |documents| {
+                        let Some(statistics_out) = statistics_out.as_mut() else { return };
+                        for document in &documents {
+                            if let Err(e) = statistics_out.write_document(document) {
+                                fail_output("writing statistics", &e);
+                            }
+                        }
+                        if let Err(e) = statistics_out.flush() {
+                            fail_output("writing statistics", &e);
+                        }
+                    })
+                    .probe_with(&probe);
+                }
                 (documents, state_dead)
             };
 
             let document_counts = counts.clone();
-            sink::write_in_epoch_order(documents, "DocumentSink", |d: &OutputDocument| (d.position.offset, d.position.partition), move |_epoch, documents| {
+            sink::write_in_epoch_order(documents, "DocumentSink", document_order, move |_epoch, documents| {
                 let Some(out) = documents_out.as_mut() else { return };
                 let mut counts = document_counts.borrow_mut();
                 let now = started.elapsed().as_nanos() as u64;
@@ -227,7 +339,11 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
                         fail_output("writing documents", &e);
                     }
                     if document.body.is_some() { counts.upserts += 1 } else { counts.tombstones += 1 }
-                    counts.latency.record(now.saturating_sub(document.read_at_nanos));
+                    if document.market {
+                        counts.market_documents += 1;
+                    } else {
+                        counts.latency.record(now.saturating_sub(document.read_at_nanos));
+                    }
                 }
                 if let Err(e) = out.flush() {
                     fail_output("writing documents", &e);
@@ -237,7 +353,7 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
 
             let dead_counts = counts.clone();
             let dead_binding = plan.input_binding.clone();
-            sink::write_in_epoch_order(decode_dead.concat(state_dead), "DeadLetterSink", |d: &DeadLetter| (d.position.offset, d.position.partition), move |_epoch, letters| {
+            sink::write_in_epoch_order(decode_dead.concat(state_dead), "DeadLetterSink", |a: &DeadLetter, b: &DeadLetter| (a.position.offset, a.position.partition).cmp(&(b.position.offset, b.position.partition)), move |_epoch, letters| {
                 let Some(out) = dead_out.as_mut() else { return };
                 let mut counts = dead_counts.borrow_mut();
                 let now = started.elapsed().as_nanos() as u64;
@@ -258,7 +374,7 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
         let mut report = WorkerReport { resumed_from_line: source.resume_offset(), ..WorkerReport::default() };
         let mut progress = ProgressBar::new(if index == 0 { progress_enabled } else { Some(false) });
         let epoch_records = runtime.epoch_records;
-        let mut epoch = source.first_epoch(epoch_records);
+        let mut epoch = first_epoch;
         input_handle.advance_to(epoch);
         let checkpoint_interval = Duration::from_millis(runtime.checkpoint_interval_ms);
         let mut last_checkpoint = Instant::now();
@@ -304,9 +420,11 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
         let gate = stage.borrow().counts;
         report.stale = gate.stale;
         report.duplicates = gate.duplicates;
+        report.evaluate = evaluate_counts.borrow().clone();
         let counts = counts.borrow();
         report.upserts = counts.upserts;
         report.tombstones = counts.tombstones;
+        report.market_documents = counts.market_documents;
         report.dead_letters = counts.dead_letters.clone();
         report.latency = counts.latency.clone();
         Ok(report)
@@ -320,5 +438,6 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
             Ok(Err(detail)) | Err(detail) => return Err(RunError::Worker { worker, detail }),
         }
     }
-    Ok(RunSummary::new(&plan.name, workers, &total, started.elapsed()))
+    let lookup_names: Vec<String> = plan.lookups.iter().map(|l| l.name.clone()).collect();
+    Ok(RunSummary::new(&plan.name, workers, &total, started.elapsed(), &lookup_names))
 }

@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
-use crate::dataflow::listing_state::Enriched;
+use crate::dataflow::listing_state::{statistic_offset, Enriched};
+use crate::dataflow::market::lookup_value;
 use crate::dataflow::shape;
 use crate::model::{InputValue, LoadedModel, ModelError};
-use crate::record::OutputDocument;
 use crate::topology::{Plan, ValueRef};
 
 pub struct Scorer {
@@ -22,8 +22,10 @@ impl Scorer {
         Scorer { plan, models, encoded: Vec::new() }
     }
 
-    /// Scores one batch and shapes every row into an output document.
-    pub fn score_batch(&mut self, rows: Vec<Enriched>) -> Result<Vec<OutputDocument>, ModelError> {
+    /// Scores one batch and shapes every row: the document body and where its
+    /// output fields start (what the change gate compares), or `None` for a
+    /// tombstone.
+    pub fn score_batch(&mut self, rows: &[Enriched]) -> Result<Vec<Option<(String, usize)>>, ModelError> {
         let live: Vec<usize> = rows.iter().enumerate().filter(|(_, r)| !r.deleted).map(|(i, _)| i).collect();
         // outputs[model][live_row * outputs + column]
         let mut outputs: Vec<Vec<f32>> = Vec::with_capacity(self.models.len());
@@ -35,9 +37,15 @@ impl Scorer {
                 let row = &rows[*row_index];
                 let outputs_so_far = &outputs;
                 let mut encoded = std::mem::take(&mut self.encoded);
+                let plan = &self.plan;
                 model.encode_row(|input| match refs[input] {
-                    ValueRef::Field(i) => InputValue::of(row.fields[i].as_ref()),
+                    ValueRef::Field(i) => InputValue::of(row.state.fields[i].as_ref()),
                     ValueRef::Feature(i) => row.features[i].map(InputValue::Number).unwrap_or(InputValue::Missing),
+                    ValueRef::Lookup(i) => InputValue::of(lookup_value(plan, i, &row.state.fields, &mut false)),
+                    ValueRef::Statistic { aggregate, statistic } => match row.market.get(statistic_offset(plan, aggregate, statistic)) {
+                        Some(x) if !x.is_nan() => InputValue::Number(*x),
+                        _ => InputValue::Missing,
+                    },
                     ValueRef::ModelOutput { model: m, output } => {
                         let width = self.models[m].outputs();
                         InputValue::Number(outputs_so_far[m][live_row * width + output] as f64)
@@ -54,15 +62,14 @@ impl Scorer {
         let mut live_row = 0;
         for row in rows {
             if row.deleted {
-                documents.push(OutputDocument { key: row.key, version: row.version, body: None, position: row.position, read_at_nanos: row.read_at_nanos });
+                documents.push(None);
                 continue;
             }
             let model_values: Vec<&[f32]> = self.models.iter().enumerate().map(|(m, model)| {
                 let width = model.outputs();
                 &outputs[m][live_row * width..(live_row + 1) * width]
             }).collect();
-            let body = shape::document_body(&self.plan, &self.models, &row, &model_values);
-            documents.push(OutputDocument { key: row.key, version: row.version, body: Some(body), position: row.position, read_at_nanos: row.read_at_nanos });
+            documents.push(Some(shape::document_body(&self.plan, &self.models, row, &model_values)));
             live_row += 1;
         }
         Ok(documents)

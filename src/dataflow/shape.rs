@@ -5,7 +5,8 @@
 
 use std::fmt::Write as _;
 
-use crate::dataflow::listing_state::Enriched;
+use crate::dataflow::listing_state::{statistic_offset, Enriched};
+use crate::dataflow::market::lookup_value;
 use crate::features;
 use crate::model::LoadedModel;
 use crate::record::Value;
@@ -18,11 +19,13 @@ enum Shaped<'a> {
     Text(&'a str),
 }
 
-/// The JSON document for a live listing.
-pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_values: &[&[f32]]) -> String {
+/// The JSON document for a live listing, and the byte offset where its output
+/// fields start: the envelope before it (key, version, event time) is not
+/// what the change gate compares.
+pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_values: &[&[f32]]) -> (String, usize) {
     let mut derived: Vec<Option<f64>> = Vec::with_capacity(plan.derived.len());
     for value in &plan.derived {
-        let number = |r: ValueRef, derived: &[Option<f64>]| numeric(r, row, model_values, derived);
+        let number = |r: ValueRef, derived: &[Option<f64>]| numeric(plan, r, row, model_values, derived);
         derived.push(match &value.function {
             Function::Ratio { numerator, denominator, min_denominator } => {
                 features::ratio(number(*numerator, &derived), number(*denominator, &derived), *min_denominator)
@@ -33,7 +36,7 @@ pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_
         });
     }
     let bands: Vec<Option<&str>> = plan.bands.iter()
-        .map(|band| features::band(numeric(band.source, row, model_values, &derived), &band.steps, &band.otherwise))
+        .map(|band| features::band(numeric(plan, band.source, row, model_values, &derived), &band.steps, &band.otherwise))
         .collect();
 
     let mut out = String::with_capacity(512);
@@ -46,16 +49,23 @@ pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_
     out.push(',');
     write_key(&mut out, &plan.event_time_field);
     write_integer(&mut out, row.event_time);
+    let gate_start = out.len();
     for field in &plan.output_fields {
         let value = match field.source {
-            ValueRef::Field(i) => match &row.fields[i] {
+            ValueRef::Lookup(i) => match lookup_value(plan, i, &row.state.fields, &mut false) {
+                Some(Value::Str(s)) => Some(Shaped::Text(s)),
+                Some(Value::Int(v)) => Some(Shaped::Integer(*v)),
+                Some(Value::Num(v)) => Some(Shaped::Number(*v)),
+                None => None,
+            },
+            ValueRef::Field(i) => match &row.state.fields[i] {
                 Some(Value::Str(s)) => Some(Shaped::Text(s)),
                 Some(Value::Int(v)) => Some(Shaped::Integer(*v)),
                 Some(Value::Num(v)) => Some(Shaped::Number(*v)),
                 None => None,
             },
             ValueRef::Band(i) => bands[i].map(Shaped::Text),
-            other => numeric(other, row, model_values, &derived).map(Shaped::Number),
+            other => numeric(plan, other, row, model_values, &derived).map(Shaped::Number),
         };
         let Some(value) = value else { continue };
         let value = match (value, field.round_to) {
@@ -88,12 +98,14 @@ pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_
         out.push('}');
     }
     out.push('}');
-    out
+    (out, gate_start)
 }
 
-fn numeric(r: ValueRef, row: &Enriched, model_values: &[&[f32]], derived: &[Option<f64>]) -> Option<f64> {
+fn numeric(plan: &Plan, r: ValueRef, row: &Enriched, model_values: &[&[f32]], derived: &[Option<f64>]) -> Option<f64> {
     match r {
-        ValueRef::Field(i) => row.fields[i].as_ref().and_then(Value::as_f64),
+        ValueRef::Field(i) => row.state.fields[i].as_ref().and_then(Value::as_f64),
+        ValueRef::Lookup(i) => lookup_value(plan, i, &row.state.fields, &mut false).and_then(Value::as_f64),
+        ValueRef::Statistic { aggregate, statistic } => row.market.get(statistic_offset(plan, aggregate, statistic)).copied().filter(|x| !x.is_nan()),
         ValueRef::Feature(i) => row.features[i],
         ValueRef::ModelOutput { model, output } => Some(model_values[model][output] as f64),
         ValueRef::Derived(i) => derived.get(i).copied().flatten(),
@@ -158,5 +170,6 @@ pub fn pass_through_document(plan: &Plan, event: crate::dataflow::decode::Change
         body: if deleted { None } else { Some(out) },
         position: event.position,
         read_at_nanos: event.read_at_nanos,
+        market: false,
     }
 }

@@ -17,10 +17,9 @@ use timely::ExchangeData;
 
 /// Writes every epoch of `stream` in order on worker 0; `write` gets the epoch's
 /// records sorted by `order` (the source position).
-pub fn write_in_epoch_order<'scope, D, K, W>(stream: Stream<'scope, u64, Vec<D>>, name: &str, order: fn(&D) -> K, mut write: W) -> Stream<'scope, u64, Vec<()>>
+pub fn write_in_epoch_order<'scope, D, W>(stream: Stream<'scope, u64, Vec<D>>, name: &str, order: fn(&D, &D) -> std::cmp::Ordering, mut write: W) -> Stream<'scope, u64, Vec<()>>
 where
     D: ExchangeData,
-    K: Ord + 'static,
     W: FnMut(u64, Vec<D>) + 'static,
 {
     stream.unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(Exchange::new(|_: &D| 0u64), name, move |_capability, _info| {
@@ -39,7 +38,7 @@ where
                     break;
                 }
                 let (epoch, (capability, mut records)) = entry.remove_entry();
-                records.sort_by_key(order);
+                records.sort_by(order);
                 write(epoch, records);
                 drop(capability);
             }

@@ -2,9 +2,13 @@
 //! percentiles. Every count is named once, here.
 //!
 //! # Reconciliation
-//! `records_in = upserts + tombstones + dead_letters + stale + duplicates`:
-//! every record read ends in exactly one of those terms. The summary checks
-//! it and says so.
+//! `records_in = event documents + unchanged + dead_letters + stale + duplicates`:
+//! every record read ends in exactly one of those terms (an event document is
+//! an upsert or tombstone for the record's own listing; `unchanged` is an
+//! event whose document the change gate held back). Market re-emissions come
+//! on top: `documents = event documents + market documents`, and every market
+//! re-evaluation is either emitted or suppressed. The summary checks both and
+//! says so.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -96,6 +100,9 @@ pub struct WorkerReport {
     pub checkpoints: u64,
     pub resumed_from_line: u64,
     pub latency: LatencyHistogram,
+    /// Documents the sink wrote because the market moved.
+    pub market_documents: u64,
+    pub evaluate: crate::dataflow::evaluate::EvaluateCounts,
 }
 
 impl WorkerReport {
@@ -110,11 +117,21 @@ impl WorkerReport {
         self.duplicates += other.duplicates;
         self.checkpoints += other.checkpoints;
         self.latency.merge(&other.latency);
+        self.market_documents += other.market_documents;
+        let (mine, theirs) = (&mut self.evaluate, &other.evaluate);
+        mine.event_emitted += theirs.event_emitted;
+        mine.event_suppressed += theirs.event_suppressed;
+        mine.market_emitted += theirs.market_emitted;
+        mine.market_suppressed += theirs.market_suppressed;
+        mine.lookup_misses.resize(theirs.lookup_misses.len().max(mine.lookup_misses.len()), 0);
+        for (a, b) in mine.lookup_misses.iter_mut().zip(&theirs.lookup_misses) {
+            *a += b;
+        }
     }
 }
 
 /// The end-of-run summary, printed for people and written as JSON for tools.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RunSummary {
     pub topology: String,
     pub workers: usize,
@@ -126,6 +143,16 @@ pub struct RunSummary {
     pub dead_letters_by_reason: BTreeMap<String, u64>,
     pub stale: u64,
     pub duplicates: u64,
+    /// Events whose document equalled the last one emitted (change gate).
+    pub unchanged: u64,
+    /// Listings re-evaluated because their segment's statistics moved, and of
+    /// those, the documents emitted (the rest were unchanged).
+    pub market_reevaluations: u64,
+    pub market_documents: u64,
+    /// Documents emitted per record in.
+    pub fan_out: f64,
+    /// Records whose lookup key was missing from the table, per lookup.
+    pub lookup_misses: BTreeMap<String, u64>,
     pub reconciled: bool,
     pub checkpoints: u64,
     pub elapsed_seconds: f64,
@@ -139,9 +166,11 @@ pub struct RunSummary {
 }
 
 impl RunSummary {
-    pub fn new(topology: &str, workers: usize, report: &WorkerReport, elapsed: Duration) -> RunSummary {
+    pub fn new(topology: &str, workers: usize, report: &WorkerReport, elapsed: Duration, lookup_names: &[String]) -> RunSummary {
         let dead_letters: u64 = report.dead_letters.values().sum();
         let emitted = report.upserts + report.tombstones;
+        let evaluate = &report.evaluate;
+        let event_documents = emitted.saturating_sub(report.market_documents);
         RunSummary {
             topology: topology.to_string(),
             workers,
@@ -153,7 +182,13 @@ impl RunSummary {
             dead_letters_by_reason: report.dead_letters.clone(),
             stale: report.stale,
             duplicates: report.duplicates,
-            reconciled: report.records_in == emitted + dead_letters + report.stale + report.duplicates,
+            unchanged: evaluate.event_suppressed,
+            market_reevaluations: evaluate.market_emitted + evaluate.market_suppressed,
+            market_documents: report.market_documents,
+            fan_out: emitted as f64 / report.records_in.max(1) as f64,
+            lookup_misses: lookup_names.iter().cloned().zip(evaluate.lookup_misses.iter().copied().chain(std::iter::repeat(0))).collect(),
+            reconciled: report.records_in == event_documents + evaluate.event_suppressed + dead_letters + report.stale + report.duplicates
+                && report.market_documents == evaluate.market_emitted,
             checkpoints: report.checkpoints,
             elapsed_seconds: elapsed.as_secs_f64(),
             events_per_second: report.records_in as f64 / elapsed.as_secs_f64().max(1e-9),
@@ -176,8 +211,16 @@ impl RunSummary {
         }
         out.push_str(&format!("  stale events        {:>10}\n", self.stale));
         out.push_str(&format!("  duplicate events    {:>10}\n", self.duplicates));
+        out.push_str(&format!("  unchanged (gated)   {:>10}  (events whose document did not change)\n", self.unchanged));
+        if self.market_reevaluations > 0 || self.market_documents > 0 {
+            out.push_str(&format!("  market re-evaluated {:>10}  ({} emitted, {} unchanged)\n", self.market_reevaluations, self.market_documents, self.market_reevaluations - self.market_documents.min(self.market_reevaluations)));
+        }
+        out.push_str(&format!("  fan-out             {:>10.3}  documents per record in\n", self.fan_out));
+        for (lookup, misses) in &self.lookup_misses {
+            out.push_str(&format!("  lookup misses       {:>10}  ({lookup}: key not in the table, default used)\n", misses));
+        }
         out.push_str(&format!(
-            "  reconciled          {:>10}  (in = emitted + dead letters + stale + duplicates)\n",
+            "  reconciled          {:>10}  (in = event documents + unchanged + dead letters + stale + duplicates)\n",
             if self.reconciled { "yes" } else { "NO" }
         ));
         out.push_str(&format!("  throughput          {:>10.0} events/s over {:.2} s, {} checkpoint(s)\n", self.events_per_second, self.elapsed_seconds, self.checkpoints));

@@ -23,7 +23,9 @@ use crate::record::Value;
 const LISTINGS: &str = "listings";
 const META: &str = "meta";
 const KEY_FORMAT: u8 = 1;
-const VALUE_FORMAT: u8 = 1;
+/// 2 added the change gate's memory (market view, emitted hash, revision);
+/// format 1 is still read, as a listing that was never gated.
+const VALUE_FORMAT: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -57,6 +59,14 @@ pub struct ListingState {
     pub last_price_change: Option<i64>,
     /// Current values of the topology's input fields, by field index.
     pub fields: Vec<Option<Value>>,
+    /// The rounded market statistics the listing's last evaluation saw, all
+    /// aggregates flattened (NaN: the listing was in no segment).
+    pub market: Vec<f64>,
+    /// Hash of the output fields of the last document emitted (0: none yet).
+    pub emitted_hash: u64,
+    /// Documents emitted because the market moved since the listing's own
+    /// last event: the low bits of the document version.
+    pub revision: u32,
 }
 
 /// A source position as checkpointed.
@@ -241,6 +251,12 @@ pub fn encode(state: &ListingState, out: &mut Vec<u8>) {
         }
         None => out.push(0),
     }
+    out.extend_from_slice(&state.emitted_hash.to_le_bytes());
+    out.extend_from_slice(&state.revision.to_le_bytes());
+    out.extend_from_slice(&(state.market.len() as u16).to_le_bytes());
+    for value in &state.market {
+        out.extend_from_slice(&value.to_le_bytes());
+    }
     out.extend_from_slice(&(state.fields.len() as u16).to_le_bytes());
     for field in &state.fields {
         match field {
@@ -290,8 +306,8 @@ impl<'a> Reader<'a> {
 pub fn decode(bytes: &[u8]) -> Result<ListingState, StateError> {
     let mut r = Reader { bytes, at: 0 };
     let format = r.u8()?;
-    if format != VALUE_FORMAT {
-        return Err(StateError::Corrupt { format, detail: format!("this build reads format {VALUE_FORMAT}") });
+    if format != VALUE_FORMAT && format != 1 {
+        return Err(StateError::Corrupt { format, detail: format!("this build reads formats 1 and {VALUE_FORMAT}") });
     }
     let version = r.u64()?;
     let deleted = r.u8()? != 0;
@@ -300,6 +316,13 @@ pub fn decode(bytes: &[u8]) -> Result<ListingState, StateError> {
     let initial_price = if r.u8()? == 1 { Some(r.f64()?) } else { None };
     let price_change_count = u32::from_le_bytes(r.take(4)?.try_into().unwrap());
     let last_price_change = if r.u8()? == 1 { Some(r.i64()?) } else { None };
+    let (mut emitted_hash, mut revision, mut market) = (0, 0, Vec::new());
+    if format >= 2 {
+        emitted_hash = r.u64()?;
+        revision = u32::from_le_bytes(r.take(4)?.try_into().unwrap());
+        let count = u16::from_le_bytes(r.take(2)?.try_into().unwrap()) as usize;
+        market = (0..count).map(|_| r.f64()).collect::<Result<_, _>>()?;
+    }
     let count = u16::from_le_bytes(r.take(2)?.try_into().unwrap()) as usize;
     let mut fields = Vec::with_capacity(count);
     for _ in 0..count {
@@ -315,7 +338,7 @@ pub fn decode(bytes: &[u8]) -> Result<ListingState, StateError> {
             tag => return Err(StateError::Corrupt { format, detail: format!("unknown value tag {tag}") }),
         });
     }
-    Ok(ListingState { version, deleted, first_seen, last_event_time, initial_price, price_change_count, last_price_change, fields })
+    Ok(ListingState { version, deleted, first_seen, last_event_time, initial_price, price_change_count, last_price_change, fields, market, emitted_hash, revision })
 }
 
 #[cfg(test)]
@@ -337,6 +360,9 @@ mod tests {
                 2 => Some(Value::Num(i as f64 / 3.0)),
                 _ => Some(Value::Str(format!("v{i}é"))),
             }).collect(),
+            market: (0..(seed % 3)).map(|i| i as f64 * 100.5).collect(),
+            emitted_hash: seed * 7919,
+            revision: (seed % 11) as u32,
         }
     }
 

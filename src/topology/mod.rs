@@ -6,6 +6,7 @@
 //! namespace. Each may refer only to names defined before it in that order
 //! (a model to earlier models' outputs), so evaluation is a single pass.
 
+pub mod lookup_table;
 pub mod spec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -18,6 +19,7 @@ use crate::diagnostics::{deserialize_recovering, Diagnostics, SourceText};
 use crate::model::sidecar::{Sidecar, SidecarInput};
 pub use spec::{FieldType, KindAction};
 use spec::{FeatureFunctionName, FeatureSpec, TopologySpec};
+use crate::record::Value;
 
 /// A validated topology, ready to run.
 #[derive(Debug, Clone)]
@@ -33,13 +35,58 @@ pub struct Plan {
     pub kinds: Vec<Kind>,
     pub fields: Vec<Field>,
     pub price_field: Option<usize>,
+    pub lookups: Vec<Lookup>,
+    pub aggregates: Vec<Aggregate>,
     pub features: Vec<Computed>,
     pub models: Vec<ModelPlan>,
     pub derived: Vec<Computed>,
     pub bands: Vec<Band>,
     pub output_binding: String,
     pub dead_letter_binding: String,
+    pub statistics_binding: Option<String>,
     pub output_fields: Vec<OutputField>,
+}
+
+/// A reference table, loaded at compile time.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub name: String,
+    pub path: PathBuf,
+    /// A field or an earlier lookup.
+    pub key: ValueRef,
+    pub table: HashMap<String, Value>,
+    pub default: Option<Value>,
+    pub numeric: bool,
+}
+
+/// A market aggregate: statistics of live listings per segment.
+#[derive(Debug, Clone)]
+pub struct Aggregate {
+    pub name: String,
+    /// Fields or lookups, each with an optional bucket width for numbers.
+    pub group_by: Vec<(ValueRef, Option<f64>)>,
+    /// Numeric input fields.
+    pub measures: Vec<usize>,
+    pub significant_digits: u32,
+}
+
+/// Statistics per measure, in this order after the segment's count.
+pub const MEASURE_STATISTICS: [&str; 4] = ["mean", "p25", "median", "p75"];
+
+impl Aggregate {
+    /// `count`, then mean, p25, median, p75 of each measure.
+    pub fn statistic_count(&self) -> usize {
+        1 + MEASURE_STATISTICS.len() * self.measures.len()
+    }
+
+    pub fn statistic_name(&self, plan_fields: &[Field], index: usize) -> String {
+        if index == 0 {
+            return format!("{}_count", self.name);
+        }
+        let measure = (index - 1) / MEASURE_STATISTICS.len();
+        let statistic = MEASURE_STATISTICS[(index - 1) % MEASURE_STATISTICS.len()];
+        format!("{}_{}_{}", self.name, plan_fields[self.measures[measure]].name, statistic)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +115,10 @@ pub enum ValueRef {
     ModelOutput { model: usize, output: usize },
     Derived(usize),
     Band(usize),
+    /// A reference-table value.
+    Lookup(usize),
+    /// A market statistic: index into the aggregate's statistics (see [`Aggregate`]).
+    Statistic { aggregate: usize, statistic: usize },
 }
 
 /// A feature or derived value: a name and a function.
@@ -116,6 +167,39 @@ pub struct OutputField {
 impl Plan {
     pub fn field_index(&self, name: &str) -> Option<usize> {
         self.fields.iter().position(|f| f.name == name)
+    }
+
+    /// Per market statistic (in namespace order, all aggregates), whether any
+    /// feature, model input, derived value, band or output field reads it. A
+    /// neighbour is re-evaluated only when a statistic it reads moved: the
+    /// changelog carries every statistic, the documents only some.
+    pub fn statistics_read(&self) -> Vec<bool> {
+        let offsets: Vec<usize> = self.aggregates.iter().scan(0, |offset, aggregate| {
+            let start = *offset;
+            *offset += aggregate.statistic_count();
+            Some(start)
+        }).collect();
+        let width = self.aggregates.iter().map(Aggregate::statistic_count).sum();
+        let mut read = vec![false; width];
+        let mut mark = |value: &ValueRef| {
+            if let ValueRef::Statistic { aggregate, statistic } = value {
+                read[offsets[*aggregate] + statistic] = true;
+            }
+        };
+        for computed in self.features.iter().chain(&self.derived) {
+            match &computed.function {
+                Function::YearsSince { field } => mark(field),
+                Function::Ratio { numerator, denominator, .. } => {
+                    mark(numerator);
+                    mark(denominator);
+                }
+                Function::DaysOnMarket | Function::PriceChangeCount | Function::PriceDropPercent | Function::DaysSincePriceChange => {}
+            }
+        }
+        self.models.iter().flat_map(|m| &m.input_refs).for_each(&mut mark);
+        self.bands.iter().for_each(|band| mark(&band.source));
+        self.output_fields.iter().for_each(|field| mark(&field.source));
+        read
     }
 
     /// The names of the input fields, in order: stored with the state so that a
@@ -268,6 +352,9 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
         }
     });
 
+    let lookups = compile_lookups(spec, &mut scope, &fields, &base_dir, &mut diagnostics, source);
+    let aggregates = compile_aggregates(spec, &mut scope, &fields, &lookups, &mut diagnostics, source);
+
     let mut features = Vec::new();
     for (index, feature) in spec.features.iter().enumerate() {
         if let Some(function) = compile_function(feature, &scope, price_field.is_some(), &mut diagnostics, source) {
@@ -388,15 +475,120 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
         kinds,
         fields,
         price_field,
+        lookups,
+        aggregates,
         features,
         models,
         derived,
         bands,
         output_binding: spec.output.binding.get_ref().clone(),
         dead_letter_binding: spec.output.dead_letters.get_ref().clone(),
+        statistics_binding: spec.output.statistics.as_ref().map(|s| s.get_ref().clone()),
         output_fields,
     };
     diagnostics.into_result(plan)
+}
+
+fn compile_lookups(spec: &TopologySpec, scope: &mut Scope, fields: &[Field], base_dir: &Path, diagnostics: &mut Diagnostics, source: &SourceText) -> Vec<Lookup> {
+    let mut lookups = Vec::new();
+    for lookup in &spec.lookups {
+        let index = lookups.len();
+        let key = match scope.names.get(lookup.key.get_ref()) {
+            Some((value @ (ValueRef::Field(_) | ValueRef::Lookup(_)), _)) => Some(*value),
+            Some(_) => {
+                diagnostics.error_at(source, lookup.key.span(), format!("lookup `{}`: key `{}` is not an input field or an earlier lookup", lookup.name.get_ref(), lookup.key.get_ref()), None);
+                None
+            }
+            None => {
+                diagnostics.error_at(source, lookup.key.span(), format!("lookup `{}`: key `{}` is not defined before this point", lookup.name.get_ref(), lookup.key.get_ref()), Some(scope.suggest(lookup.key.get_ref())));
+                None
+            }
+        };
+        let numeric = lookup.value_type != FieldType::String;
+        let default = match &lookup.default {
+            None => None,
+            Some(toml::Value::String(text)) if !numeric => Some(Value::Str(text.clone())),
+            Some(toml::Value::Integer(i)) if numeric => Some(Value::Int(*i)),
+            Some(toml::Value::Float(f)) if numeric => Some(Value::Num(*f)),
+            Some(other) => {
+                diagnostics.error_at(source, lookup.name.span(), format!("lookup `{}`: default {other} does not match type {:?}", lookup.name.get_ref(), lookup.value_type).to_lowercase(),
+                    Some(if numeric { "use a number".into() } else { "use a quoted string".into() }));
+                None
+            }
+        };
+        let path = base_dir.join(lookup.file.get_ref());
+        let key_column = lookup.key_column.as_ref().map(|c| c.get_ref().clone()).unwrap_or_else(|| lookup.key.get_ref().clone());
+        let value_column = lookup.value_column.as_ref().map(|c| c.get_ref().clone()).unwrap_or_else(|| lookup.name.get_ref().clone());
+        let table = match crate::topology::lookup_table::load(&path, &key_column, &value_column, numeric) {
+            Ok(table) => table,
+            Err(message) => {
+                diagnostics.error_at(source, lookup.file.span(), format!("lookup `{}`: {message}", lookup.name.get_ref()),
+                    Some("a CSV file with a header row, relative to the topology file; set key_column and value_column when they differ from the names".into()));
+                HashMap::new()
+            }
+        };
+        let _ = fields;
+        scope.define(diagnostics, source, &lookup.name, ValueRef::Lookup(index), numeric);
+        if let Some(key) = key {
+            lookups.push(Lookup { name: lookup.name.get_ref().clone(), path, key, table, default, numeric });
+        }
+    }
+    lookups
+}
+
+fn compile_aggregates(spec: &TopologySpec, scope: &mut Scope, fields: &[Field], lookups: &[Lookup], diagnostics: &mut Diagnostics, source: &SourceText) -> Vec<Aggregate> {
+    let mut aggregates = Vec::new();
+    for (aggregate_index, aggregate) in spec.aggregates.iter().enumerate() {
+        let name = aggregate.name.get_ref();
+        if aggregate.group_by.is_empty() {
+            diagnostics.error_at(source, aggregate.name.span(), format!("aggregate `{name}` has no group_by"), Some("group live listings by fields or lookups, e.g. group_by = [\"model\", \"region\"]".into()));
+        }
+        let mut group_by = Vec::new();
+        for key in &aggregate.group_by {
+            let bucket = aggregate.bucket.iter().find(|(k, _)| k.get_ref() == key.get_ref()).map(|(_, w)| *w);
+            match scope.names.get(key.get_ref()) {
+                Some((value @ (ValueRef::Field(_) | ValueRef::Lookup(_)), numeric)) => {
+                    if bucket.is_some() && !numeric {
+                        diagnostics.error_at(source, key.span(), format!("aggregate `{name}`: `{}` is a string and cannot be bucketed", key.get_ref()), None);
+                    }
+                    group_by.push((*value, bucket));
+                }
+                Some(_) => diagnostics.error_at(source, key.span(), format!("aggregate `{name}`: `{}` is not an input field or a lookup", key.get_ref()),
+                    Some("segments are built from the listing's own fields and reference tables; features come after aggregates".into())),
+                None => diagnostics.error_at(source, key.span(), format!("aggregate `{name}`: `{}` is not defined", key.get_ref()), Some(scope.suggest(key.get_ref()))),
+            }
+        }
+        for (key, width) in &aggregate.bucket {
+            if !aggregate.group_by.iter().any(|g| g.get_ref() == key.get_ref()) {
+                diagnostics.error_at(source, key.span(), format!("aggregate `{name}`: bucket for `{}`, which is not in group_by", key.get_ref()), None);
+            }
+            if !(*width > 0.0) {
+                diagnostics.error_at(source, key.span(), format!("aggregate `{name}`: bucket width for `{}` must be positive", key.get_ref()), None);
+            }
+        }
+        let mut measures = Vec::new();
+        for measure in &aggregate.measures {
+            match fields.iter().position(|f| &f.name == measure.get_ref()) {
+                Some(index) if fields[index].field_type != FieldType::String => measures.push(index),
+                Some(_) => diagnostics.error_at(source, measure.span(), format!("aggregate `{name}`: measure `{}` is a string", measure.get_ref()), Some("measures are numeric input fields".into())),
+                None => diagnostics.error_at(source, measure.span(), format!("aggregate `{name}`: measure `{}` is not an input field", measure.get_ref()), Some(scope.suggest(measure.get_ref()))),
+            }
+        }
+        if !(1..=15).contains(&aggregate.significant_digits) {
+            diagnostics.error_at(source, aggregate.name.span(), format!("aggregate `{name}`: significant_digits must be between 1 and 15"), None);
+        }
+        let compiled = Aggregate { name: name.clone(), group_by, measures, significant_digits: aggregate.significant_digits };
+        for statistic in 0..compiled.statistic_count() {
+            let spanned = Spanned::new(aggregate.name.span(), compiled.statistic_name(fields, statistic));
+            scope.define(diagnostics, source, &spanned, ValueRef::Statistic { aggregate: aggregate_index, statistic }, true);
+        }
+        aggregates.push(compiled);
+    }
+    let _ = lookups;
+    if aggregates.len() > 255 {
+        diagnostics.error_at(source, spec.aggregates[255].name.span(), "at most 255 aggregates", None);
+    }
+    aggregates
 }
 
 fn compile_function(spec: &FeatureSpec, scope: &Scope, has_price: bool, diagnostics: &mut Diagnostics, source: &SourceText) -> Option<Function> {
@@ -450,6 +642,25 @@ pub fn explain(plan: &Plan, workers: usize, partitions: Option<u32>) -> String {
     }
     let _ = writeln!(out, "  3. state        RocksDB column family `listings`, key = (partition, `{}`); version gate drops stale and duplicate events; price history of `{}`",
         plan.key_field, plan.price_field.map(|i| plan.fields[i].name.as_str()).unwrap_or("(none)"));
+    for lookup in &plan.lookups {
+        let _ = writeln!(out, "                   lookup {} = {}[{}] ({} rows, broadcast to every worker; missing key -> {})", lookup.name, lookup.path.display(),
+            name_of(plan, lookup.key), lookup.table.len(), lookup.default.as_ref().map(|d| format!("{d:?}")).unwrap_or("no value".into()));
+    }
+    if !plan.aggregates.is_empty() {
+        let _ = writeln!(out, "  3b. market      differential dataflow on the same workers; members (+1/-1 per event) exchanged by segment id:");
+        for aggregate in &plan.aggregates {
+            let keys: Vec<String> = aggregate.group_by.iter().map(|(r, bucket)| match bucket {
+                Some(width) => format!("floor({} / {width})", name_of(plan, *r)),
+                None => name_of(plan, *r),
+            }).collect();
+            let measures: Vec<&str> = aggregate.measures.iter().map(|m| plan.fields[*m].name.as_str()).collect();
+            let _ = writeln!(out, "                   aggregate {}: key ({}) -> arrange members -> reduce [count; mean, p25, median, p75 of {}] -> round to {} significant digits -> join members -> exchange to owner",
+                aggregate.name, keys.join(", "), if measures.is_empty() { "(none)".into() } else { measures.join(", ") }, aggregate.significant_digits);
+            let names: Vec<String> = (0..aggregate.statistic_count()).map(|i| aggregate.statistic_name(&plan.fields, i)).collect();
+            let _ = writeln!(out, "                     statistics: {}", names.join(", "));
+        }
+        let _ = writeln!(out, "                   the state stage waits for epoch e-1 to be evaluated before applying epoch e (a neighbour is evaluated as of its epoch)");
+    }
     let _ = writeln!(out, "                   features: {}", plan.features.iter().map(|f| format!("{} = {}", f.name, describe_function(plan, &f.function))).collect::<Vec<_>>().join("; "));
     let _ = writeln!(out, "  4. score        batched per epoch, one run per model per batch, in order:");
     for model in &plan.models {
@@ -466,6 +677,10 @@ pub fn explain(plan: &Plan, workers: usize, partitions: Option<u32>) -> String {
         Some(step) => format!("{} (round {step})", f.name),
         None => f.name.clone(),
     }).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(out, "  5b. gate        a document is emitted only when its output fields changed (hash in the listing's state); tombstones always; version = listing version << 20 | market revision");
+    if let Some(statistics) = &plan.statistics_binding {
+        let _ = writeln!(out, "                   statistics changelog -> `{statistics}` (when the config binds it)");
+    }
     let _ = writeln!(out, "  6. sink         exchange to worker 0, epoch order; binding `{}` (upserts and tombstones keyed by `{}`), dead letters `{}`",
         plan.output_binding, plan.key_field, plan.dead_letter_binding);
     let _ = writeln!(out, "\nstate: column families `listings` (per-listing state), `meta` (source positions, schema fingerprint), written in one batch per checkpoint");
@@ -493,5 +708,7 @@ pub fn name_of(plan: &Plan, value: ValueRef) -> String {
         ValueRef::ModelOutput { model, output } => plan.models[model].sidecar.outputs[output].clone(),
         ValueRef::Derived(i) => plan.derived[i].name.clone(),
         ValueRef::Band(i) => plan.bands[i].name.clone(),
+        ValueRef::Lookup(i) => plan.lookups[i].name.clone(),
+        ValueRef::Statistic { aggregate, statistic } => plan.aggregates[aggregate].statistic_name(&plan.fields, statistic),
     }
 }

@@ -20,6 +20,12 @@ pub struct TopologySpec {
     pub input: InputSpec,
     #[serde(default)]
     pub state: StateSpec,
+    /// Reference tables joined on a field (`[[lookup]]`).
+    #[serde(default, rename = "lookup")]
+    pub lookups: Vec<LookupSpec>,
+    /// Market aggregates over live listings (`[[aggregate]]`).
+    #[serde(default, rename = "aggregate")]
+    pub aggregates: Vec<AggregateSpec>,
     #[serde(default, rename = "feature")]
     pub features: Vec<FeatureSpec>,
     #[serde(default, rename = "model")]
@@ -162,11 +168,67 @@ pub struct BandStep {
     pub label: String,
 }
 
+/// A reference table: a CSV file loaded at start, joined on a field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupSpec {
+    /// The name of the looked-up value (one namespace with fields and features).
+    pub name: Spanned<String>,
+    /// CSV file with a header row, relative to the topology file.
+    pub file: Spanned<String>,
+    /// The field (or earlier lookup) whose value is looked up.
+    pub key: Spanned<String>,
+    /// Column holding the key (default: the `key` name).
+    pub key_column: Option<Spanned<String>>,
+    /// Column holding the value (default: the lookup's `name`).
+    pub value_column: Option<Spanned<String>>,
+    /// `string` (default) or `number`.
+    #[serde(rename = "type", default = "default_lookup_type")]
+    pub value_type: FieldType,
+    /// Used (and counted) when the key is missing from the table or absent.
+    pub default: Option<toml::Value>,
+}
+
+fn default_lookup_type() -> FieldType {
+    FieldType::String
+}
+
+/// Statistics of live listings grouped by a segment key, kept exact and
+/// incremental with differential dataflow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateSpec {
+    /// Prefix of the statistics' names: `<name>_count`, `<name>_<measure>_median`, ...
+    pub name: Spanned<String>,
+    /// Fields or lookups whose values form the segment key. A listing missing
+    /// any of them is in no segment of this aggregate.
+    pub group_by: Vec<Spanned<String>>,
+    /// Numeric group-by values are bucketed: `floor(value / width) * width`.
+    #[serde(default)]
+    pub bucket: BTreeMap<Spanned<String>, f64>,
+    /// Numeric fields whose mean, quartiles and median are kept.
+    #[serde(default)]
+    pub measures: Vec<Spanned<String>>,
+    /// Precision of the statistics that documents see. A change below it
+    /// reaches no document: this is what keeps one price cut from
+    /// re-evaluating every neighbour in a large segment.
+    #[serde(default = "default_significant_digits")]
+    pub significant_digits: u32,
+}
+
+/// Three digits: a $23,456 median is seen as $23,500; a supply of 1,234 as 1,230.
+fn default_significant_digits() -> u32 {
+    3
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
     pub binding: Spanned<String>,
     pub dead_letters: Spanned<String>,
+    /// Optional binding that receives every change of the aggregates' exact
+    /// statistics, per epoch (for operators and the oracle test).
+    pub statistics: Option<Spanned<String>>,
     pub fields: Vec<Spanned<String>>,
     /// Field name to rounding step.
     #[serde(default)]

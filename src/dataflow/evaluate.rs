@@ -1,0 +1,265 @@
+//! Evaluate: a completed epoch's listings (their own events, and neighbours
+//! whose market statistics moved) through features, models and shaping, then
+//! the change gate.
+//!
+//! # Which listings
+//! - Every accepted event of the epoch, in source order (tombstones included).
+//! - Every listing of this worker whose rounded statistics in some aggregate
+//!   changed in the epoch and that had no event of its own: a market
+//!   re-evaluation, as of its own last event time (so only the market part of
+//!   its document can differ).
+//!
+//! # Change gate
+//! A document is emitted only when its output fields (everything after the
+//! envelope, after rounding and banding) differ from the last document
+//! emitted for the listing, compared by a 64-bit hash kept in the listing's
+//! state. Tombstones always pass. Own events pass through the gate too: an
+//! edit of a field that no document shows emits nothing.
+//!
+//! # Document versions
+//! `version << 20 | revision`: the listing's version, then the number of
+//! market re-emissions since its last own event. Monotone per listing, and
+//! the same on a replay, so an indexer with external versioning drops
+//! replays and reorders.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::dataflow::listing_state::{compute_features, Cause, Enriched, ListingStateStage};
+use crate::dataflow::market::{self, MarketUpdate, StatisticBits};
+use crate::dataflow::score::Scorer;
+use crate::model::{LoadedModel, ModelError};
+use crate::record::{OutputDocument, SourcePosition};
+use crate::state::{StateError, Store};
+use crate::topology::Plan;
+
+/// Bits of the document version that count market revisions.
+pub const REVISION_BITS: u32 = 20;
+const MAX_REVISION: u32 = (1 << REVISION_BITS) - 1;
+
+/// The external version of a document.
+pub fn document_version(listing_version: u64, revision: u32) -> u64 {
+    listing_version.saturating_mul(1 << REVISION_BITS) | revision.min(MAX_REVISION) as u64
+}
+
+/// FNV-1a over the output fields: stable across builds (it is persisted).
+pub fn gate_hash(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= *byte as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // 0 means "nothing emitted yet"
+    hash.max(1)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvaluateError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// What the evaluator counted on one worker.
+#[derive(Debug, Default, Clone)]
+pub struct EvaluateCounts {
+    /// Documents (upserts and tombstones) for the listings' own events.
+    pub event_emitted: u64,
+    /// Own events whose document equalled the last one emitted.
+    pub event_suppressed: u64,
+    /// Market re-evaluations whose document changed, and those that did not.
+    pub market_emitted: u64,
+    pub market_suppressed: u64,
+    /// Own events whose lookup key was missing from a table, per lookup.
+    pub lookup_misses: Vec<u64>,
+}
+
+pub struct Evaluator {
+    plan: Arc<Plan>,
+    scorer: Scorer,
+    stage: Rc<RefCell<ListingStateStage>>,
+    pub counts: EvaluateCounts,
+    statistics_width: usize,
+    /// Which statistics the documents depend on (see `Plan::statistics_read`).
+    statistics_read: Vec<bool>,
+}
+
+impl Evaluator {
+    pub fn new(plan: Arc<Plan>, models: Arc<Vec<LoadedModel>>, stage: Rc<RefCell<ListingStateStage>>) -> Self {
+        let statistics_width = plan.aggregates.iter().map(|a| a.statistic_count()).sum();
+        let counts = EvaluateCounts { lookup_misses: vec![0; plan.lookups.len()], ..EvaluateCounts::default() };
+        let statistics_read = plan.statistics_read();
+        Evaluator { scorer: Scorer::new(plan.clone(), models), plan, stage, counts, statistics_width, statistics_read }
+    }
+
+    /// Evaluates one completed epoch; returns the documents that pass the gate.
+    pub fn evaluate_epoch(&mut self, mut own: Vec<Enriched>, mut updates: Vec<(MarketUpdate, u64, isize)>) -> Result<Vec<OutputDocument>, EvaluateError> {
+        own.sort_by_key(|row| (row.position.partition, row.position.offset));
+        // net change per (listing, aggregate): the inserted statistics, or none
+        // when the listing left the aggregate's segments
+        updates.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut changes: BTreeMap<(u32, &str), Vec<(u8, Option<&StatisticBits>)>> = BTreeMap::new();
+        let mut index = 0;
+        while index < updates.len() {
+            let mut end = index;
+            let mut diff = 0;
+            while end < updates.len() && updates[end].0 == updates[index].0 {
+                diff += updates[end].2;
+                end += 1;
+            }
+            let update = &updates[index].0;
+            let entry = changes.entry((update.partition, update.key.as_str())).or_default();
+            if diff > 0 {
+                entry.retain(|(aggregate, _)| *aggregate != update.aggregate);
+                entry.push((update.aggregate, Some(&update.statistics)));
+            } else if diff < 0 && !entry.iter().any(|(aggregate, _)| *aggregate == update.aggregate) {
+                entry.push((update.aggregate, None));
+            }
+            index = end;
+        }
+
+        // the listings involved, their current state (gate memory, market view)
+        let mut listings: Vec<(u32, &str)> = own.iter().map(|row| (row.position.partition, row.key.as_str())).collect();
+        listings.extend(changes.keys().copied());
+        listings.sort();
+        listings.dedup();
+        let state_keys: Vec<Vec<u8>> = listings.iter().map(|(partition, key)| Store::state_key(*partition, key)).collect();
+        let current = self.stage.borrow().current(&state_keys)?;
+        let mut views: HashMap<(u32, &str), Vec<f64>> = HashMap::with_capacity(listings.len());
+        for (listing, state) in listings.iter().zip(&current) {
+            let mut view = match state {
+                Some(state) if state.market.len() == self.statistics_width => state.market.clone(),
+                _ => vec![f64::NAN; self.statistics_width],
+            };
+            for (aggregate, statistics) in changes.get(listing).map(Vec::as_slice).unwrap_or(&[]) {
+                let offset = crate::dataflow::listing_state::statistic_offset(&self.plan, *aggregate as usize, 0);
+                let width = self.plan.aggregates[*aggregate as usize].statistic_count();
+                match statistics {
+                    Some(bits) => view[offset..offset + width].copy_from_slice(&market::from_bits(bits)),
+                    None => view[offset..offset + width].fill(f64::NAN),
+                }
+            }
+            views.insert(*listing, view);
+        }
+
+        let has_own: std::collections::HashSet<(u32, &str)> = own.iter().map(|row| (row.position.partition, row.key.as_str())).collect();
+        let mut rows: Vec<Enriched> = Vec::with_capacity(own.len() + changes.len());
+        for mut row in own.iter().cloned() {
+            if !row.deleted {
+                row.market = views[&(row.position.partition, row.key.as_str())].clone();
+                row.features = compute_features(&self.plan, &row.state, row.event_time, &row.market);
+                for (lookup, misses) in self.counts.lookup_misses.iter_mut().enumerate() {
+                    let mut missed = false;
+                    market::lookup_value(&self.plan, lookup, &row.state.fields, &mut missed);
+                    *misses += missed as u64;
+                }
+            }
+            rows.push(row);
+        }
+        for (listing, state) in listings.iter().zip(&current) {
+            if has_own.contains(listing) || !changes.contains_key(listing) {
+                continue;
+            }
+            let Some(state) = state.as_ref().filter(|s| !s.deleted) else { continue };
+            let view = &views[listing];
+            // the rebuild after a restart, a change that nets out, or a move of
+            // statistics no document reads: nothing new to see
+            if same_read_view(view, &state.market, &self.statistics_read) {
+                continue;
+            }
+            let features = compute_features(&self.plan, state, state.last_event_time, view);
+            rows.push(Enriched {
+                key: listing.1.to_string(),
+                version: state.version,
+                event_time: state.last_event_time,
+                deleted: false,
+                state: state.clone(),
+                features,
+                market: view.clone(),
+                position: SourcePosition { partition: listing.0, offset: 0, byte_offset: 0, timestamp_ms: 0 },
+                read_at_nanos: 0,
+                cause: Cause::Market,
+            });
+        }
+
+        let bodies = self.scorer.score_batch(&rows)?;
+        let mut memory: HashMap<(u32, &str), (u64, u32)> = listings.iter().zip(&current)
+            .map(|(listing, state)| (*listing, state.as_ref().map(|s| (s.emitted_hash, s.revision)).unwrap_or((0, 0))))
+            .collect();
+        let mut documents = Vec::with_capacity(rows.len());
+        for (row, body) in rows.iter().zip(bodies) {
+            let listing = (row.position.partition, row.key.as_str());
+            let gate = memory.get_mut(&listing).expect("every row's listing was fetched");
+            let market = row.cause == Cause::Market;
+            let Some((body, gate_start)) = body else {
+                // tombstone: always emitted
+                *gate = (0, 0);
+                self.counts.event_emitted += 1;
+                documents.push(OutputDocument { key: row.key.clone(), version: document_version(row.version, 0), body: None, position: row.position, read_at_nanos: row.read_at_nanos, market });
+                continue;
+            };
+            let hash = gate_hash(&body.as_bytes()[gate_start..]);
+            let revision = if market { gate.1.saturating_add(1) } else { 0 };
+            if hash == gate.0 {
+                if market { self.counts.market_suppressed += 1 } else { self.counts.event_suppressed += 1 }
+                gate.1 = if market { gate.1 } else { 0 };
+                continue;
+            }
+            *gate = (hash, revision);
+            if market { self.counts.market_emitted += 1 } else { self.counts.event_emitted += 1 }
+            documents.push(OutputDocument {
+                key: row.key.clone(),
+                version: document_version(row.version, revision),
+                body: Some(body),
+                position: row.position,
+                read_at_nanos: row.read_at_nanos,
+                market,
+            });
+        }
+
+        let mut stage = self.stage.borrow_mut();
+        for ((listing, state), state_key) in listings.iter().zip(current).zip(state_keys) {
+            let (hash, revision) = memory[listing];
+            let view = views.remove(listing).unwrap_or_default();
+            let unchanged = state.as_ref().is_some_and(|s| s.emitted_hash == hash && s.revision == revision && same_view(&s.market, &view));
+            // a listing whose evaluation changed nothing is not rewritten (after a
+            // restart, that is every listing the rebuild touched)
+            if !unchanged || has_own.contains(listing) {
+                stage.record_evaluation(state_key, state, hash, revision, view);
+            }
+        }
+        Ok(documents)
+    }
+}
+
+/// Equal where the documents read, NaN equal to NaN.
+fn same_read_view(a: &[f64], b: &[f64], read: &[bool]) -> bool {
+    a.len() == b.len() && a.len() == read.len() && a.iter().zip(b).zip(read).all(|((x, y), read)| !read || x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+}
+
+/// Equal views, NaN equal to NaN.
+fn same_view(a: &[f64], b: &[f64]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_versions_order_by_listing_version_then_revision() {
+        assert!(document_version(3, 0) > document_version(2, MAX_REVISION));
+        assert!(document_version(3, 1) > document_version(3, 0));
+        assert_eq!(document_version(1, 0), 1 << 20);
+        assert_eq!(document_version(1, u32::MAX), (1 << 20) | MAX_REVISION as u64, "revisions saturate");
+    }
+
+    #[test]
+    fn gate_hash_is_never_the_empty_marker() {
+        assert_ne!(gate_hash(b""), 0);
+        assert_ne!(gate_hash(b",\"price\":1"), gate_hash(b",\"price\":2"));
+    }
+}

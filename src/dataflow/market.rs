@@ -1,0 +1,319 @@
+//! Market aggregates: statistics of live listings per segment, kept exact and
+//! incremental with differential dataflow.
+//!
+//! ```text
+//! listing_state ──(+member/-member per aggregate)──► arrange by segment ──► reduce: exact statistics
+//!                                                        │                         │ round to significant digits
+//!                                                        └──────── join ◄──────────┘
+//!                                                                   │ (listing, rounded statistics)
+//!                                                                   ▼ exchange to the listing's owner
+//!                                                                evaluate
+//! ```
+//!
+//! # Members
+//! A listing is a member of at most one segment per aggregate. Its member
+//! value carries its measures, its partition, its version and its id. The
+//! version is there on purpose: every event of a listing retracts its old
+//! member and inserts a new one, so the join hands the evaluator the
+//! statistics for that listing in the very epoch of its event. A price change
+//! retracts the old price and inserts the new; a removal only retracts.
+//!
+//! # Why the join sees rounded statistics
+//! The join re-evaluates every member of a segment whose statistics changed.
+//! Documents see the statistics rounded to the aggregate's significant
+//! digits, and the join is fed the rounded collection, so a change below that
+//! precision (a cent on a median) reaches no neighbour at all.
+//!
+//! # Segment ids
+//! A segment is identified by a 64-bit id: the aggregate's index in the top
+//! byte, a FNV-1a hash of the group-by values below. Arrangements hold the id,
+//! not the text (memory); the text travels once per segment per worker as a
+//! label, for the statistics output.
+
+use std::sync::Arc;
+
+use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
+use differential_dataflow::{AsCollection, VecCollection};
+use timely::dataflow::StreamVec;
+
+use crate::record::Value;
+use crate::topology::{Aggregate, Plan, ValueRef, MEASURE_STATISTICS};
+
+/// A member of a segment: see `encode_member`.
+pub type Member = Box<[u8]>;
+/// Statistics as the bits of f64s (NaN: no value), so they are `Ord`.
+pub type StatisticBits = Vec<u64>;
+/// A differential update of the member collection.
+pub type MemberUpdate = ((u64, Member), u64, isize);
+
+/// What the join tells a listing's owner: a listing's (rounded) statistics in one aggregate.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct MarketUpdate {
+    pub partition: u32,
+    pub key: String,
+    pub aggregate: u8,
+    pub version: u64,
+    pub statistics: StatisticBits,
+}
+
+/// The value a field or lookup has for a listing; `missed` when a lookup fell back to its default.
+pub fn lookup_value<'a>(plan: &'a Plan, index: usize, fields: &'a [Option<Value>], missed: &mut bool) -> Option<&'a Value> {
+    let lookup = &plan.lookups[index];
+    let key = match lookup.key {
+        ValueRef::Field(i) => fields[i].as_ref(),
+        ValueRef::Lookup(i) => lookup_value(plan, i, fields, missed),
+        _ => None,
+    };
+    let found = match key {
+        Some(Value::Str(text)) => lookup.table.get(text.as_str()),
+        Some(Value::Int(i)) => lookup.table.get(itoa::Buffer::new().format(*i)),
+        Some(Value::Num(n)) => lookup.table.get(ryu::Buffer::new().format(*n)),
+        None => None,
+    };
+    if found.is_none() {
+        *missed = true;
+    }
+    found.or(lookup.default.as_ref())
+}
+
+fn group_value<'a>(plan: &'a Plan, reference: ValueRef, fields: &'a [Option<Value>]) -> Option<&'a Value> {
+    match reference {
+        ValueRef::Field(i) => fields[i].as_ref(),
+        ValueRef::Lookup(i) => lookup_value(plan, i, fields, &mut false),
+        _ => None,
+    }
+}
+
+fn bucketed(value: &Value, bucket: Option<f64>) -> Value {
+    match (value, bucket) {
+        (Value::Str(_), _) | (_, None) => value.clone(),
+        (number, Some(width)) => {
+            let x = number.as_f64().unwrap_or(f64::NAN);
+            let b = (x / width).floor() * width;
+            if b.fract() == 0.0 && b.abs() < 9e15 { Value::Int(b as i64) } else { Value::Num(b) }
+        }
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
+    for byte in bytes {
+        hash ^= *byte as u64;
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    hash
+}
+
+/// The segment of a listing in an aggregate, or `None` when a group-by value is missing.
+pub fn segment_of(plan: &Plan, aggregate_index: usize, fields: &[Option<Value>]) -> Option<u64> {
+    let aggregate = &plan.aggregates[aggregate_index];
+    let mut hash = fnv(FNV_OFFSET, &[aggregate_index as u8]);
+    for (reference, bucket) in &aggregate.group_by {
+        let value = bucketed(group_value(plan, *reference, fields)?, *bucket);
+        hash = match &value {
+            Value::Str(s) => fnv(fnv(hash, &[1]), s.as_bytes()),
+            Value::Int(i) => fnv(fnv(hash, &[2]), &i.to_le_bytes()),
+            Value::Num(n) => fnv(fnv(hash, &[3]), &n.to_bits().to_le_bytes()),
+        };
+        hash = fnv(hash, &[0xff]);
+    }
+    Some(((aggregate_index as u64) << 56) | (hash >> 8))
+}
+
+/// The segment's group-by values as a JSON object, for people.
+pub fn segment_label(plan: &Plan, aggregate_index: usize, fields: &[Option<Value>]) -> Option<String> {
+    let aggregate = &plan.aggregates[aggregate_index];
+    let mut object = serde_json::Map::new();
+    for (reference, bucket) in &aggregate.group_by {
+        let value = bucketed(group_value(plan, *reference, fields)?, *bucket);
+        let json = match value {
+            Value::Str(s) => serde_json::Value::String(s),
+            Value::Int(i) => serde_json::Value::from(i),
+            Value::Num(n) => serde_json::Value::from(n),
+        };
+        object.insert(crate::topology::name_of(plan, *reference), json);
+    }
+    Some(serde_json::Value::Object(object).to_string())
+}
+
+/// `[measures: f64 bits BE, NaN when absent][partition u32 BE][version u64 BE][listing id]`.
+pub fn encode_member(plan: &Plan, aggregate: &Aggregate, fields: &[Option<Value>], partition: u32, version: u64, key: &str) -> Member {
+    let mut bytes = Vec::with_capacity(aggregate.measures.len() * 8 + 12 + key.len());
+    for measure in &aggregate.measures {
+        let value = fields[*measure].as_ref().and_then(Value::as_f64).unwrap_or(f64::NAN);
+        bytes.extend_from_slice(&value.to_bits().to_be_bytes());
+    }
+    let _ = plan;
+    bytes.extend_from_slice(&partition.to_be_bytes());
+    bytes.extend_from_slice(&version.to_be_bytes());
+    bytes.extend_from_slice(key.as_bytes());
+    bytes.into_boxed_slice()
+}
+
+fn member_measure(member: &[u8], index: usize) -> f64 {
+    f64::from_bits(u64::from_be_bytes(member[index * 8..index * 8 + 8].try_into().unwrap()))
+}
+
+/// (partition, version, listing id) of a member.
+pub fn member_identity(member: &[u8], measures: usize) -> (u32, u64, &str) {
+    let at = measures * 8;
+    let partition = u32::from_be_bytes(member[at..at + 4].try_into().unwrap());
+    let version = u64::from_be_bytes(member[at + 4..at + 12].try_into().unwrap());
+    (partition, version, std::str::from_utf8(&member[at + 12..]).unwrap_or(""))
+}
+
+/// Linear interpolation between closest ranks (numpy's default) on sorted values.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let position = (sorted.len() - 1) as f64 * q;
+    let low = position.floor() as usize;
+    let high = position.ceil() as usize;
+    sorted[low] + (sorted[high] - sorted[low]) * (position - low as f64)
+}
+
+/// Exact statistics of a segment from its members' measures: count, then
+/// mean, p25, median, p75 per measure (NaN when no member has the measure).
+/// `measure_values[j]` must hold measure j of every member; it is sorted here.
+pub fn statistics_from_values(count: u64, measure_values: &mut [Vec<f64>]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(1 + measure_values.len() * MEASURE_STATISTICS.len());
+    out.push(count as f64);
+    for values in measure_values.iter_mut() {
+        values.sort_unstable_by(f64::total_cmp);
+        let mean = if values.is_empty() { f64::NAN } else { values.iter().sum::<f64>() / values.len() as f64 };
+        out.extend([mean, quantile(values, 0.25), quantile(values, 0.5), quantile(values, 0.75)]);
+    }
+    out
+}
+
+/// Rounds to `digits` significant digits (the precision documents see).
+pub fn round_significant(x: f64, digits: u32) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let magnitude = x.abs().log10().floor() as i32;
+    let exponent = digits as i32 - 1 - magnitude;
+    if exponent <= 0 {
+        let step = 10f64.powi(-exponent);
+        (x / step).round() * step
+    } else {
+        let scale = 10f64.powi(exponent);
+        (x * scale).round() / scale
+    }
+}
+
+fn to_bits(values: &[f64]) -> StatisticBits {
+    values.iter().map(|v| if v.is_nan() { f64::NAN.to_bits() } else { v.to_bits() }).collect()
+}
+
+pub fn from_bits(bits: &[u64]) -> Vec<f64> {
+    bits.iter().map(|b| f64::from_bits(*b)).collect()
+}
+
+/// The market part of the dataflow. Returns the join's output, exchanged to
+/// each listing's owner, and the exact statistics' changes (for the
+/// statistics output).
+pub fn build<'scope>(
+    plan: Arc<Plan>,
+    members: StreamVec<'scope, u64, MemberUpdate>,
+) -> (StreamVec<'scope, u64, (MarketUpdate, u64, isize)>, StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>) {
+    let members: VecCollection<'scope, u64, (u64, Member), isize> = members.as_collection();
+    let arranged = members.arrange_by_key_named("ArrangeMembers");
+
+    let reduce_plan = plan.clone();
+    let mut scratch: Vec<Vec<f64>> = Vec::new();
+    let exact = arranged.clone().reduce_abelian::<_, ValBuilder<_, _, _, _>, ValSpine<u64, StatisticBits, u64, isize>, _, _>(
+        "SegmentStatistics",
+        move |segment: &u64, input: &[(&Member, isize)], output: &mut Vec<(StatisticBits, isize)>| {
+            let aggregate = &reduce_plan.aggregates[(*segment >> 56) as usize];
+            let measures = aggregate.measures.len();
+            scratch.resize_with(measures, Vec::new);
+            for values in scratch.iter_mut() {
+                values.clear();
+            }
+            let mut count: i64 = 0;
+            for (member, diff) in input {
+                count += *diff as i64;
+                for (j, values) in scratch.iter_mut().enumerate() {
+                    let value = member_measure(member, j);
+                    if !value.is_nan() {
+                        for _ in 0..*diff {
+                            values.push(value);
+                        }
+                    }
+                }
+            }
+            if count > 0 {
+                output.push((to_bits(&statistics_from_values(count as u64, &mut scratch[..measures])), 1));
+            }
+        },
+        |buffer, key, updates| {
+            buffer.clear();
+            buffer.extend(updates.drain(..).map(|(value, time, diff)| ((*key, value), time, diff)));
+        },
+    );
+    let exact_changes = exact.clone().as_collection(|segment: &u64, statistics: &StatisticBits| (*segment, statistics.clone()));
+
+    let round_plan = plan.clone();
+    let rounded = exact_changes.clone().map(move |(segment, statistics)| {
+        let digits = round_plan.aggregates[(segment >> 56) as usize].significant_digits;
+        let rounded: Vec<f64> = from_bits(&statistics).into_iter().map(|x| round_significant(x, digits)).collect();
+        (segment, to_bits(&rounded))
+    });
+    let rounded = rounded.arrange_by_key_named("ArrangeRoundedStatistics");
+
+    let join_plan = plan.clone();
+    let joined = arranged.join_core(rounded, move |segment: &u64, member: &Member, statistics: &StatisticBits| {
+        let aggregate = (*segment >> 56) as usize;
+        let (partition, version, key) = member_identity(member, join_plan.aggregates[aggregate].measures.len());
+        Some(MarketUpdate { partition, key: key.to_string(), aggregate: aggregate as u8, version, statistics: statistics.clone() })
+    });
+    (joined.inner, exact_changes.inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_linearly_like_numpy() {
+        let sorted = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(quantile(&sorted, 0.5), 2.5);
+        assert_eq!(quantile(&sorted, 0.25), 1.75);
+        assert_eq!(quantile(&sorted, 0.75), 3.25);
+        assert_eq!(quantile(&[7.0], 0.25), 7.0);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn statistics_count_mean_and_quartiles_per_measure() {
+        let mut values = vec![vec![30.0, 10.0, 20.0], vec![]];
+        let stats = statistics_from_values(3, &mut values);
+        assert_eq!(stats[..5], [3.0, 20.0, 15.0, 20.0, 25.0]);
+        assert!(stats[5..].iter().all(|x| x.is_nan()), "a measure no member has gives no statistics");
+    }
+
+    #[test]
+    fn significant_digits_round_large_and_small_numbers() {
+        assert_eq!(round_significant(23_456.0, 3), 23_500.0);
+        assert_eq!(round_significant(1_234.0, 3), 1_230.0);
+        assert_eq!(round_significant(47.0, 3), 47.0);
+        assert_eq!(round_significant(0.012345, 3), 0.0123);
+        assert_eq!(round_significant(-23_449.0, 3), -23_400.0);
+        assert_eq!(round_significant(0.0, 3), 0.0);
+    }
+
+    #[test]
+    fn member_identity_round_trips() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&12.5f64.to_bits().to_be_bytes());
+        bytes.extend_from_slice(&7u32.to_be_bytes());
+        bytes.extend_from_slice(&42u64.to_be_bytes());
+        bytes.extend_from_slice(b"cl-1");
+        assert_eq!(member_identity(&bytes, 1), (7, 42, "cl-1"));
+        assert_eq!(member_measure(&bytes, 0), 12.5);
+    }
+}

@@ -1,0 +1,103 @@
+//! The statistics output: every change of an aggregate's exact statistics,
+//! per epoch, on worker 0 (`[output] statistics`). A changelog keyed by
+//! segment: an upsert with the new statistics, or a tombstone when the
+//! segment has no live listing left. Operators read it to see the market the
+//! documents were computed against; the oracle test checks it against a
+//! from-scratch recomputation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::{Stream, StreamVec};
+
+use crate::dataflow::market::{from_bits, StatisticBits};
+use crate::record::{OutputDocument, SourcePosition};
+use crate::topology::{Plan, MEASURE_STATISTICS};
+
+/// Writes each epoch's statistics changes, in segment order, with `write`.
+pub fn write_statistics<'scope, W>(
+    changes: StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>,
+    labels: StreamVec<'scope, u64, (u64, String)>,
+    plan: Arc<Plan>,
+    mut write: W,
+) -> Stream<'scope, u64, Vec<()>>
+where
+    W: FnMut(Vec<OutputDocument>) + 'static,
+{
+    type Pending = (Capability<u64>, Vec<((u64, StatisticBits), u64, isize)>);
+    changes.binary_frontier::<_, timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _, _>(
+        labels,
+        Exchange::new(|_: &((u64, StatisticBits), u64, isize)| 0u64),
+        Exchange::new(|_: &(u64, String)| 0u64),
+        "StatisticsSink",
+        move |_, _| {
+            let mut names: HashMap<u64, String> = HashMap::new();
+            let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
+            move |(changes, changes_frontier), (labels, labels_frontier), _output| {
+                labels.for_each(|_, containers| {
+                    for (segment, label) in containers.drain(..) {
+                        names.entry(segment).or_insert(label);
+                    }
+                });
+                changes.for_each_stamp(|capability, containers| {
+                    let Some(capability) = capability.retain_least(0) else { return };
+                    let entry = pending.entry(*capability.time()).or_insert_with(|| (capability, Vec::new()));
+                    for container in containers {
+                        entry.1.append(container);
+                    }
+                });
+                while let Some(entry) = pending.first_entry() {
+                    let epoch = *entry.key();
+                    if changes_frontier.less_equal(&epoch) || labels_frontier.less_equal(&epoch) {
+                        break;
+                    }
+                    let (_capability, mut updates) = entry.remove();
+                    updates.sort();
+                    let mut documents = Vec::new();
+                    let mut index = 0;
+                    while index < updates.len() {
+                        let segment = updates[index].0 .0;
+                        let mut inserted: Option<&StatisticBits> = None;
+                        while index < updates.len() && updates[index].0 .0 == segment {
+                            if updates[index].2 > 0 {
+                                inserted = Some(&updates[index].0 .1);
+                            }
+                            index += 1;
+                        }
+                        let aggregate = &plan.aggregates[(segment >> 56) as usize];
+                        let label = names.get(&segment).cloned().unwrap_or_else(|| format!("{{\"segment_id\":{segment}}}"));
+                        let body = inserted.map(|bits| {
+                            let values = from_bits(bits);
+                            let mut body = format!("{{\"epoch\":{epoch},\"aggregate\":{:?},\"segment\":{label},\"count\":{}", aggregate.name, values[0]);
+                            for (j, measure) in aggregate.measures.iter().enumerate() {
+                                let _ = write!(body, ",{:?}:{{", plan.fields[*measure].name);
+                                for (k, statistic) in MEASURE_STATISTICS.iter().enumerate() {
+                                    let value = values[1 + j * MEASURE_STATISTICS.len() + k];
+                                    let value = if value.is_finite() { ryu::Buffer::new().format_finite(value).trim_end_matches(".0").to_string() } else { "null".into() };
+                                    let _ = write!(body, "{}\"{statistic}\":{value}", if k > 0 { "," } else { "" });
+                                }
+                                body.push('}');
+                            }
+                            body.push('}');
+                            body
+                        });
+                        documents.push(OutputDocument {
+                            key: format!("{}/{label}", aggregate.name),
+                            version: epoch,
+                            body,
+                            position: SourcePosition { partition: 0, offset: 0, byte_offset: 0, timestamp_ms: 0 },
+                            read_at_nanos: 0,
+                            market: true,
+                        });
+                    }
+                    documents.sort_by(|a, b| a.key.cmp(&b.key));
+                    write(documents);
+                }
+            }
+        },
+    )
+}
