@@ -63,9 +63,9 @@ pub fn decode(plan: &Plan, max_record_bytes: usize, raw: RawRecord) -> Result<Ch
         Some(other) => return Err(fail(raw, "bad_key", format!("`{}` is {}; a non-empty string or an integer is expected", plan.key_field, describe(other)))),
     };
     let version = match object.get(&plan.version_field) {
-        // the low 20 bits of a document version count market revisions
-        Some(Json::Number(n)) if n.as_u64().is_some_and(|v| v >= 1 << 44) => {
-            let detail = format!("`{}` is {n}; at most 2^44 - 1 (document versions keep 20 bits for market revisions)", plan.version_field);
+        // the low 32 bits of a document version are the revision, and it must fit an i64
+        Some(Json::Number(n)) if n.as_u64().is_some_and(|v| v > crate::dataflow::evaluate::MAX_LISTING_VERSION) => {
+            let detail = format!("`{}` is {n}; at most 2^31 - 1 (document versions are version << 32 | revision, a signed 64-bit number)", plan.version_field);
             return Err(fail(raw, "bad_version", detail));
         }
         Some(Json::Number(n)) if n.is_u64() => n.as_u64().unwrap(),

@@ -17,10 +17,18 @@
 //! edit of a field that no document shows emits nothing.
 //!
 //! # Document versions
-//! `version << 20 | revision`: the listing's version, then the number of
-//! market re-emissions since its last own event. Monotone per listing, and
-//! the same on a replay, so an indexer with external versioning drops
+//! `listing version << 32 | revision`, where the revision is
+//! `incarnation << 16 | market re-emissions since the listing's own last
+//! event`. Monotone per listing, so an indexer with external versioning drops
 //! replays and reorders.
+//!
+//! The incarnation is 0 for file inputs: their epochs are line numbers, a
+//! replay after a crash writes the same documents with the same versions, and
+//! output is byte-identical to an uninterrupted run. Kafka epochs follow the
+//! clock, so a replay can see the market at other instants and write other
+//! documents under versions an indexer already holds; there every start takes
+//! a new incarnation (persisted first, see `Store::next_incarnation`), so
+//! whatever it writes outranks what a crashed run wrote past its checkpoint.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -35,13 +43,31 @@ use crate::record::{OutputDocument, SourcePosition};
 use crate::state::{StateError, Store};
 use crate::topology::Plan;
 
-/// Bits of the document version that count market revisions.
-pub const REVISION_BITS: u32 = 20;
-const MAX_REVISION: u32 = (1 << REVISION_BITS) - 1;
+/// Bits of the document version below the listing's version.
+pub const REVISION_BITS: u32 = 32;
+/// Bits of the revision that count market re-emissions (the rest: incarnation).
+const COUNT_BITS: u32 = 16;
+const MAX_COUNT: u32 = (1 << COUNT_BITS) - 1;
+/// Listing versions must stay below this, so document versions fit a signed
+/// 64-bit integer (Elasticsearch's external versions).
+pub const MAX_LISTING_VERSION: u64 = (1 << 31) - 1;
 
 /// The external version of a document.
 pub fn document_version(listing_version: u64, revision: u32) -> u64 {
-    listing_version.saturating_mul(1 << REVISION_BITS) | revision.min(MAX_REVISION) as u64
+    (listing_version.min(MAX_LISTING_VERSION) << REVISION_BITS) | revision as u64
+}
+
+/// The revision of a listing's own event in this incarnation.
+pub fn own_revision(incarnation: u32) -> u32 {
+    incarnation.min(u16::MAX as u32) << COUNT_BITS
+}
+
+/// The revision of the next market re-emission after `last` (the revision of
+/// the listing's last document or own event). Counts saturate: past 65,535
+/// re-emissions of one listing version in one incarnation, the version repeats.
+pub fn next_market_revision(last: u32, incarnation: u32) -> u32 {
+    let base = last.max(own_revision(incarnation));
+    if base & MAX_COUNT == MAX_COUNT { base } else { base + 1 }
 }
 
 /// FNV-1a over the output fields: stable across builds (it is persisted).
@@ -85,14 +111,16 @@ pub struct Evaluator {
     statistics_width: usize,
     /// Which statistics the documents depend on (see `Plan::statistics_read`).
     statistics_read: Vec<bool>,
+    /// 0 for deterministic sources; see "Document versions".
+    incarnation: u32,
 }
 
 impl Evaluator {
-    pub fn new(plan: Arc<Plan>, models: Arc<Vec<LoadedModel>>, stage: Rc<RefCell<ListingStateStage>>) -> Self {
+    pub fn new(plan: Arc<Plan>, models: Arc<Vec<LoadedModel>>, stage: Rc<RefCell<ListingStateStage>>, incarnation: u32) -> Self {
         let statistics_width = plan.aggregates.iter().map(|a| a.statistic_count()).sum();
         let counts = EvaluateCounts { lookup_misses: vec![0; plan.lookups.len()], ..EvaluateCounts::default() };
         let statistics_read = plan.statistics_read();
-        Evaluator { scorer: Scorer::new(plan.clone(), models), plan, stage, counts, statistics_width, statistics_read }
+        Evaluator { scorer: Scorer::new(plan.clone(), models), plan, stage, counts, statistics_width, statistics_read, incarnation }
     }
 
     /// Evaluates one completed epoch; returns the documents that pass the gate.
@@ -194,18 +222,20 @@ impl Evaluator {
             let listing = (row.position.partition, row.key.as_str());
             let gate = memory.get_mut(&listing).expect("every row's listing was fetched");
             let market = row.cause == Cause::Market;
+            let own = own_revision(self.incarnation);
             let Some((body, gate_start)) = body else {
                 // tombstone: always emitted
-                *gate = (0, 0);
+                *gate = (0, own);
                 self.counts.event_emitted += 1;
-                documents.push(OutputDocument { key: row.key.clone(), version: document_version(row.version, 0), body: None, position: row.position, read_at_nanos: row.read_at_nanos, market });
+                documents.push(OutputDocument { key: row.key.clone(), version: document_version(row.version, own), body: None, position: row.position, read_at_nanos: row.read_at_nanos, market });
                 continue;
             };
             let hash = gate_hash(&body.as_bytes()[gate_start..]);
-            let revision = if market { gate.1.saturating_add(1) } else { 0 };
+            let revision = if market { next_market_revision(gate.1, self.incarnation) } else { own };
             if hash == gate.0 {
                 if market { self.counts.market_suppressed += 1 } else { self.counts.event_suppressed += 1 }
-                gate.1 = if market { gate.1 } else { 0 };
+                // a new listing version restarts the count, emitted or not
+                gate.1 = if market { gate.1 } else { own };
                 continue;
             }
             *gate = (hash, revision);
@@ -251,10 +281,27 @@ mod tests {
 
     #[test]
     fn document_versions_order_by_listing_version_then_revision() {
-        assert!(document_version(3, 0) > document_version(2, MAX_REVISION));
+        assert!(document_version(3, 0) > document_version(2, u32::MAX));
         assert!(document_version(3, 1) > document_version(3, 0));
-        assert_eq!(document_version(1, 0), 1 << 20);
-        assert_eq!(document_version(1, u32::MAX), (1 << 20) | MAX_REVISION as u64, "revisions saturate");
+        assert_eq!(document_version(1, 0), 1 << 32);
+        assert!(document_version(u64::MAX, u32::MAX) <= i64::MAX as u64, "fits a signed 64-bit version");
+    }
+
+    #[test]
+    fn a_new_incarnation_outranks_every_revision_of_the_previous_one() {
+        // a crashed run's last market re-emission of a listing version...
+        let mut crashed = own_revision(4);
+        for _ in 0..1000 {
+            crashed = next_market_revision(crashed, 4);
+        }
+        assert_eq!(crashed, (4 << 16) + 1000);
+        // ...is outranked by the replay's own event and its first re-emission
+        assert!(own_revision(5) > crashed);
+        let stored_at_checkpoint = (4 << 16) + 10;
+        assert!(next_market_revision(stored_at_checkpoint, 5) > crashed);
+        // within an incarnation, re-emissions count up and saturate
+        assert_eq!(next_market_revision(0, 0), 1);
+        assert_eq!(next_market_revision(MAX_COUNT, 0), MAX_COUNT);
     }
 
     #[test]

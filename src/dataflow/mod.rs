@@ -131,6 +131,12 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
     let tuning = StoreTuning { block_cache_bytes: config.state.block_cache_mb << 20, write_buffer_bytes: config.state.write_buffer_mb << 20 };
     let store = Store::open(&state_path, &plan.field_fingerprint(), tuning)?;
     let input = config.binding(&plan.input_binding).expect("validated: every binding exists").clone();
+    // see "Document versions" in evaluate.rs: only sources whose replay may
+    // cut epochs elsewhere need a new incarnation per start
+    let incarnation = match &input {
+        Binding::File(_) => 0,
+        Binding::Kafka(_) => store.next_incarnation()?,
+    };
     let (partitions, source_topic) = match &input {
         Binding::File(file) => (file.partitions, file.path.display().to_string()),
         Binding::Kafka(kafka) => (crate::connectors::kafka::ensure_topic(&config.kafka, kafka)?, kafka.topic.clone()),
@@ -259,7 +265,7 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
 
                 let (market_updates, statistics_changes) = market::build(plan.clone(), members);
 
-                let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone());
+                let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone(), incarnation);
                 let evaluator_counts = evaluate_counts.clone();
                 let done = evaluated_below.clone();
                 let activator_slot = state_activator.clone();

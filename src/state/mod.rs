@@ -128,6 +128,24 @@ impl Store {
         Ok(store)
     }
 
+    /// Counts the runs that resumed from this store and returns the new count,
+    /// written (synced) before any output. Sources whose replay may cut epochs
+    /// elsewhere (Kafka) put it into document versions, so every document of
+    /// this run outranks anything an earlier, crashed run wrote past its last
+    /// checkpoint (see `dataflow::evaluate`).
+    pub fn next_incarnation(&self) -> Result<u32, StateError> {
+        let meta = self.db.cf_handle(META).expect("meta column family exists");
+        let current = match self.db.get_cf(&meta, b"incarnation")? {
+            Some(bytes) if bytes.len() == 4 => u32::from_le_bytes(bytes[..4].try_into().unwrap()),
+            _ => 0,
+        };
+        let next = current.saturating_add(1);
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db.put_cf_opt(&meta, b"incarnation", next.to_le_bytes(), &options)?;
+        Ok(next)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

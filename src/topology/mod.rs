@@ -677,7 +677,7 @@ pub fn explain(plan: &Plan, workers: usize, partitions: Option<u32>) -> String {
         Some(step) => format!("{} (round {step})", f.name),
         None => f.name.clone(),
     }).collect::<Vec<_>>().join(", "));
-    let _ = writeln!(out, "  5b. gate        a document is emitted only when its output fields changed (hash in the listing's state); tombstones always; version = listing version << 20 | market revision");
+    let _ = writeln!(out, "  5b. gate        a document is emitted only when its output fields changed (hash in the listing's state); tombstones always; version = listing version << 32 | revision (incarnation << 16 | market re-emissions)");
     if let Some(statistics) = &plan.statistics_binding {
         let _ = writeln!(out, "                   statistics changelog -> `{statistics}` (when the config binds it)");
     }
