@@ -91,14 +91,20 @@ denominator = "market_price_median"
 name = "position"
 source = "price_to_median"
 bands = [{ below = 0.9, label = "below" }, { below = 1.1, label = "at" }]
-otherwise = "above""#;
+otherwise = "above"
+
+[[band]]
+name = "supply"
+source = "market_count"
+bands = [{ below = 5, label = "scarce" }, { below = 50, label = "limited" }]
+otherwise = "plentiful""#;
 
 fn write_topology(dir: &Path, with_aggregates: bool) -> anyhow::Result<PathBuf> {
     let name = if with_aggregates { "market_on" } else { "market_off" };
     let text = TOPOLOGY.replace("NAME", name)
         .replace("AGGREGATE", if with_aggregates { AGGREGATE } else { "" })
         .replace("FEATURES", if with_aggregates { FEATURES } else { "" })
-        .replace(" OUTPUT", if with_aggregates { ", \"position\", \"market_count\"" } else { "" });
+        .replace(" OUTPUT", if with_aggregates { ", \"position\", \"supply\"" } else { "" });
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text)?;
     Ok(path)
@@ -198,7 +204,8 @@ pub fn run(listings: u64, updates: u64, segments: usize, workers: usize, epoch_r
     }
     let (_, off_load, off_updates, off_restart) = &results[0];
     let (_, on_load, on_updates, on_restart) = &results[1];
-    let live = on_load.upserts as f64;
+    // every create of the load is a new listing
+    let live = listings as f64;
     println!("\nassay bench-market: {listings} listings over {segments} Zipf-sized segments, then {updates} updates; {workers} worker(s), epoch_records = {epoch_records}");
     println!("{:<22} {:>14} {:>14} {:>8}", "", "no aggregates", "aggregates", "ratio");
     let row = |name: &str, a: f64, b: f64| println!("{name:<22} {a:>14.0} {b:>14.0} {:>7.2}x", b / a);

@@ -31,7 +31,7 @@
 //! whatever it writes outranks what a crashed run wrote past its checkpoint.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -124,29 +124,28 @@ impl Evaluator {
     }
 
     /// Evaluates one completed epoch; returns the documents that pass the gate.
-    pub fn evaluate_epoch(&mut self, mut own: Vec<Enriched>, mut updates: Vec<(MarketUpdate, u64, isize)>) -> Result<Vec<OutputDocument>, EvaluateError> {
+    pub fn evaluate_epoch(&mut self, mut own: Vec<Enriched>, updates: Vec<(MarketUpdate, u64, isize)>) -> Result<Vec<OutputDocument>, EvaluateError> {
         own.sort_by_key(|row| (row.position.partition, row.position.offset));
         // net change per (listing, aggregate): the inserted statistics, or none
-        // when the listing left the aggregate's segments
-        updates.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut changes: BTreeMap<(u32, &str), Vec<(u8, Option<&StatisticBits>)>> = BTreeMap::new();
-        let mut index = 0;
-        while index < updates.len() {
-            let mut end = index;
-            let mut diff = 0;
-            while end < updates.len() && updates[end].0 == updates[index].0 {
-                diff += updates[end].2;
-                end += 1;
+        // when the listing left the aggregate's segments. Hashed, not sorted: a
+        // moved segment brings two updates per member, millions in a busy epoch.
+        type Versions<'a> = Vec<(u64, &'a StatisticBits, isize)>;
+        let mut net: FxHashMap<(u32, &str, u8), Versions> = FxHashMap::default();
+        for (update, _time, diff) in &updates {
+            let versions = net.entry((update.partition, update.key.as_str(), update.aggregate)).or_default();
+            match versions.iter_mut().find(|(version, statistics, _)| *version == update.version && **statistics == update.statistics) {
+                Some(entry) => entry.2 += diff,
+                None => versions.push((update.version, &update.statistics, *diff)),
             }
-            let update = &updates[index].0;
-            let entry = changes.entry((update.partition, update.key.as_str())).or_default();
-            if diff > 0 {
-                entry.retain(|(aggregate, _)| *aggregate != update.aggregate);
-                entry.push((update.aggregate, Some(&update.statistics)));
-            } else if diff < 0 && !entry.iter().any(|(aggregate, _)| *aggregate == update.aggregate) {
-                entry.push((update.aggregate, None));
+        }
+        let mut changes: FxHashMap<(u32, &str), Vec<(u8, Option<&StatisticBits>)>> = FxHashMap::default();
+        for ((partition, key, aggregate), versions) in &net {
+            let inserted = versions.iter().find(|(_, _, diff)| *diff > 0);
+            if let Some((_, statistics, _)) = inserted {
+                changes.entry((*partition, *key)).or_default().push((*aggregate, Some(*statistics)));
+            } else if versions.iter().any(|(_, _, diff)| *diff < 0) {
+                changes.entry((*partition, *key)).or_default().push((*aggregate, None));
             }
-            index = end;
         }
 
         // the listings involved, their current state (gate memory, market view)
@@ -156,7 +155,7 @@ impl Evaluator {
         listings.dedup();
         let state_keys: Vec<Vec<u8>> = listings.iter().map(|(partition, key)| Store::state_key(*partition, key)).collect();
         let current = self.stage.borrow().current(&state_keys)?;
-        let mut views: HashMap<(u32, &str), Vec<f64>> = HashMap::with_capacity(listings.len());
+        let mut views: FxHashMap<(u32, &str), Vec<f64>> = FxHashMap::with_capacity_and_hasher(listings.len(), Default::default());
         for (listing, state) in listings.iter().zip(&current) {
             let mut view = match state {
                 Some(state) if state.market.len() == self.statistics_width => state.market.clone(),
@@ -173,7 +172,7 @@ impl Evaluator {
             views.insert(*listing, view);
         }
 
-        let has_own: std::collections::HashSet<(u32, &str)> = own.iter().map(|row| (row.position.partition, row.key.as_str())).collect();
+        let has_own: FxHashSet<(u32, &str)> = own.iter().map(|row| (row.position.partition, row.key.as_str())).collect();
         let mut rows: Vec<Enriched> = Vec::with_capacity(own.len() + changes.len());
         for mut row in own.iter().cloned() {
             if !row.deleted {
@@ -214,7 +213,7 @@ impl Evaluator {
         }
 
         let bodies = self.scorer.score_batch(&rows)?;
-        let mut memory: HashMap<(u32, &str), (u64, u32)> = listings.iter().zip(&current)
+        let mut memory: FxHashMap<(u32, &str), (u64, u32)> = listings.iter().zip(&current)
             .map(|(listing, state)| (*listing, state.as_ref().map(|s| (s.emitted_hash, s.revision)).unwrap_or((0, 0))))
             .collect();
         let mut documents = Vec::with_capacity(rows.len());

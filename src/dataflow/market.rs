@@ -22,7 +22,9 @@
 //! The join re-evaluates every member of a segment whose statistics changed.
 //! Documents see the statistics rounded to the aggregate's significant
 //! digits, and the join is fed the rounded collection, so a change below that
-//! precision (a cent on a median) reaches no neighbour at all.
+//! precision (a cent on a median) reaches no neighbour at all. Statistics the
+//! topology does not read are blanked (NaN) before the join for the same
+//! reason; the statistics changelog still carries them, exact.
 //!
 //! # Segment ids
 //! A segment is identified by a 64-bit id: the aggregate's index in the top
@@ -216,6 +218,34 @@ pub fn from_bits(bits: &[u64]) -> Vec<f64> {
 /// The market part of the dataflow. Returns the join's output, exchanged to
 /// each listing's owner, and the exact statistics' changes (for the
 /// statistics output).
+/// How a statistic reaches the join (and the documents).
+enum Seen {
+    /// Nobody reads it: blanked.
+    Not,
+    /// Read as a value: rounded to the aggregate's significant digits.
+    Rounded,
+    /// Read by bands only: the largest of these thresholds at or below it.
+    Band(Vec<f64>),
+}
+
+impl Seen {
+    fn apply(&self, value: f64, digits: u32) -> f64 {
+        match self {
+            Seen::Not => f64::NAN,
+            Seen::Rounded => round_significant(value, digits),
+            Seen::Band(cuts) => band_stand_in(round_significant(value, digits), cuts),
+        }
+    }
+}
+
+/// The largest cut at or below `value`, minus infinity below every cut; NaN stays NaN.
+pub fn band_stand_in(value: f64, cuts: &[f64]) -> f64 {
+    if value.is_nan() {
+        return value;
+    }
+    cuts.iter().rev().find(|cut| **cut <= value).copied().unwrap_or(f64::NEG_INFINITY)
+}
+
 pub fn build<'scope>(
     plan: Arc<Plan>,
     members: StreamVec<'scope, u64, MemberUpdate>,
@@ -257,10 +287,28 @@ pub fn build<'scope>(
     );
     let exact_changes = exact.clone().as_collection(|segment: &u64, statistics: &StatisticBits| (*segment, statistics.clone()));
 
+    // what the join sees: the statistics the topology reads, rounded; the others
+    // are blanked, so that their moves re-evaluate no neighbour
+    // what the join sees: the statistics the topology reads, rounded; the others
+    // are blanked, so that their moves re-evaluate no neighbour; a statistic
+    // only bands read is replaced by its band's stand-in (`Plan::statistics_band_cuts`)
+    let read = plan.statistics_read();
+    let band_cuts = plan.statistics_band_cuts();
+    let seen_per_aggregate: Vec<Vec<Seen>> = (0..plan.aggregates.len()).map(|a| {
+        let offset = crate::dataflow::listing_state::statistic_offset(&plan, a, 0);
+        (offset..offset + plan.aggregates[a].statistic_count()).map(|i| match (read[i], &band_cuts[i]) {
+            (false, _) => Seen::Not,
+            (true, Some(cuts)) => Seen::Band(cuts.clone()),
+            (true, None) => Seen::Rounded,
+        }).collect()
+    }).collect();
     let round_plan = plan.clone();
     let rounded = exact_changes.clone().map(move |(segment, statistics)| {
-        let digits = round_plan.aggregates[(segment >> 56) as usize].significant_digits;
-        let rounded: Vec<f64> = from_bits(&statistics).into_iter().map(|x| round_significant(x, digits)).collect();
+        let aggregate = (segment >> 56) as usize;
+        let digits = round_plan.aggregates[aggregate].significant_digits;
+        let rounded: Vec<f64> = from_bits(&statistics).into_iter().zip(&seen_per_aggregate[aggregate])
+            .map(|(x, seen)| seen.apply(x, digits))
+            .collect();
         (segment, to_bits(&rounded))
     });
     let rounded = rounded.arrange_by_key_named("ArrangeRoundedStatistics");
@@ -294,6 +342,17 @@ mod tests {
         let stats = statistics_from_values(3, &mut values);
         assert_eq!(stats[..5], [3.0, 20.0, 15.0, 20.0, 25.0]);
         assert!(stats[5..].iter().all(|x| x.is_nan()), "a measure no member has gives no statistics");
+    }
+
+    #[test]
+    fn a_band_stand_in_gets_the_label_its_value_gets() {
+        let cuts = [5.0, 50.0, 200.0];
+        let label = |x: f64| cuts.iter().position(|t| x < *t).unwrap_or(cuts.len());
+        for value in [0.0, 4.0, 5.0, 6.0, 49.0, 50.0, 199.5, 200.0, 1e9, -3.0] {
+            assert_eq!(label(band_stand_in(value, &cuts)), label(value), "{value}");
+        }
+        assert_eq!(band_stand_in(7.0, &cuts), band_stand_in(49.0, &cuts), "moves within a band are invisible");
+        assert!(band_stand_in(f64::NAN, &cuts).is_nan());
     }
 
     #[test]

@@ -202,6 +202,56 @@ impl Plan {
         read
     }
 
+    /// Per market statistic: when bands are the only readers of it, the union
+    /// of their thresholds, ascending. Such a statistic reaches the join as the
+    /// largest threshold at or below it (minus infinity below them all): every
+    /// band gives that stand-in the label it gives the value, and a count that
+    /// moves within a band re-evaluates no neighbour.
+    pub fn statistics_band_cuts(&self) -> Vec<Option<Vec<f64>>> {
+        let read = self.statistics_read();
+        let mut cuts: Vec<Option<Vec<f64>>> = vec![Some(Vec::new()); read.len()];
+        let offsets: Vec<usize> = self.aggregates.iter().scan(0, |offset, aggregate| {
+            let start = *offset;
+            *offset += aggregate.statistic_count();
+            Some(start)
+        }).collect();
+        let index = |value: &ValueRef| match value {
+            ValueRef::Statistic { aggregate, statistic } => Some(offsets[*aggregate] + statistic),
+            _ => None,
+        };
+        for band in &self.bands {
+            if let Some(Some(thresholds)) = index(&band.source).map(|i| &mut cuts[i]) {
+                thresholds.extend(band.steps.iter().map(|(below, _)| *below));
+            }
+        }
+        // any other reader needs the value itself
+        let mut by_bands_only = read.clone();
+        let mut mark = |value: &ValueRef| {
+            if let Some(i) = index(value) {
+                by_bands_only[i] = false;
+            }
+        };
+        for computed in self.features.iter().chain(&self.derived) {
+            match &computed.function {
+                Function::YearsSince { field } => mark(field),
+                Function::Ratio { numerator, denominator, .. } => {
+                    mark(numerator);
+                    mark(denominator);
+                }
+                Function::DaysOnMarket | Function::PriceChangeCount | Function::PriceDropPercent | Function::DaysSincePriceChange => {}
+            }
+        }
+        self.models.iter().flat_map(|m| &m.input_refs).for_each(&mut mark);
+        self.output_fields.iter().for_each(|field| mark(&field.source));
+        cuts.into_iter().zip(by_bands_only).map(|(cuts, only)| {
+            cuts.filter(|_| only).map(|mut cuts| {
+                cuts.sort_by(f64::total_cmp);
+                cuts.dedup();
+                cuts
+            })
+        }).collect()
+    }
+
     /// The names of the input fields, in order: stored with the state so that a
     /// topology whose schema changed does not misread old state.
     pub fn field_fingerprint(&self) -> String {
