@@ -43,6 +43,9 @@ pub fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
         market_reevaluations: count("market_reevaluations"),
         market_documents: count("market_documents"),
         fan_out: number("fan_out"),
+        state_open_seconds: number("state_open_seconds"),
+        arrangement_member_bytes: count("arrangement_member_bytes"),
+        arrangement_statistics_bytes: count("arrangement_statistics_bytes"),
         ..RunSummary::default()
     })
 }

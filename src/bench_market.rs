@@ -218,9 +218,15 @@ pub fn run(listings: u64, updates: u64, segments: usize, workers: usize, epoch_r
     println!("{:<22} {:>14} {:>14}", "market re-evaluations", off_updates.market_reevaluations, on_updates.market_reevaluations);
     println!("{:<22} {:>14.1} {:>14.1}", "load peak RSS MB", off_load.peak_rss_mb, on_load.peak_rss_mb);
     println!("{:<22} {:>14.2} {:>14.2}", "restart s", off_restart.elapsed_seconds, on_restart.elapsed_seconds);
-    println!("\narrangement memory: {:.0} bytes per live listing ((peak RSS with - without) / {live} live listings after the load)",
+    println!("\narrangement memory after the load, per live listing ({live} listings):");
+    println!("  members arrangement    {:>8.1} bytes (counted from its batches)", on_load.arrangement_member_bytes as f64 / live.max(1.0));
+    println!("  statistics (per segment, two arrangements) {:.1} bytes per listing, {} bytes in all", on_load.arrangement_statistics_bytes as f64 / live.max(1.0), on_load.arrangement_statistics_bytes);
+    println!("  peak RSS difference    {:>8.0} bytes (upper bound: also evaluation buffers, larger state values, allocator slack)",
         (on_load.peak_rss_mb - off_load.peak_rss_mb) * 1024.0 * 1024.0 / live.max(1.0));
-    println!("rebuild of the arrangements at start: {:.2} s (restart with - without aggregates)", on_restart.elapsed_seconds - off_restart.elapsed_seconds);
+    println!("  after the updates: members {:.1} bytes per live listing at the end", on_updates.arrangement_member_bytes as f64 / live.max(1.0));
+    let after_open = |s: &RunSummary| s.elapsed_seconds - s.state_open_seconds;
+    println!("rebuild of the arrangements at start: {:.2} s (restart with - without aggregates, after opening RocksDB: {:.2} s and {:.2} s to open)",
+        after_open(on_restart) - after_open(off_restart), on_restart.state_open_seconds, off_restart.state_open_seconds);
     for (name, summary) in [("load", on_load), ("updates", on_updates), ("restart", on_restart), ("load (off)", off_load), ("updates (off)", off_updates)] {
         if !summary.reconciled {
             println!("warning: counts did not reconcile for {name}");

@@ -34,7 +34,9 @@
 
 use std::sync::Arc;
 
+use differential_dataflow::operators::arrange::TraceAgent;
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
+use differential_dataflow::trace::TraceReader;
 use differential_dataflow::{AsCollection, VecCollection};
 use timely::dataflow::StreamVec;
 
@@ -246,10 +248,68 @@ pub fn band_stand_in(value: f64, cuts: &[f64]) -> f64 {
     cuts.iter().rev().find(|cut| **cut <= value).copied().unwrap_or(f64::NEG_INFINITY)
 }
 
+/// Handles on the arrangements, to measure their memory (see [`ArrangementMemory`]).
+pub struct MarketTraces {
+    members: TraceAgent<ValSpine<u64, Member, u64, isize>>,
+    statistics: Vec<TraceAgent<ValSpine<u64, StatisticBits, u64, isize>>>,
+}
+
+/// What the arrangements hold, counted from their batches: the containers'
+/// capacities and each boxed value's heap block (glibc: 16-byte aligned, 8
+/// bytes of header, 32 at least). Allocator slack and freed pages are not in
+/// it; peak RSS in the summary is the upper bound.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ArrangementMemory {
+    pub member_updates: u64,
+    pub member_bytes: u64,
+    pub statistics_bytes: u64,
+}
+
+fn heap_block(len: usize) -> usize {
+    if len == 0 { 0 } else { ((len + 8 + 15) & !15).max(32) }
+}
+
+fn offsets_bytes(list: &differential_dataflow::trace::implementations::OffsetList) -> usize {
+    list.smol.capacity() * 4 + list.chonk.capacity() * 8
+}
+
+impl MarketTraces {
+    pub fn memory(&self) -> ArrangementMemory {
+        let mut memory = ArrangementMemory::default();
+        self.members.map_spans(|span| {
+            if let Some(batch) = &span.inner {
+                let storage = &batch.storage;
+                let values: usize = storage.vals.vals.iter().map(|v| heap_block(v.len())).sum();
+                memory.member_updates += batch.updates as u64;
+                memory.member_bytes += (storage.keys.capacity() * 8 + offsets_bytes(&storage.vals.offs) + storage.vals.vals.capacity() * 16 + values
+                    + offsets_bytes(&storage.upds.offs) + storage.upds.times.capacity() * 8 + storage.upds.diffs.capacity() * 8) as u64;
+            }
+        });
+        for trace in &self.statistics {
+            trace.map_spans(|span| {
+                if let Some(batch) = &span.inner {
+                    let storage = &batch.storage;
+                    let values: usize = storage.vals.vals.iter().map(|v| heap_block(v.len() * 8)).sum();
+                    memory.statistics_bytes += (storage.keys.capacity() * 8 + offsets_bytes(&storage.vals.offs) + storage.vals.vals.capacity() * 24 + values
+                        + offsets_bytes(&storage.upds.offs) + storage.upds.times.capacity() * 8 + storage.upds.diffs.capacity() * 8) as u64;
+                }
+            });
+        }
+        memory
+    }
+}
+
+/// A handle that only reads: it lets the trace compact as far as it likes.
+fn reader<Tr: differential_dataflow::trace::TraceReader<Time = u64>>(mut trace: Tr) -> Tr {
+    trace.set_logical_compaction(timely::progress::frontier::AntichainRef::new(&[]));
+    trace.set_physical_compaction(timely::progress::frontier::AntichainRef::new(&[]));
+    trace
+}
+
 pub fn build<'scope>(
     plan: Arc<Plan>,
     members: StreamVec<'scope, u64, MemberUpdate>,
-) -> (StreamVec<'scope, u64, (MarketUpdate, u64, isize)>, StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>) {
+) -> (StreamVec<'scope, u64, (MarketUpdate, u64, isize)>, StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>, MarketTraces) {
     let members: VecCollection<'scope, u64, (u64, Member), isize> = members.as_collection();
     let arranged = members.arrange_by_key_named("ArrangeMembers");
 
@@ -312,6 +372,7 @@ pub fn build<'scope>(
         (segment, to_bits(&rounded))
     });
     let rounded = rounded.arrange_by_key_named("ArrangeRoundedStatistics");
+    let traces = MarketTraces { members: reader(arranged.trace.clone()), statistics: vec![reader(exact.trace.clone()), reader(rounded.trace.clone())] };
 
     let join_plan = plan.clone();
     let joined = arranged.join_core(rounded, move |segment: &u64, member: &Member, statistics: &StatisticBits| {
@@ -319,7 +380,7 @@ pub fn build<'scope>(
         let (partition, version, key) = member_identity(member, join_plan.aggregates[aggregate].measures.len());
         Some(MarketUpdate { partition, key: key.to_string(), aggregate: aggregate as u8, version, statistics: statistics.clone() })
     });
-    (joined.inner, exact_changes.inner)
+    (joined.inner, exact_changes.inner, traces)
 }
 
 #[cfg(test)]

@@ -129,7 +129,9 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
         std::fs::remove_dir_all(&state_path).map_err(|e| RunError::Reset { path: state_path.clone(), detail: e.to_string() })?;
     }
     let tuning = StoreTuning { block_cache_bytes: config.state.block_cache_mb << 20, write_buffer_bytes: config.state.write_buffer_mb << 20 };
+    let opening = Instant::now();
     let store = Store::open(&state_path, &plan.field_fingerprint(), tuning)?;
+    let state_open_seconds = opening.elapsed().as_secs_f64();
     let input = config.binding(&plan.input_binding).expect("validated: every binding exists").clone();
     // see "Document versions" in evaluate.rs: only sources whose replay may
     // cut epochs elsewhere need a new incarnation per start
@@ -161,6 +163,7 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
     });
 
     let pass_through = options.pass_through;
+    let flush_store = store.clone();
     let worker_plan = plan.clone();
     let guards = timely::execute(timely::Config::process(workers), move |worker| -> Result<WorkerReport, String> {
         let plan = worker_plan.clone();
@@ -192,6 +195,7 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
         let evaluated_below = Rc::new(Cell::new(first_epoch));
         let state_activator: Rc<RefCell<Option<timely::scheduling::Activator>>> = Rc::new(RefCell::new(None));
 
+        let market_traces: Rc<RefCell<Option<market::MarketTraces>>> = Rc::new(RefCell::new(None));
         let mut input_handle: InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<RawRecord>>> = InputHandle::new();
         let probe = ProbeHandle::new();
         worker.dataflow::<u64, _, _>(|scope| {
@@ -263,7 +267,8 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
                 let members = members.map(|o| match o { StateOutput::Member(m) => m, _ => unreachable!("partitioned") });
                 let labels = labels.map(|o| match o { StateOutput::Label(segment, label) => (segment, label), _ => unreachable!("partitioned") });
 
-                let (market_updates, statistics_changes) = market::build(plan.clone(), members);
+                let (market_updates, statistics_changes, traces) = market::build(plan.clone(), members);
+                *market_traces.borrow_mut() = Some(traces);
 
                 let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone(), incarnation);
                 let evaluator_counts = evaluate_counts.clone();
@@ -427,6 +432,11 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
         report.stale = gate.stale;
         report.duplicates = gate.duplicates;
         report.evaluate = evaluate_counts.borrow().clone();
+        if let Some(traces) = market_traces.borrow().as_ref() {
+            let memory = traces.memory();
+            report.arrangement_member_bytes = memory.member_bytes;
+            report.arrangement_statistics_bytes = memory.statistics_bytes;
+        }
         let counts = counts.borrow();
         report.upserts = counts.upserts;
         report.tombstones = counts.tombstones;
@@ -444,6 +454,10 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
             Ok(Err(detail)) | Err(detail) => return Err(RunError::Worker { worker, detail }),
         }
     }
+    // a clean end: the next start reads table files instead of replaying the log
+    flush_store.flush()?;
     let lookup_names: Vec<String> = plan.lookups.iter().map(|l| l.name.clone()).collect();
-    Ok(RunSummary::new(&plan.name, workers, &total, started.elapsed(), &lookup_names))
+    let mut summary = RunSummary::new(&plan.name, workers, &total, started.elapsed(), &lookup_names);
+    summary.state_open_seconds = state_open_seconds;
+    Ok(summary)
 }

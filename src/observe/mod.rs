@@ -103,6 +103,9 @@ pub struct WorkerReport {
     /// Documents the sink wrote because the market moved.
     pub market_documents: u64,
     pub evaluate: crate::dataflow::evaluate::EvaluateCounts,
+    /// Bytes the market arrangements held at the end (members; statistics).
+    pub arrangement_member_bytes: u64,
+    pub arrangement_statistics_bytes: u64,
 }
 
 impl WorkerReport {
@@ -118,6 +121,8 @@ impl WorkerReport {
         self.checkpoints += other.checkpoints;
         self.latency.merge(&other.latency);
         self.market_documents += other.market_documents;
+        self.arrangement_member_bytes += other.arrangement_member_bytes;
+        self.arrangement_statistics_bytes += other.arrangement_statistics_bytes;
         let (mine, theirs) = (&mut self.evaluate, &other.evaluate);
         mine.event_emitted += theirs.event_emitted;
         mine.event_suppressed += theirs.event_suppressed;
@@ -163,6 +168,12 @@ pub struct RunSummary {
     pub peak_rss_mb: f64,
     /// CPU time (user + system) this process used.
     pub cpu_seconds: f64,
+    /// Of `elapsed_seconds`, opening the state store (RocksDB's recovery).
+    pub state_open_seconds: f64,
+    /// Bytes held by the market arrangements at the end, counted from their
+    /// batches: the member arrangement (per live listing) and the statistics.
+    pub arrangement_member_bytes: u64,
+    pub arrangement_statistics_bytes: u64,
 }
 
 impl RunSummary {
@@ -197,6 +208,9 @@ impl RunSummary {
             latency_max_ms: report.latency.quantile(1.0).as_secs_f64() * 1e3,
             peak_rss_mb: peak_rss_bytes() as f64 / (1024.0 * 1024.0),
             cpu_seconds: cpu_seconds(None),
+            state_open_seconds: 0.0,
+            arrangement_member_bytes: report.arrangement_member_bytes,
+            arrangement_statistics_bytes: report.arrangement_statistics_bytes,
         }
     }
 
