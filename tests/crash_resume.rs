@@ -33,7 +33,7 @@ fn killed_and_resumed_run_equals_a_clean_run() {
     let crashed = write_config(dir.path(), &sample_stream(), 2, 256, "records_per_second = 4000");
     let mut child = assay().args(["run", "topologies/listings.toml", "--config"]).arg(&crashed.path).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while line_count(&crashed.documents) < 4000 {
+    while line_count(&crashed.documents) < 8000 {
         assert!(Instant::now() < deadline, "the run produced too little output to be killed mid-stream");
         assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
         std::thread::sleep(Duration::from_millis(20));

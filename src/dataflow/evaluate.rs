@@ -113,18 +113,26 @@ pub struct Evaluator {
     statistics_read: Vec<bool>,
     /// 0 for deterministic sources; see "Document versions".
     incarnation: u32,
+    /// The rebuild's time, when the market fingerprint says the stored views
+    /// are what the rebuilt join gives: nothing to evaluate then.
+    skip_epoch: Option<u64>,
 }
 
 impl Evaluator {
-    pub fn new(plan: Arc<Plan>, models: Arc<Vec<LoadedModel>>, stage: Rc<RefCell<ListingStateStage>>, incarnation: u32) -> Self {
+    pub fn new(plan: Arc<Plan>, models: Arc<Vec<LoadedModel>>, stage: Rc<RefCell<ListingStateStage>>, incarnation: u32, skip_epoch: Option<u64>) -> Self {
         let statistics_width = plan.aggregates.iter().map(|a| a.statistic_count()).sum();
         let counts = EvaluateCounts { lookup_misses: vec![0; plan.lookups.len()], ..EvaluateCounts::default() };
         let statistics_read = plan.statistics_read();
-        Evaluator { scorer: Scorer::new(plan.clone(), models), plan, stage, counts, statistics_width, statistics_read, incarnation }
+        Evaluator { scorer: Scorer::new(plan.clone(), models), plan, stage, counts, statistics_width, statistics_read, incarnation, skip_epoch }
     }
 
     /// Evaluates one completed epoch; returns the documents that pass the gate.
-    pub fn evaluate_epoch(&mut self, mut own: Vec<Enriched>, updates: Vec<(MarketUpdate, u64, isize)>) -> Result<Vec<OutputDocument>, EvaluateError> {
+    pub fn evaluate_epoch(&mut self, time: u64, mut own: Vec<Enriched>, updates: Vec<(MarketUpdate, u64, isize)>) -> Result<Vec<OutputDocument>, EvaluateError> {
+        if self.skip_epoch == Some(time) {
+            // the rebuild: every listing's stored view is the one the join gives
+            debug_assert!(own.is_empty(), "no input shares the rebuild's time");
+            return Ok(Vec::new());
+        }
         own.sort_by_key(|row| (row.position.partition, row.position.offset));
         // net change per (listing, aggregate): the inserted statistics, or none
         // when the listing left the aggregate's segments. Hashed, not sorted: a

@@ -9,11 +9,14 @@
 //!
 //! # Epochs and checkpoints
 //! Epoch = line number / `epoch_records`, a pure function of the input, so
-//! batching and output order never depend on timing. A worker checkpoints
-//! when every epoch it has sent is complete (the probe has passed its input
-//! time): its dirty listing states and its partitions' positions go to
-//! RocksDB in one batch. Output for those epochs was flushed before the probe
-//! could pass them (see `sink`).
+//! batching and output order never depend on timing (Kafka: a shared clock).
+//! Dataflow times are epochs + 1: time `first_epoch` belongs to the rebuild of
+//! the market arrangements after a restart. All workers checkpoint through the
+//! same epoch, proposed by worker 0 (see the worker loop), once every epoch
+//! they sent is complete (the probe has passed their input time): dirty
+//! listing states and the partitions' positions go to RocksDB in one batch.
+//! Output for those epochs was flushed before the probe could pass them (see
+//! `sink`).
 
 pub mod decode;
 pub mod evaluate;
@@ -28,6 +31,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -135,6 +139,11 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
     let input = config.binding(&plan.input_binding).expect("validated: every binding exists").clone();
     // see "Document versions" in evaluate.rs: only sources whose replay may
     // cut epochs elsewhere need a new incarnation per start
+    // the rebuild runs at its own dataflow time, the input epoch before the
+    // first (times are input epochs + 1); it evaluates nothing when the market
+    // fingerprint stored by the last clean end is the current one
+    let market_fingerprint = plan.market_fingerprint();
+    let trusted_views = store.get_meta("market_fingerprint")?.as_deref() == Some(market_fingerprint.as_bytes());
     let incarnation = match &input {
         Binding::File(_) => 0,
         Binding::Kafka(_) => store.next_incarnation()?,
@@ -163,6 +172,10 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
     });
 
     let pass_through = options.pass_through;
+    // the epoch every worker checkpoints through next (0: none), and how many
+    // checkpoints the workers have taken in all (see the worker loop)
+    let checkpoint_request = Arc::new(AtomicU64::new(0));
+    let checkpoint_served = Arc::new(AtomicU64::new(0));
     let flush_store = store.clone();
     let worker_plan = plan.clone();
     let guards = timely::execute(timely::Config::process(workers), move |worker| -> Result<WorkerReport, String> {
@@ -190,7 +203,9 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
         } else {
             (None, None, None)
         };
+        // dataflow times: the rebuild at `first_epoch`, input epoch e at e + 1
         let first_epoch = source.first_epoch(runtime.epoch_records);
+        let skip_epoch = trusted_views.then_some(first_epoch);
         // epochs below this one have been evaluated (see the lockstep in the graph)
         let evaluated_below = Rc::new(Cell::new(first_epoch));
         let state_activator: Rc<RefCell<Option<timely::scheduling::Activator>>> = Rc::new(RefCell::new(None));
@@ -270,7 +285,7 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
                 let (market_updates, statistics_changes, traces) = market::build(plan.clone(), members);
                 *market_traces.borrow_mut() = Some(traces);
 
-                let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone(), incarnation);
+                let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone(), incarnation, skip_epoch);
                 let evaluator_counts = evaluate_counts.clone();
                 let done = evaluated_below.clone();
                 let activator_slot = state_activator.clone();
@@ -302,8 +317,9 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
                                 if !passed(entry.key()) {
                                     break;
                                 }
+                                let time = *entry.key();
                                 let (capability, own, updates) = entry.remove();
-                                let documents = evaluator.evaluate_epoch(own, updates).unwrap_or_else(|e| panic!("{e}"));
+                                let documents = evaluator.evaluate_epoch(time, own, updates).unwrap_or_else(|e| panic!("{e}"));
                                 output.session(&capability).give_iterator(documents.into_iter());
                             }
                             *evaluator_counts.borrow_mut() = evaluator.counts.clone();
@@ -324,7 +340,7 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
                 // worker 0 holds the sink
                 if statistics_enabled {
                     let statistics_plan = plan.clone();
-                    statistics::write_statistics(statistics_changes, labels, statistics_plan, move |documents| {
+                    statistics::write_statistics(statistics_changes, labels, statistics_plan, skip_epoch, move |documents| {
                         let Some(statistics_out) = statistics_out.as_mut() else { return };
                         for document in &documents {
                             if let Err(e) = statistics_out.write_document(document) {
@@ -386,9 +402,10 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
         let mut progress = ProgressBar::new(if index == 0 { progress_enabled } else { Some(false) });
         let epoch_records = runtime.epoch_records;
         let mut epoch = first_epoch;
-        input_handle.advance_to(epoch);
+        input_handle.advance_to(epoch + 1);
         let checkpoint_interval = Duration::from_millis(runtime.checkpoint_interval_ms);
         let mut last_checkpoint = Instant::now();
+        let (mut served_request, mut served_request_count) = (0u64, 0u64);
         let mut batch: Vec<RawRecord> = Vec::with_capacity(epoch_records as usize);
         let checkpoint = |stage: &Rc<RefCell<ListingStateStage>>, source: &Source, report: &mut WorkerReport| -> Result<(), String> {
             let positions = source.positions();
@@ -405,20 +422,36 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
                 batch.clear();
             }
             epoch = next_epoch;
-            input_handle.advance_to(epoch);
+            input_handle.advance_to(epoch + 1);
             worker.step();
             // back-pressure: stay at most max_epochs_in_flight ahead of the sinks
-            while probe.less_than(&epoch.saturating_sub(runtime.max_epochs_in_flight)) {
+            while probe.less_than(&(epoch + 1).saturating_sub(runtime.max_epochs_in_flight)) {
                 worker.step();
             }
             if let Some((done, total)) = source.progress() {
                 progress.update(done, total, report.records_in * peers as u64);
             }
-            if last_checkpoint.elapsed() >= checkpoint_interval {
+            // Checkpoints are aligned: every worker checkpoints through the same
+            // epoch, so that after a crash the rebuilt market holds all workers'
+            // listings as of one instant. Worker 0 proposes the epoch, far enough
+            // ahead that no worker has sent it yet (back-pressure bounds every
+            // worker to max_epochs_in_flight past worker 0's input); each worker
+            // checks before it sends the next epoch.
+            let requested = checkpoint_request.load(Ordering::SeqCst);
+            if index == 0 && requested == served_request && checkpoint_served.load(Ordering::SeqCst) == served_request_count * peers as u64
+                && last_checkpoint.elapsed() >= checkpoint_interval
+            {
+                checkpoint_request.store(epoch + runtime.max_epochs_in_flight + 1, Ordering::SeqCst);
+            }
+            let requested = checkpoint_request.load(Ordering::SeqCst);
+            if requested > served_request && epoch >= requested {
                 while probe.less_than(input_handle.time()) {
                     worker.step();
                 }
                 checkpoint(&stage, &source, &mut report)?;
+                served_request = requested;
+                served_request_count += 1;
+                checkpoint_served.fetch_add(1, Ordering::SeqCst);
                 last_checkpoint = Instant::now();
             }
         }
@@ -454,6 +487,8 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
             Ok(Err(detail)) | Err(detail) => return Err(RunError::Worker { worker, detail }),
         }
     }
+    // every worker checkpointed the views of this topology's market
+    flush_store.put_meta("market_fingerprint", market_fingerprint.as_bytes())?;
     // a clean end: the next start reads table files instead of replaying the log
     flush_store.flush()?;
     let lookup_names: Vec<String> = plan.lookups.iter().map(|l| l.name.clone()).collect();

@@ -23,6 +23,7 @@ pub fn write_statistics<'scope, W>(
     changes: StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>,
     labels: StreamVec<'scope, u64, (u64, String)>,
     plan: Arc<Plan>,
+    skip_epoch: Option<u64>,
     mut write: W,
 ) -> Stream<'scope, u64, Vec<()>>
 where
@@ -56,6 +57,12 @@ where
                         break;
                     }
                     let (_capability, mut updates) = entry.remove();
+                    // the rebuild of statistics the changelog already holds
+                    if skip_epoch == Some(epoch) {
+                        continue;
+                    }
+                    // dataflow times are input epochs + 1 (the rebuild has its own time)
+                    let epoch = epoch.saturating_sub(1);
                     updates.sort();
                     let mut documents = Vec::new();
                     let mut index = 0;

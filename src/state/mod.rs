@@ -146,6 +146,21 @@ impl Store {
         Ok(next)
     }
 
+    /// A value of the store's own (`meta/<name>`).
+    pub fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let meta = self.db.cf_handle(META).expect("meta column family exists");
+        Ok(self.db.get_cf(&meta, name.as_bytes())?)
+    }
+
+    /// Sets `meta/<name>`, synced.
+    pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StateError> {
+        let meta = self.db.cf_handle(META).expect("meta column family exists");
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db.put_cf_opt(&meta, name.as_bytes(), value, &options)?;
+        Ok(())
+    }
+
     /// Writes the memtables to table files, so that the next start does not
     /// replay the write-ahead log (at a million listings, most of a restart).
     pub fn flush(&self) -> Result<(), StateError> {

@@ -252,6 +252,28 @@ impl Plan {
         }).collect()
     }
 
+    /// What the market view of a listing depends on: aggregates, what is read
+    /// of them and how, and the lookup tables (a segment key may be a lookup).
+    /// Stored with the state; when it is unchanged at a restart, the views the
+    /// listings' states hold are the ones the rebuilt join gives, and the
+    /// rebuild needs no re-evaluation.
+    pub fn market_fingerprint(&self) -> String {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |text: &str| {
+            for byte in text.as_bytes() {
+                hash ^= *byte as u64;
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        feed(&format!("{:?}|{:?}|{:?}", self.aggregates, self.statistics_read(), self.statistics_band_cuts()));
+        for lookup in &self.lookups {
+            let mut entries: Vec<String> = lookup.table.iter().map(|(k, v)| format!("{k:?}={v:?}")).collect();
+            entries.sort();
+            feed(&format!("|{}:{:?}:{:?}:{:?}", lookup.name, lookup.key, lookup.default, entries));
+        }
+        format!("{hash:016x}")
+    }
+
     /// The names of the input fields, in order: stored with the state so that a
     /// topology whose schema changed does not misread old state.
     pub fn field_fingerprint(&self) -> String {
