@@ -261,9 +261,14 @@ impl Evaluator {
         for ((listing, state), state_key) in listings.iter().zip(current).zip(state_keys) {
             let (hash, revision) = memory[listing];
             let view = views.remove(listing).unwrap_or_default();
-            let unchanged = state.as_ref().is_some_and(|s| s.emitted_hash == hash && s.revision == revision && same_view(&s.market, &view));
-            // a listing whose evaluation changed nothing is not rewritten (after a
-            // restart, that is every listing the rebuild touched)
+            // A listing whose document did not change is not rewritten, even when
+            // its view moved: most market re-evaluations end so, and rewriting
+            // their state would double the cost of each. Its stored view then
+            // lags; that is safe, because the view only decides whether the next
+            // move is worth evaluating (a lagging view makes that more likely),
+            // and an own event takes its statistics from the join, never from
+            // the stored view (every event re-inserts the listing's member).
+            let unchanged = state.as_ref().is_some_and(|s| s.emitted_hash == hash && s.revision == revision);
             if !unchanged || has_own.contains(listing) {
                 stage.record_evaluation(state_key, state, hash, revision, view);
             }
@@ -277,10 +282,6 @@ fn same_read_view(a: &[f64], b: &[f64], read: &[bool]) -> bool {
     a.len() == b.len() && a.len() == read.len() && a.iter().zip(b).zip(read).all(|((x, y), read)| !read || x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
 }
 
-/// Equal views, NaN equal to NaN.
-fn same_view(a: &[f64], b: &[f64]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
-}
 
 #[cfg(test)]
 mod tests {
