@@ -42,7 +42,9 @@ impl Rng {
         if n <= 1 {
             return 0;
         }
-        ((n as f64).powf(self.uniform()).floor() as usize).saturating_sub(1).min(n - 1)
+        ((n as f64).powf(self.uniform()).floor() as usize)
+            .saturating_sub(1)
+            .min(n - 1)
     }
 }
 
@@ -57,7 +59,13 @@ pub enum Workload {
 
 /// Writes `events` generated events to `out`, using the create events of
 /// `sample` as listing templates. Returns the number written.
-pub fn generate(sample: &Path, out: &Path, events: u64, workload: Workload, seed: u64) -> std::io::Result<u64> {
+pub fn generate(
+    sample: &Path,
+    out: &Path,
+    events: u64,
+    workload: Workload,
+    seed: u64,
+) -> std::io::Result<u64> {
     let text = std::fs::read_to_string(sample)?;
     let templates: Vec<Map<String, Json>> = text
         .lines()
@@ -77,7 +85,10 @@ pub fn generate(sample: &Path, out: &Path, events: u64, workload: Workload, seed
     let mut written: u64 = 0;
     let mut time: i64 = 1_640_995_200;
     let mut line = Vec::with_capacity(512);
-    let mut emit = |event: &Map<String, Json>, writer: &mut BufWriter<std::fs::File>, written: &mut u64| -> std::io::Result<()> {
+    let mut emit = |event: &Map<String, Json>,
+                    writer: &mut BufWriter<std::fs::File>,
+                    written: &mut u64|
+     -> std::io::Result<()> {
         line.clear();
         serde_json::to_writer(&mut line, event).expect("json");
         line.push(b'\n');
@@ -108,12 +119,18 @@ pub fn generate(sample: &Path, out: &Path, events: u64, workload: Workload, seed
             event.insert("event_time".into(), Json::from(time));
             if roll < 0.59 {
                 event.insert("kind".into(), Json::from("price_change"));
-                let price = previous.get("price").and_then(Json::as_f64).unwrap_or(20_000.0);
+                let price = previous
+                    .get("price")
+                    .and_then(Json::as_f64)
+                    .unwrap_or(20_000.0);
                 let cut = (price * (0.90 + 0.09 * rng.uniform()) / 50.0).round() * 50.0;
                 event.insert("price".into(), Json::from(cut as i64));
             } else if roll < 0.66 {
                 event.insert("kind".into(), Json::from("edit"));
-                event.insert("odometer".into(), Json::from(5_000 + rng.below(150_000) as i64));
+                event.insert(
+                    "odometer".into(),
+                    Json::from(5_000 + rng.below(150_000) as i64),
+                );
             } else {
                 event.insert("kind".into(), Json::from("remove"));
                 event.insert("reason".into(), Json::from("sold"));
@@ -164,15 +181,24 @@ mod tests {
     #[test]
     fn generation_is_deterministic_and_sized() {
         let dir = tempfile::tempdir().unwrap();
-        let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/topologies/listings/data/listing_changes.jsonl");
+        let sample = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/topologies/listings/data/listing_changes.jsonl"
+        );
         let a = dir.path().join("a.jsonl");
         let b = dir.path().join("b.jsonl");
-        assert_eq!(generate(Path::new(sample), &a, 5_000, Workload::Mixed, 7).unwrap(), 5_000);
+        assert_eq!(
+            generate(Path::new(sample), &a, 5_000, Workload::Mixed, 7).unwrap(),
+            5_000
+        );
         generate(Path::new(sample), &b, 5_000, Workload::Mixed, 7).unwrap();
         let text = std::fs::read_to_string(&a).unwrap();
         assert_eq!(text, std::fs::read_to_string(&b).unwrap());
         assert_eq!(text.lines().count(), 5_000);
-        let creates = text.lines().filter(|l| l.contains("\"kind\":\"create\"")).count();
+        let creates = text
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"create\""))
+            .count();
         assert!((1_700..2_400).contains(&creates), "creates: {creates}");
     }
 }

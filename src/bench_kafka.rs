@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use assay::bench::{generate, Workload};
-use assay::observe::{cpu_seconds, LatencyHistogram};
+use anyhow::{Context, bail};
+use assay::bench::{Workload, generate};
+use assay::observe::{LatencyHistogram, cpu_seconds};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -29,9 +29,19 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 const IDLE_MS: u64 = 2000;
 
 fn create_topics(brokers: &str, names: &[&str], partitions: u32) -> anyhow::Result<()> {
-    let kafka = assay::config::KafkaConfig { bootstrap_servers: brokers.into(), ..Default::default() };
+    let kafka = assay::config::KafkaConfig {
+        bootstrap_servers: brokers.into(),
+        ..Default::default()
+    };
     for name in names {
-        let binding = assay::config::KafkaBinding { topic: name.to_string(), partitions: Some(partitions), create_topic: true, properties: Default::default(), epoch_ms: 5, stop_when_idle_ms: 0 };
+        let binding = assay::config::KafkaBinding {
+            topic: name.to_string(),
+            partitions: Some(partitions),
+            create_topic: true,
+            properties: Default::default(),
+            epoch_ms: 5,
+            stop_when_idle_ms: 0,
+        };
         assay::connectors::kafka::ensure_topic(&kafka, &binding)?;
     }
     Ok(())
@@ -39,7 +49,10 @@ fn create_topics(brokers: &str, names: &[&str], partitions: u32) -> anyhow::Resu
 
 /// Produces `lines`, at most `rate` per second (0 = as fast as possible). Returns events/s.
 fn produce(brokers: &str, topic: &str, lines: &[Vec<u8>], rate: f64) -> anyhow::Result<f64> {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new().set("bootstrap.servers", brokers).set("linger.ms", "2").create()?;
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "2")
+        .create()?;
     let started = Instant::now();
     for (index, line) in lines.iter().enumerate() {
         if rate > 0.0 {
@@ -66,19 +79,39 @@ fn produce(brokers: &str, topic: &str, lines: &[Vec<u8>], rate: f64) -> anyhow::
     Ok(lines.len() as f64 / started.elapsed().as_secs_f64())
 }
 
-fn engine_config(dir: &Path, brokers: &str, prefix: &str, workers: usize) -> anyhow::Result<PathBuf> {
+fn engine_config(
+    dir: &Path,
+    brokers: &str,
+    prefix: &str,
+    workers: usize,
+) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("{prefix}.toml"));
-    std::fs::write(&path, format!(
-        "[runtime]\nworkers = {workers}\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n[kafka]\nbootstrap_servers = \"{brokers}\"\n\n\
+    std::fs::write(
+        &path,
+        format!(
+            "[runtime]\nworkers = {workers}\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n[kafka]\nbootstrap_servers = \"{brokers}\"\n\n\
          [bindings.listing_changes]\ntype = \"kafka\"\ntopic = \"{prefix}-in\"\nstop_when_idle_ms = {IDLE_MS}\n\n\
          [bindings.search_documents]\ntype = \"kafka\"\ntopic = \"{prefix}-out\"\n\n[bindings.dead_letters]\ntype = \"kafka\"\ntopic = \"{prefix}-dead\"\n",
-        dir.join(format!("{prefix}-state"))))?;
+            dir.join(format!("{prefix}-state"))
+        ),
+    )?;
     Ok(path)
 }
 
-fn start_engine(topology: &Path, config: &Path, summary: &Path, pass_through: bool) -> anyhow::Result<std::process::Child> {
+fn start_engine(
+    topology: &Path,
+    config: &Path,
+    summary: &Path,
+    pass_through: bool,
+) -> anyhow::Result<std::process::Child> {
     let mut command = Command::new(std::env::current_exe()?);
-    command.arg("run").arg(topology).arg("--config").arg(config).args(["--from-scratch", "--progress", "never", "--summary-json"]).arg(summary);
+    command
+        .arg("run")
+        .arg(topology)
+        .arg("--config")
+        .arg(config)
+        .args(["--from-scratch", "--progress", "never", "--summary-json"])
+        .arg(summary);
     if pass_through {
         command.arg("--pass-through");
     }
@@ -86,10 +119,23 @@ fn start_engine(topology: &Path, config: &Path, summary: &Path, pass_through: bo
 }
 
 /// Reads `topic` from the start until `stop`, recording end-to-end latency.
-fn measure_latency(brokers: &str, topic: &str, stop: Arc<AtomicBool>, histogram: Arc<Mutex<LatencyHistogram>>) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", "assay-bench").set("fetch.wait.max.ms", "5").create()?;
+fn measure_latency(
+    brokers: &str,
+    topic: &str,
+    stop: Arc<AtomicBool>,
+    histogram: Arc<Mutex<LatencyHistogram>>,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "assay-bench")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
     let mut assignment = TopicPartitionList::new();
     for p in 0..partitions {
         assignment.add_partition_offset(topic, p as i32, Offset::Beginning)?;
@@ -97,10 +143,21 @@ fn measure_latency(brokers: &str, topic: &str, stop: Arc<AtomicBool>, histogram:
     consumer.assign(&assignment)?;
     while !stop.load(Ordering::Relaxed) {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-            let sent = message.headers().and_then(|h| h.iter().find(|h| h.key == "assay.source.timestamp").and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok()));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            let sent = message.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "assay.source.timestamp")
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
+            });
             if let Some(sent) = sent {
-                histogram.lock().unwrap().record(((now - sent).max(0) as u64) * 1_000_000);
+                histogram
+                    .lock()
+                    .unwrap()
+                    .record(((now - sent).max(0) as u64) * 1_000_000);
             }
         }
     }
@@ -120,21 +177,47 @@ struct Row {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn run(topology: &Path, brokers: &str, events: u64, latency_events: u64, workers: usize, partitions: u32, broker_pid: Option<u32>, dir: &Path) -> anyhow::Result<()> {
+pub fn run(
+    topology: &Path,
+    brokers: &str,
+    events: u64,
+    latency_events: u64,
+    workers: usize,
+    partitions: u32,
+    broker_pid: Option<u32>,
+    dir: &Path,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let sample = topology.parent().unwrap_or(Path::new(".")).join("listings/data/listing_changes.jsonl");
+    let sample = topology
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("listings/data/listing_changes.jsonl");
     let stream = dir.join(format!("mixed-{events}.jsonl"));
     if !stream.exists() {
         eprintln!("bench-kafka: generating {events} events");
         generate(&sample, &stream, events, Workload::Mixed, 42)?;
     }
-    let lines: Vec<Vec<u8>> = std::fs::read(&stream)?.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
-    let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let lines: Vec<Vec<u8>> = std::fs::read(&stream)?
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let mut rows = Vec::new();
     for (label, pass_through) in [("pass-through", true), ("full", false)] {
         // 1. maximum throughput on a pre-filled topic
         let prefix = format!("bench{run_id}-{label}");
-        create_topics(brokers, &[&format!("{prefix}-in"), &format!("{prefix}-out"), &format!("{prefix}-dead")], partitions)?;
+        create_topics(
+            brokers,
+            &[
+                &format!("{prefix}-in"),
+                &format!("{prefix}-out"),
+                &format!("{prefix}-dead"),
+            ],
+            partitions,
+        )?;
         eprintln!("bench-kafka: {label}: producing {} events", lines.len());
         let produce_rate = produce(brokers, &format!("{prefix}-in"), &lines, 0.0)?;
         eprintln!("bench-kafka: {label}: produced at {produce_rate:.0} events/s; consuming");
@@ -145,7 +228,8 @@ pub fn run(topology: &Path, brokers: &str, events: u64, latency_events: u64, wor
         if !status.success() {
             bail!("{label} engine failed ({status})");
         }
-        let broker_cpu = broker_pid.map(|p| cpu_seconds(Some(p))).unwrap_or(0.0) - broker_cpu_before;
+        let broker_cpu =
+            broker_pid.map(|p| cpu_seconds(Some(p))).unwrap_or(0.0) - broker_cpu_before;
         let summary = crate::bench_command::summary_from(&summary_path)?;
         let busy = (summary.elapsed_seconds - IDLE_MS as f64 / 1000.0).max(1e-3);
         let events_per_second = summary.records_in as f64 / busy;
@@ -153,24 +237,47 @@ pub fn run(topology: &Path, brokers: &str, events: u64, latency_events: u64, wor
         // 2. latency at half of that rate, engine running while records arrive
         let half_rate = events_per_second / 2.0;
         let latency_prefix = format!("{prefix}-latency");
-        create_topics(brokers, &[&format!("{latency_prefix}-in"), &format!("{latency_prefix}-out"), &format!("{latency_prefix}-dead")], partitions)?;
+        create_topics(
+            brokers,
+            &[
+                &format!("{latency_prefix}-in"),
+                &format!("{latency_prefix}-out"),
+                &format!("{latency_prefix}-dead"),
+            ],
+            partitions,
+        )?;
         let latency_config = engine_config(dir, brokers, &latency_prefix, workers)?;
         let latency_summary = dir.join(format!("{latency_prefix}-summary.json"));
         let mut engine = start_engine(topology, &latency_config, &latency_summary, pass_through)?;
         let stop = Arc::new(AtomicBool::new(false));
         let histogram = Arc::new(Mutex::new(LatencyHistogram::default()));
         let reader = {
-            let (brokers, topic, stop, histogram) = (brokers.to_string(), format!("{latency_prefix}-out"), stop.clone(), histogram.clone());
+            let (brokers, topic, stop, histogram) = (
+                brokers.to_string(),
+                format!("{latency_prefix}-out"),
+                stop.clone(),
+                histogram.clone(),
+            );
             std::thread::spawn(move || measure_latency(&brokers, &topic, stop, histogram))
         };
         std::thread::sleep(Duration::from_millis(500)); // let the engine and the reader assign their partitions
         let client_cpu_before = cpu_seconds(None);
         let count = (latency_events as usize).min(lines.len());
-        eprintln!("bench-kafka: {label}: producing {count} events at {half_rate:.0}/s while the engine runs");
-        produce(brokers, &format!("{latency_prefix}-in"), &lines[..count], half_rate)?;
+        eprintln!(
+            "bench-kafka: {label}: producing {count} events at {half_rate:.0}/s while the engine runs"
+        );
+        produce(
+            brokers,
+            &format!("{latency_prefix}-in"),
+            &lines[..count],
+            half_rate,
+        )?;
         let status = engine.wait()?;
         stop.store(true, Ordering::Relaxed);
-        reader.join().map_err(|_| anyhow::anyhow!("latency reader panicked"))?.context("latency reader")?;
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("latency reader panicked"))?
+            .context("latency reader")?;
         if !status.success() {
             bail!("{label} latency engine failed ({status})");
         }
@@ -188,14 +295,41 @@ pub fn run(topology: &Path, brokers: &str, events: u64, latency_events: u64, wor
             events: summary.records_in,
         });
     }
-    println!("\nassay bench-kafka: {events} generated events, {partitions} partitions, {workers} worker(s), broker {brokers}");
-    println!("{:<13} {:>10} {:>8} {:>11} {:>8} {:>8}   {}", "pipeline", "events/s", "vs pass", "at rate/s", "p50 ms", "p99 ms", "CPU s for the max-rate run (engine, broker) / latency run (bench producer+consumer)");
+    println!(
+        "\nassay bench-kafka: {events} generated events, {partitions} partitions, {workers} worker(s), broker {brokers}"
+    );
+    println!(
+        "{:<13} {:>10} {:>8} {:>11} {:>8} {:>8}   {}",
+        "pipeline",
+        "events/s",
+        "vs pass",
+        "at rate/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU s for the max-rate run (engine, broker) / latency run (bench producer+consumer)"
+    );
     let baseline = rows[0].events_per_second;
     for r in &rows {
-        println!("{:<13} {:>10.0} {:>7.0}% {:>11.0} {:>8.1} {:>8.1}   engine {:.1}, broker {}, bench clients {:.1} ({} events)",
-            r.label, r.events_per_second, 100.0 * r.events_per_second / baseline, r.half_rate, r.p50_ms, r.p99_ms, r.engine_cpu,
-            if broker_pid.is_some() { format!("{:.1}", r.broker_cpu) } else { "n/a (pass --broker-pid)".into() }, r.client_cpu, r.events);
+        println!(
+            "{:<13} {:>10.0} {:>7.0}% {:>11.0} {:>8.1} {:>8.1}   engine {:.1}, broker {}, bench clients {:.1} ({} events)",
+            r.label,
+            r.events_per_second,
+            100.0 * r.events_per_second / baseline,
+            r.half_rate,
+            r.p50_ms,
+            r.p99_ms,
+            r.engine_cpu,
+            if broker_pid.is_some() {
+                format!("{:.1}", r.broker_cpu)
+            } else {
+                "n/a (pass --broker-pid)".into()
+            },
+            r.client_cpu,
+            r.events
+        );
     }
-    println!("\nlatency: append to the input topic until readable from the output topic; one run on a shared 2-core machine");
+    println!(
+        "\nlatency: append to the input topic until readable from the output topic; one run on a shared 2-core machine"
+    );
     Ok(())
 }

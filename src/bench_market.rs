@@ -16,7 +16,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use assay::bench::Rng;
 use assay::observe::RunSummary;
 
@@ -100,18 +100,35 @@ bands = [{ below = 5, label = "scarce" }, { below = 50, label = "limited" }]
 otherwise = "plentiful""#;
 
 fn write_topology(dir: &Path, with_aggregates: bool) -> anyhow::Result<PathBuf> {
-    let name = if with_aggregates { "market_on" } else { "market_off" };
-    let text = TOPOLOGY.replace("NAME", name)
+    let name = if with_aggregates {
+        "market_on"
+    } else {
+        "market_off"
+    };
+    let text = TOPOLOGY
+        .replace("NAME", name)
         .replace("AGGREGATE", if with_aggregates { AGGREGATE } else { "" })
         .replace("FEATURES", if with_aggregates { FEATURES } else { "" })
-        .replace(" OUTPUT", if with_aggregates { ", \"position\", \"supply\"" } else { "" });
+        .replace(
+            " OUTPUT",
+            if with_aggregates {
+                ", \"position\", \"supply\""
+            } else {
+                ""
+            },
+        );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text)?;
     Ok(path)
 }
 
 /// Writes the creates (`listings`) and then the updates, as two files.
-fn generate(dir: &Path, listings: u64, updates: u64, segments: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
+fn generate(
+    dir: &Path,
+    listings: u64,
+    updates: u64,
+    segments: usize,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let load = dir.join(format!("load-{listings}-{segments}.jsonl"));
     let rest = dir.join(format!("updates-{listings}-{updates}-{segments}.jsonl"));
     if load.exists() && rest.exists() {
@@ -119,15 +136,24 @@ fn generate(dir: &Path, listings: u64, updates: u64, segments: usize) -> anyhow:
     }
     let mut rng = Rng::new(2026);
     // a segment's price level, so that segments differ
-    let level: Vec<f64> = (0..segments).map(|_| 5_000.0 + 60_000.0 * rng.uniform()).collect();
+    let level: Vec<f64> = (0..segments)
+        .map(|_| 5_000.0 + 60_000.0 * rng.uniform())
+        .collect();
     let mut live: Vec<(u64, u64, usize, i64)> = Vec::new(); // id, version, segment, price
     let mut next_id = 0u64;
     let mut time = 1_700_000_000i64;
-    let mut create = |rng: &mut Rng, live: &mut Vec<(u64, u64, usize, i64)>, time: i64, out: &mut dyn Write| -> std::io::Result<()> {
+    let mut create = |rng: &mut Rng,
+                      live: &mut Vec<(u64, u64, usize, i64)>,
+                      time: i64,
+                      out: &mut dyn Write|
+     -> std::io::Result<()> {
         let segment = rng.zipf(segments);
         let price = (level[segment] * (0.7 + 0.6 * rng.uniform()) / 10.0).round() as i64 * 10;
         let odometer = rng.below(200_000) as i64;
-        writeln!(out, "{{\"kind\":\"create\",\"id\":\"m-{next_id:08}\",\"version\":1,\"event_time\":{time},\"price\":{price},\"odometer\":{odometer},\"segment\":\"s-{segment:05}\"}}")?;
+        writeln!(
+            out,
+            "{{\"kind\":\"create\",\"id\":\"m-{next_id:08}\",\"version\":1,\"event_time\":{time},\"price\":{price},\"odometer\":{odometer},\"segment\":\"s-{segment:05}\"}}"
+        )?;
         live.push((next_id, 1, segment, price));
         next_id += 1;
         Ok(())
@@ -151,9 +177,15 @@ fn generate(dir: &Path, listings: u64, updates: u64, segments: usize) -> anyhow:
         *version += 1;
         if roll < 0.85 {
             *price = ((*price as f64) * (0.93 + 0.06 * rng.uniform()) / 10.0).round() as i64 * 10;
-            writeln!(out, "{{\"kind\":\"price_change\",\"id\":\"m-{id:08}\",\"version\":{version},\"event_time\":{time},\"price\":{price}}}")?;
+            writeln!(
+                out,
+                "{{\"kind\":\"price_change\",\"id\":\"m-{id:08}\",\"version\":{version},\"event_time\":{time},\"price\":{price}}}"
+            )?;
         } else {
-            writeln!(out, "{{\"kind\":\"remove\",\"id\":\"m-{id:08}\",\"version\":{version},\"event_time\":{time}}}")?;
+            writeln!(
+                out,
+                "{{\"kind\":\"remove\",\"id\":\"m-{id:08}\",\"version\":{version},\"event_time\":{time}}}"
+            )?;
             live.swap_remove(index);
         }
     }
@@ -161,30 +193,67 @@ fn generate(dir: &Path, listings: u64, updates: u64, segments: usize) -> anyhow:
     Ok((load, rest))
 }
 
-fn run_phase(topology: &Path, run_dir: &Path, input: &Path, workers: usize, epoch_records: u64, from_scratch: bool, label: &str) -> anyhow::Result<RunSummary> {
+fn run_phase(
+    topology: &Path,
+    run_dir: &Path,
+    input: &Path,
+    workers: usize,
+    epoch_records: u64,
+    from_scratch: bool,
+    label: &str,
+) -> anyhow::Result<RunSummary> {
     let config = run_dir.join("config.toml");
-    std::fs::write(&config, format!(
-        "[runtime]\nworkers = {workers}\nepoch_records = {epoch_records}\nprogress = \"never\"\ncheckpoint_interval_ms = 2000\n\n[state]\ndir = {:?}\n\n\
+    std::fs::write(
+        &config,
+        format!(
+            "[runtime]\nworkers = {workers}\nepoch_records = {epoch_records}\nprogress = \"never\"\ncheckpoint_interval_ms = 2000\n\n[state]\ndir = {:?}\n\n\
          [bindings.changes]\ntype = \"file\"\npath = {input:?}\npartitions = 8\n\n\
          [bindings.documents]\ntype = \"file\"\npath = {:?}\n\n[bindings.dead_letters]\ntype = \"file\"\npath = {:?}\n",
-        run_dir.join("state"), run_dir.join("documents.jsonl"), run_dir.join("dead_letters.jsonl")))?;
+            run_dir.join("state"),
+            run_dir.join("documents.jsonl"),
+            run_dir.join("dead_letters.jsonl")
+        ),
+    )?;
     let summary_path = run_dir.join(format!("summary-{label}.json"));
     let mut command = Command::new(std::env::current_exe()?);
-    command.arg("run").arg(topology).arg("--config").arg(&config).args(["--progress", "never", "--summary-json"]).arg(&summary_path);
+    command
+        .arg("run")
+        .arg(topology)
+        .arg("--config")
+        .arg(&config)
+        .args(["--progress", "never", "--summary-json"])
+        .arg(&summary_path);
     if from_scratch {
         command.arg("--from-scratch");
     }
-    eprintln!("bench-market: {} {label} ...", topology.file_stem().unwrap_or_default().to_string_lossy());
-    let output = command.output().with_context(|| format!("running {label}"))?;
+    eprintln!(
+        "bench-market: {} {label} ...",
+        topology.file_stem().unwrap_or_default().to_string_lossy()
+    );
+    let output = command
+        .output()
+        .with_context(|| format!("running {label}"))?;
     if !output.status.success() {
-        bail!("{label} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "{label} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     summary_from(&summary_path)
 }
 
-pub fn run(listings: u64, updates: u64, segments: usize, workers: usize, epoch_records: u64, dir: &Path) -> anyhow::Result<()> {
+pub fn run(
+    listings: u64,
+    updates: u64,
+    segments: usize,
+    workers: usize,
+    epoch_records: u64,
+    dir: &Path,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    eprintln!("bench-market: generating {listings} listings over {segments} segments and {updates} updates");
+    eprintln!(
+        "bench-market: generating {listings} listings over {segments} segments and {updates} updates"
+    );
     let (load, rest) = generate(dir, listings, updates, segments)?;
     let mut results = Vec::new();
     for with_aggregates in [false, true] {
@@ -193,41 +262,123 @@ pub fn run(listings: u64, updates: u64, segments: usize, workers: usize, epoch_r
         std::fs::create_dir_all(&run_dir)?;
         let input = run_dir.join("input.jsonl");
         std::fs::copy(&load, &input)?;
-        let loaded = run_phase(&topology, &run_dir, &input, workers, epoch_records, true, "load")?;
+        let loaded = run_phase(
+            &topology,
+            &run_dir,
+            &input,
+            workers,
+            epoch_records,
+            true,
+            "load",
+        )?;
         // the updates appended to the same file: the run resumes at the checkpoint
         let mut file = std::fs::OpenOptions::new().append(true).open(&input)?;
         std::io::copy(&mut std::fs::File::open(&rest)?, &mut file)?;
         drop(file);
-        let updated = run_phase(&topology, &run_dir, &input, workers, epoch_records, false, "updates")?;
-        let restarted = run_phase(&topology, &run_dir, &input, workers, epoch_records, false, "restart")?;
+        let updated = run_phase(
+            &topology,
+            &run_dir,
+            &input,
+            workers,
+            epoch_records,
+            false,
+            "updates",
+        )?;
+        let restarted = run_phase(
+            &topology,
+            &run_dir,
+            &input,
+            workers,
+            epoch_records,
+            false,
+            "restart",
+        )?;
         results.push((with_aggregates, loaded, updated, restarted));
     }
     let (_, off_load, off_updates, off_restart) = &results[0];
     let (_, on_load, on_updates, on_restart) = &results[1];
     // every create of the load is a new listing
     let live = listings as f64;
-    println!("\nassay bench-market: {listings} listings over {segments} Zipf-sized segments, then {updates} updates; {workers} worker(s), epoch_records = {epoch_records}");
-    println!("{:<22} {:>14} {:>14} {:>8}", "", "no aggregates", "aggregates", "ratio");
-    let row = |name: &str, a: f64, b: f64| println!("{name:<22} {a:>14.0} {b:>14.0} {:>7.2}x", b / a);
-    row("load events/s", off_load.events_per_second, on_load.events_per_second);
-    row("update events/s", off_updates.events_per_second, on_updates.events_per_second);
-    row("  per worker", off_updates.events_per_second / workers as f64, on_updates.events_per_second / workers as f64);
-    println!("{:<22} {:>14.2} {:>14.2}", "update p99 ms", off_updates.latency_p99_ms, on_updates.latency_p99_ms);
-    println!("{:<22} {:>14.3} {:>14.3}", "update fan-out", off_updates.fan_out, on_updates.fan_out);
-    println!("{:<22} {:>14} {:>14}", "market documents", off_updates.market_documents, on_updates.market_documents);
-    println!("{:<22} {:>14} {:>14}", "market re-evaluations", off_updates.market_reevaluations, on_updates.market_reevaluations);
-    println!("{:<22} {:>14.1} {:>14.1}", "load peak RSS MB", off_load.peak_rss_mb, on_load.peak_rss_mb);
-    println!("{:<22} {:>14.2} {:>14.2}", "restart s", off_restart.elapsed_seconds, on_restart.elapsed_seconds);
+    println!(
+        "\nassay bench-market: {listings} listings over {segments} Zipf-sized segments, then {updates} updates; {workers} worker(s), epoch_records = {epoch_records}"
+    );
+    println!(
+        "{:<22} {:>14} {:>14} {:>8}",
+        "", "no aggregates", "aggregates", "ratio"
+    );
+    let row =
+        |name: &str, a: f64, b: f64| println!("{name:<22} {a:>14.0} {b:>14.0} {:>7.2}x", b / a);
+    row(
+        "load events/s",
+        off_load.events_per_second,
+        on_load.events_per_second,
+    );
+    row(
+        "update events/s",
+        off_updates.events_per_second,
+        on_updates.events_per_second,
+    );
+    row(
+        "  per worker",
+        off_updates.events_per_second / workers as f64,
+        on_updates.events_per_second / workers as f64,
+    );
+    println!(
+        "{:<22} {:>14.2} {:>14.2}",
+        "update p99 ms", off_updates.latency_p99_ms, on_updates.latency_p99_ms
+    );
+    println!(
+        "{:<22} {:>14.3} {:>14.3}",
+        "update fan-out", off_updates.fan_out, on_updates.fan_out
+    );
+    println!(
+        "{:<22} {:>14} {:>14}",
+        "market documents", off_updates.market_documents, on_updates.market_documents
+    );
+    println!(
+        "{:<22} {:>14} {:>14}",
+        "market re-evaluations", off_updates.market_reevaluations, on_updates.market_reevaluations
+    );
+    println!(
+        "{:<22} {:>14.1} {:>14.1}",
+        "load peak RSS MB", off_load.peak_rss_mb, on_load.peak_rss_mb
+    );
+    println!(
+        "{:<22} {:>14.2} {:>14.2}",
+        "restart s", off_restart.elapsed_seconds, on_restart.elapsed_seconds
+    );
     println!("\narrangement memory after the load, per live listing ({live} listings):");
-    println!("  members arrangement    {:>8.1} bytes (counted from its batches)", on_load.arrangement_member_bytes as f64 / live.max(1.0));
-    println!("  statistics (per segment, two arrangements) {:.1} bytes per listing, {} bytes in all", on_load.arrangement_statistics_bytes as f64 / live.max(1.0), on_load.arrangement_statistics_bytes);
-    println!("  peak RSS difference    {:>8.0} bytes (upper bound: also evaluation buffers, larger state values, allocator slack)",
-        (on_load.peak_rss_mb - off_load.peak_rss_mb) * 1024.0 * 1024.0 / live.max(1.0));
-    println!("  after the updates: members {:.1} bytes per live listing at the end", on_updates.arrangement_member_bytes as f64 / live.max(1.0));
+    println!(
+        "  members arrangement    {:>8.1} bytes (counted from its batches)",
+        on_load.arrangement_member_bytes as f64 / live.max(1.0)
+    );
+    println!(
+        "  statistics (per segment, two arrangements) {:.1} bytes per listing, {} bytes in all",
+        on_load.arrangement_statistics_bytes as f64 / live.max(1.0),
+        on_load.arrangement_statistics_bytes
+    );
+    println!(
+        "  peak RSS difference    {:>8.0} bytes (upper bound: also evaluation buffers, larger state values, allocator slack)",
+        (on_load.peak_rss_mb - off_load.peak_rss_mb) * 1024.0 * 1024.0 / live.max(1.0)
+    );
+    println!(
+        "  after the updates: members {:.1} bytes per live listing at the end",
+        on_updates.arrangement_member_bytes as f64 / live.max(1.0)
+    );
     let after_open = |s: &RunSummary| s.elapsed_seconds - s.state_open_seconds;
-    println!("rebuild of the arrangements at start: {:.2} s (restart with - without aggregates, after opening RocksDB: {:.2} s and {:.2} s to open)",
-        after_open(on_restart) - after_open(off_restart), on_restart.state_open_seconds, off_restart.state_open_seconds);
-    for (name, summary) in [("load", on_load), ("updates", on_updates), ("restart", on_restart), ("load (off)", off_load), ("updates (off)", off_updates)] {
+    println!(
+        "rebuild of the arrangements at start: {:.2} s (restart with - without aggregates, after opening RocksDB: {:.2} s and {:.2} s to open)",
+        after_open(on_restart) - after_open(off_restart),
+        on_restart.state_open_seconds,
+        off_restart.state_open_seconds
+    );
+    for (name, summary) in [
+        ("load", on_load),
+        ("updates", on_updates),
+        ("restart", on_restart),
+        ("load (off)", off_load),
+        ("updates (off)", off_updates),
+    ] {
         if !summary.reconciled {
             println!("warning: counts did not reconcile for {name}");
         }

@@ -13,8 +13,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
-use toml::de::{DeTable, DeValue};
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 /// One problem in a file, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +31,14 @@ pub struct Diagnostic {
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line > 0 {
-            write!(f, "{}:{}:{}: error: {}", self.file.display(), self.line, self.column, self.message)?;
+            write!(
+                f,
+                "{}:{}:{}: error: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.message
+            )?;
         } else {
             write!(f, "{}: error: {}", self.file.display(), self.message)?;
         }
@@ -72,18 +79,40 @@ impl Diagnostics {
     }
 
     /// An error at a byte span of `source` (the text of `file`).
-    pub fn error_at(&mut self, source: &SourceText, span: Range<usize>, message: impl Into<String>, hint: Option<String>) {
+    pub fn error_at(
+        &mut self,
+        source: &SourceText,
+        span: Range<usize>,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
         let (line, column) = source.line_column(span.start);
-        self.errors.push(Diagnostic { file: source.path.clone(), line, column, message: message.into(), hint });
+        self.errors.push(Diagnostic {
+            file: source.path.clone(),
+            line,
+            column,
+            message: message.into(),
+            hint,
+        });
     }
 
     /// An error with no place in a file (a missing file, an environment variable).
     pub fn error(&mut self, file: &Path, message: impl Into<String>, hint: Option<String>) {
-        self.errors.push(Diagnostic { file: file.to_path_buf(), line: 0, column: 0, message: message.into(), hint });
+        self.errors.push(Diagnostic {
+            file: file.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: message.into(),
+            hint,
+        });
     }
 
     pub fn into_result<T>(self, value: T) -> Result<T, Diagnostics> {
-        if self.errors.is_empty() { Ok(value) } else { Err(self) }
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
     }
 }
 
@@ -116,13 +145,20 @@ pub fn deserialize_collecting<T: DeserializeOwned>(source: &SourceText) -> Resul
 /// Like [`deserialize_collecting`], but also returns the value deserialized
 /// from the text with the offending pairs blanked, when there is one, so that
 /// later checks (references, files) can report their errors in the same pass.
-pub fn deserialize_recovering<T: DeserializeOwned>(source: &SourceText) -> (Option<T>, Diagnostics) {
+pub fn deserialize_recovering<T: DeserializeOwned>(
+    source: &SourceText,
+) -> (Option<T>, Diagnostics) {
     let mut diagnostics = Diagnostics::default();
     let (_, syntax_errors) = DeTable::parse_recoverable(&source.text);
     if !syntax_errors.is_empty() {
         for error in syntax_errors {
             let span = error.span().unwrap_or(0..0);
-            diagnostics.error_at(source, span, first_line(error.message()), Some("this is not valid TOML".into()));
+            diagnostics.error_at(
+                source,
+                span,
+                first_line(error.message()),
+                Some("this is not valid TOML".into()),
+            );
         }
         return (None, diagnostics);
     }
@@ -134,18 +170,32 @@ pub fn deserialize_recovering<T: DeserializeOwned>(source: &SourceText) -> (Opti
             Err(error) => {
                 let message = first_line(error.message());
                 let span = error.span();
-                let located = span.clone().and_then(|span| key_value_containing(&working, span));
+                let located = span
+                    .clone()
+                    .and_then(|span| key_value_containing(&working, span));
                 // a missing field that we blanked ourselves is a consequence, not a new error
-                let consequence = blanked_keys.iter().any(|key| message == format!("missing field `{key}`"));
+                let consequence = blanked_keys
+                    .iter()
+                    .any(|key| message == format!("missing field `{key}`"));
                 if !consequence {
                     let message = match &located {
-                        Some((_, key)) if !message.contains(&format!("`{key}`")) => format!("`{key}`: {message}"),
+                        Some((_, key)) if !message.contains(&format!("`{key}`")) => {
+                            format!("`{key}`: {message}")
+                        }
                         _ => message.clone(),
                     };
-                    diagnostics.error_at(source, span.clone().unwrap_or(0..0), message.clone(), hint_for(&first_line(error.message())));
+                    diagnostics.error_at(
+                        source,
+                        span.clone().unwrap_or(0..0),
+                        message.clone(),
+                        hint_for(&first_line(error.message())),
+                    );
                 }
                 let Some((range, key)) = located else { break };
-                let blanked: String = working[range.clone()].chars().map(|c| if c == '\n' { '\n' } else { ' ' }).collect();
+                let blanked: String = working[range.clone()]
+                    .chars()
+                    .map(|c| if c == '\n' { '\n' } else { ' ' })
+                    .collect();
                 working.replace_range(range, &blanked);
                 blanked_keys.push(key);
             }
@@ -187,13 +237,22 @@ fn key_value_containing(text: &str, span: Range<usize>) -> Option<(Range<usize>,
     best
 }
 
-fn find_in_table(table: &DeTable<'_>, span: &Range<usize>, best: &mut Option<(Range<usize>, String)>) {
+fn find_in_table(
+    table: &DeTable<'_>,
+    span: &Range<usize>,
+    best: &mut Option<(Range<usize>, String)>,
+) {
     for (key, value) in table.iter() {
         find_in_pair(key, value, span, best);
     }
 }
 
-fn find_in_pair(key: &Spanned<std::borrow::Cow<'_, str>>, value: &Spanned<DeValue<'_>>, span: &Range<usize>, best: &mut Option<(Range<usize>, String)>) {
+fn find_in_pair(
+    key: &Spanned<std::borrow::Cow<'_, str>>,
+    value: &Spanned<DeValue<'_>>,
+    span: &Range<usize>,
+    best: &mut Option<(Range<usize>, String)>,
+) {
     let key_span = key.span();
     let value_span = value.span();
     let whole = key_span.start.min(value_span.start)..key_span.end.max(value_span.end);
@@ -202,7 +261,10 @@ fn find_in_pair(key: &Spanned<std::borrow::Cow<'_, str>>, value: &Spanned<DeValu
     // as `key = value` on its own can be blanked without blanking unrelated keys
     let inline_pair = key_span.end <= value_span.start && value_span.start - key_span.end < 16;
     if inline_pair && (contains(&key_span) || contains(&value_span)) {
-        let narrower = best.as_ref().map(|(r, _)| whole.len() < r.len()).unwrap_or(true);
+        let narrower = best
+            .as_ref()
+            .map(|(r, _)| whole.len() < r.len())
+            .unwrap_or(true);
         if narrower {
             *best = Some((whole.clone(), key.get_ref().to_string()));
         }
@@ -244,7 +306,10 @@ mod tests {
     }
 
     fn source(text: &str) -> SourceText {
-        SourceText { path: "t.toml".into(), text: text.into() }
+        SourceText {
+            path: "t.toml".into(),
+            text: text.into(),
+        }
     }
 
     #[test]
@@ -253,19 +318,28 @@ mod tests {
         let errors = deserialize_collecting::<Outer>(&source(text)).unwrap_err();
         let lines: Vec<usize> = errors.errors.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![2, 5, 7], "{errors}");
-        assert!(errors.errors[0].message.contains("unknown field `colour`"), "{errors}");
-        assert!(errors.errors[1].message.contains("invalid type"), "{errors}");
+        assert!(
+            errors.errors[0].message.contains("unknown field `colour`"),
+            "{errors}"
+        );
+        assert!(
+            errors.errors[1].message.contains("invalid type"),
+            "{errors}"
+        );
     }
 
     #[test]
     fn a_valid_file_deserializes() {
-        let outer = deserialize_collecting::<Outer>(&source("title = \"x\"\n[[item]]\nname = \"a\"\n")).unwrap();
+        let outer =
+            deserialize_collecting::<Outer>(&source("title = \"x\"\n[[item]]\nname = \"a\"\n"))
+                .unwrap();
         assert_eq!(outer.item.len(), 1);
     }
 
     #[test]
     fn syntax_errors_are_located() {
-        let errors = deserialize_collecting::<Outer>(&source("title = \"x\"\nbroken = \n")).unwrap_err();
+        let errors =
+            deserialize_collecting::<Outer>(&source("title = \"x\"\nbroken = \n")).unwrap_err();
         assert_eq!(errors.errors[0].line, 2, "{errors}");
     }
 }

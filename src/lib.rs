@@ -35,7 +35,11 @@ pub enum PrepareError {
 
 /// Validates the topology and the config together (every error at once), then
 /// loads and golden-checks the models. Nothing runs before this succeeds.
-pub fn prepare(topology_path: &Path, config_path: Option<&Path>, env: &[(String, String)]) -> Result<Prepared, PrepareError> {
+pub fn prepare(
+    topology_path: &Path,
+    config_path: Option<&Path>,
+    env: &[(String, String)],
+) -> Result<Prepared, PrepareError> {
     let plan = topology::load(topology_path);
     let config = config::load(config_path, env, plan.as_ref().ok());
     let (plan, config) = match (plan, config) {
@@ -52,5 +56,9 @@ pub fn prepare(topology_path: &Path, config_path: Option<&Path>, env: &[(String,
         }
     };
     let models = model::load_all(&plan)?;
-    Ok(Prepared { plan: Arc::new(plan), config, models: Arc::new(models) })
+    Ok(Prepared {
+        plan: Arc::new(plan),
+        config,
+        models: Arc::new(models),
+    })
 }

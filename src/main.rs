@@ -11,11 +11,15 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "assay", version, about = "Enrich marketplace listing changes for search: decode, per-listing state, features, ONNX scoring, documents out.",
+#[command(
+    name = "assay",
+    version,
+    about = "Enrich marketplace listing changes for search: decode, per-listing state, features, ONNX scoring, documents out.",
     long_about = "assay consumes a stream of listing changes, keeps per-listing state in RocksDB, computes features, \
 scores them with ONNX models and writes enriched documents (upserts and tombstones) for a search indexer.\n\n\
 Start with:  assay run topologies/listings.toml\n\
-It reads the committed sample stream and writes out/search_documents.jsonl and out/dead_letters.jsonl.")]
+It reads the committed sample stream and writes out/search_documents.jsonl and out/dead_letters.jsonl."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,7 +53,11 @@ enum Command {
         file: PathBuf,
         #[arg(long, default_value = "listing_changes")]
         topic: String,
-        #[arg(long, default_value = "127.0.0.1:9092", env = "ASSAY_KAFKA__BOOTSTRAP_SERVERS")]
+        #[arg(
+            long,
+            default_value = "127.0.0.1:9092",
+            env = "ASSAY_KAFKA__BOOTSTRAP_SERVERS"
+        )]
         brokers: String,
         /// Top-level field whose value is the record key.
         #[arg(long, default_value = "listing_id")]
@@ -62,7 +70,11 @@ enum Command {
     Tail {
         #[arg(long, default_value = "search_documents")]
         topic: String,
-        #[arg(long, default_value = "127.0.0.1:9092", env = "ASSAY_KAFKA__BOOTSTRAP_SERVERS")]
+        #[arg(
+            long,
+            default_value = "127.0.0.1:9092",
+            env = "ASSAY_KAFKA__BOOTSTRAP_SERVERS"
+        )]
         brokers: String,
         /// Start at the beginning of the topic instead of its end.
         #[arg(long)]
@@ -149,10 +161,15 @@ enum Command {
 }
 
 fn environment() -> Vec<(String, String)> {
-    std::env::vars().filter(|(k, _)| k.starts_with("ASSAY_")).collect()
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("ASSAY_"))
+        .collect()
 }
 
-fn prepare(topology: &std::path::Path, config: Option<&std::path::Path>) -> Result<assay::Prepared, ExitCode> {
+fn prepare(
+    topology: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> Result<assay::Prepared, ExitCode> {
     match assay::prepare(topology, config, &environment()) {
         Ok(prepared) => Ok(prepared),
         Err(assay::PrepareError::Invalid(diagnostics)) => {
@@ -175,7 +192,13 @@ fn main() -> anyhow::Result<ExitCode> {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
             };
-            println!("{}: ok ({} fields, {} features, {} models passed their golden checks)", topology.display(), prepared.plan.fields.len(), prepared.plan.features.len(), prepared.models.len());
+            println!(
+                "{}: ok ({} fields, {} features, {} models passed their golden checks)",
+                topology.display(),
+                prepared.plan.fields.len(),
+                prepared.plan.features.len(),
+                prepared.models.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Explain { topology, config } => {
@@ -184,39 +207,131 @@ fn main() -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             let partitions = prepared.config.input_partitions(&prepared.plan);
-            print!("{}", assay::topology::explain(&prepared.plan, prepared.config.runtime.workers, partitions));
+            print!(
+                "{}",
+                assay::topology::explain(
+                    &prepared.plan,
+                    prepared.config.runtime.workers,
+                    partitions
+                )
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Produce { file, topic, brokers, key_field, create_partitions } => {
+        Command::Produce {
+            file,
+            topic,
+            brokers,
+            key_field,
+            create_partitions,
+        } => {
             if let Some(partitions) = create_partitions {
-                let kafka = assay::config::KafkaConfig { bootstrap_servers: brokers.clone(), ..Default::default() };
-                let binding = assay::config::KafkaBinding { topic: topic.clone(), partitions: Some(partitions), create_topic: true, properties: Default::default(), epoch_ms: 5, stop_when_idle_ms: 0 };
+                let kafka = assay::config::KafkaConfig {
+                    bootstrap_servers: brokers.clone(),
+                    ..Default::default()
+                };
+                let binding = assay::config::KafkaBinding {
+                    topic: topic.clone(),
+                    partitions: Some(partitions),
+                    create_topic: true,
+                    properties: Default::default(),
+                    epoch_ms: 5,
+                    stop_when_idle_ms: 0,
+                };
                 assay::connectors::kafka::ensure_topic(&kafka, &binding)?;
             }
-            let count = assay::connectors::kafka::tools::produce_file(&brokers, &topic, &file, &key_field).map_err(anyhow::Error::msg)?;
-            eprintln!("produced {count} records from {} to topic {topic}", file.display());
+            let count =
+                assay::connectors::kafka::tools::produce_file(&brokers, &topic, &file, &key_field)
+                    .map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "produced {count} records from {} to topic {topic}",
+                file.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Tail { topic, brokers, from_beginning, count, idle_ms } => {
+        Command::Tail {
+            topic,
+            brokers,
+            from_beginning,
+            count,
+            idle_ms,
+        } => {
             let mut stdout = std::io::stdout().lock();
-            let seen = assay::connectors::kafka::tools::tail(&brokers, &topic, from_beginning, count, std::time::Duration::from_millis(idle_ms), &mut stdout).map_err(anyhow::Error::msg)?;
+            let seen = assay::connectors::kafka::tools::tail(
+                &brokers,
+                &topic,
+                from_beginning,
+                count,
+                std::time::Duration::from_millis(idle_ms),
+                &mut stdout,
+            )
+            .map_err(anyhow::Error::msg)?;
             eprintln!("{seen} record(s) from topic {topic}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchKafka { topology, brokers, events, latency_events, workers, partitions, broker_pid, dir } => {
-            bench_kafka::run(&topology, &brokers, events, latency_events, workers, partitions, broker_pid, &dir)?;
+        Command::BenchKafka {
+            topology,
+            brokers,
+            events,
+            latency_events,
+            workers,
+            partitions,
+            broker_pid,
+            dir,
+        } => {
+            bench_kafka::run(
+                &topology,
+                &brokers,
+                events,
+                latency_events,
+                workers,
+                partitions,
+                broker_pid,
+                &dir,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { topology, events, live_listings, workers, epoch_records, dir } => {
-            let workers: Vec<usize> = workers.split(',').map(|w| w.trim().parse()).collect::<Result<_, _>>().context("--workers takes numbers like 1,2")?;
-            bench_command::run(&topology, events, live_listings, &workers, epoch_records, &dir)?;
+        Command::Bench {
+            topology,
+            events,
+            live_listings,
+            workers,
+            epoch_records,
+            dir,
+        } => {
+            let workers: Vec<usize> = workers
+                .split(',')
+                .map(|w| w.trim().parse())
+                .collect::<Result<_, _>>()
+                .context("--workers takes numbers like 1,2")?;
+            bench_command::run(
+                &topology,
+                events,
+                live_listings,
+                &workers,
+                epoch_records,
+                &dir,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchMarket { listings, updates, segments, workers, epoch_records, dir } => {
+        Command::BenchMarket {
+            listings,
+            updates,
+            segments,
+            workers,
+            epoch_records,
+            dir,
+        } => {
             bench_market::run(listings, updates, segments, workers, epoch_records, &dir)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { topology, config, from_scratch, progress, summary_json, pass_through } => {
+        Command::Run {
+            topology,
+            config,
+            from_scratch,
+            progress,
+            summary_json,
+            pass_through,
+        } => {
             let prepared = match prepare(&topology, config.as_deref()) {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
@@ -227,13 +342,27 @@ fn main() -> anyhow::Result<ExitCode> {
                 "never" => Some(false),
                 other => anyhow::bail!("--progress takes auto, always or never, not {other:?}"),
             };
-            let options = assay::dataflow::RunOptions { from_scratch, progress, pass_through };
-            let summary = assay::dataflow::run(prepared.plan.clone(), &prepared.config, prepared.models.clone(), &options)?;
+            let options = assay::dataflow::RunOptions {
+                from_scratch,
+                progress,
+                pass_through,
+            };
+            let summary = assay::dataflow::run(
+                prepared.plan.clone(),
+                &prepared.config,
+                prepared.models.clone(),
+                &options,
+            )?;
             eprint!("{}", summary.render());
             if let Some(path) = summary_json {
-                std::fs::write(&path, serde_json::to_string_pretty(&summary)?).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
-            Ok(if summary.reconciled { ExitCode::SUCCESS } else { ExitCode::from(3) })
+            Ok(if summary.reconciled {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
         }
     }
 }

@@ -12,12 +12,17 @@ use common::*;
 
 fn assay() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_assay"));
-    command.current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped());
+    command
+        .current_dir(repo())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     command
 }
 
 fn line_count(path: &std::path::Path) -> usize {
-    std::fs::read(path).map(|b| b.iter().filter(|c| **c == b'\n').count()).unwrap_or(0)
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|c| **c == b'\n').count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -25,17 +30,37 @@ fn killed_and_resumed_run_equals_a_clean_run() {
     // the uninterrupted run
     let clean_dir = tempfile::tempdir().unwrap();
     let clean = write_config(clean_dir.path(), &sample_stream(), 2, 256, "");
-    let status = assay().args(["run", "topologies/listings.toml", "--config"]).arg(&clean.path).status().unwrap();
+    let status = assay()
+        .args(["run", "topologies/listings.toml", "--config"])
+        .arg(&clean.path)
+        .status()
+        .unwrap();
     assert!(status.success());
 
     // the crashed run: throttled so that it is mid-stream when killed
     let dir = tempfile::tempdir().unwrap();
-    let crashed = write_config(dir.path(), &sample_stream(), 2, 256, "records_per_second = 4000");
-    let mut child = assay().args(["run", "topologies/listings.toml", "--config"]).arg(&crashed.path).spawn().unwrap();
+    let crashed = write_config(
+        dir.path(),
+        &sample_stream(),
+        2,
+        256,
+        "records_per_second = 4000",
+    );
+    let mut child = assay()
+        .args(["run", "topologies/listings.toml", "--config"])
+        .arg(&crashed.path)
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while line_count(&crashed.documents) < 8000 {
-        assert!(Instant::now() < deadline, "the run produced too little output to be killed mid-stream");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(
+            Instant::now() < deadline,
+            "the run produced too little output to be killed mid-stream"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // SIGKILL: no destructor, no flush, no final checkpoint
@@ -43,7 +68,10 @@ fn killed_and_resumed_run_equals_a_clean_run() {
     child.wait().unwrap();
     let before_restart = line_count(&crashed.documents);
     let total_documents = line_count(&clean.documents);
-    assert!(before_restart < total_documents, "killed after the end ({before_restart} of {total_documents})");
+    assert!(
+        before_restart < total_documents,
+        "killed after the end ({before_restart} of {total_documents})"
+    );
 
     let status = assay()
         .args(["run", "topologies/listings.toml", "--config"])
@@ -53,18 +81,31 @@ fn killed_and_resumed_run_equals_a_clean_run() {
         .unwrap();
     assert!(status.success());
 
-    for (name, clean_path, crashed_path) in [("documents", &clean.documents, &crashed.documents), ("dead letters", &clean.dead_letters, &crashed.dead_letters)] {
+    for (name, clean_path, crashed_path) in [
+        ("documents", &clean.documents, &crashed.documents),
+        ("dead letters", &clean.dead_letters, &crashed.dead_letters),
+    ] {
         let clean_lines = read_lines(clean_path);
         let crashed_lines = read_lines(crashed_path);
         let clean_set: BTreeSet<&String> = clean_lines.iter().collect();
         let crashed_set: BTreeSet<&String> = crashed_lines.iter().collect();
-        assert_eq!(clean_set.len(), clean_lines.len(), "the clean run's {name} has no duplicates");
+        assert_eq!(
+            clean_set.len(),
+            clean_lines.len(),
+            "the clean run's {name} has no duplicates"
+        );
         let missing: Vec<_> = clean_set.difference(&crashed_set).take(3).collect();
         assert!(missing.is_empty(), "{name} lost by the crash: {missing:?}");
         let extra: Vec<_> = crashed_set.difference(&clean_set).take(3).collect();
-        assert!(extra.is_empty(), "{name} that a clean run does not produce: {extra:?}");
+        assert!(
+            extra.is_empty(),
+            "{name} that a clean run does not produce: {extra:?}"
+        );
         assert!(crashed_lines.len() >= clean_lines.len());
     }
     // the resumed run did not start from the beginning
-    assert!(line_count(&crashed.documents) < before_restart + total_documents, "the rerun replayed everything: no checkpoint was used");
+    assert!(
+        line_count(&crashed.documents) < before_restart + total_documents,
+        "the rerun replayed everything: no checkpoint was used"
+    );
 }

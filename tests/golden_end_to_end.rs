@@ -41,13 +41,35 @@ fn golden_first_3000_events_of_the_sample() {
         std::fs::write(golden.join("expected_counts.json"), &counts).unwrap();
         return;
     }
-    let expected_counts = std::fs::read_to_string(golden.join("expected_counts.json")).expect("golden counts (bless with ASSAY_BLESS=1)");
-    assert_eq!(counts, expected_counts, "summary counts differ from tests/golden");
-    let expected_documents = std::fs::read_to_string(golden.join("expected_documents.jsonl")).unwrap();
-    for (index, (got, want)) in documents.lines().zip(expected_documents.lines()).enumerate() {
-        assert_eq!(got, want, "document line {} differs from tests/golden", index + 1);
+    let expected_counts = std::fs::read_to_string(golden.join("expected_counts.json"))
+        .expect("golden counts (bless with ASSAY_BLESS=1)");
+    assert_eq!(
+        counts, expected_counts,
+        "summary counts differ from tests/golden"
+    );
+    let expected_documents =
+        std::fs::read_to_string(golden.join("expected_documents.jsonl")).unwrap();
+    for (index, (got, want)) in documents
+        .lines()
+        .zip(expected_documents.lines())
+        .enumerate()
+    {
+        assert_eq!(
+            got,
+            want,
+            "document line {} differs from tests/golden",
+            index + 1
+        );
     }
-    assert_eq!(documents.lines().count(), expected_documents.lines().count(), "document count differs");
-    let expected_dead = std::fs::read_to_string(golden.join("expected_dead_letters.jsonl")).unwrap();
-    assert_eq!(dead_letters, expected_dead, "dead letters differ from tests/golden");
+    assert_eq!(
+        documents.lines().count(),
+        expected_documents.lines().count(),
+        "document count differs"
+    );
+    let expected_dead =
+        std::fs::read_to_string(golden.join("expected_dead_letters.jsonl")).unwrap();
+    assert_eq!(
+        dead_letters, expected_dead,
+        "dead letters differ from tests/golden"
+    );
 }

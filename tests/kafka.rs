@@ -9,14 +9,20 @@ use std::time::{Duration, Instant};
 
 use common::broker::Broker;
 use common::*;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 struct KafkaTestConfig {
     path: PathBuf,
 }
 
-fn kafka_config(dir: &Path, brokers: &str, workers: usize, input_partitions: u32, idle_ms: u64) -> KafkaTestConfig {
+fn kafka_config(
+    dir: &Path,
+    brokers: &str,
+    workers: usize,
+    input_partitions: u32,
+    idle_ms: u64,
+) -> KafkaTestConfig {
     let text = format!(
         r#"[runtime]
 workers = {workers}
@@ -58,18 +64,39 @@ create_topic = true
 }
 
 fn create_topic(brokers: &str, topic: &str, partitions: u32) {
-    let kafka = assay::config::KafkaConfig { bootstrap_servers: brokers.into(), ..Default::default() };
-    let binding = assay::config::KafkaBinding { topic: topic.into(), partitions: Some(partitions), create_topic: true, properties: Default::default(), epoch_ms: 5, stop_when_idle_ms: 0 };
-    assay::connectors::kafka::ensure_topic(&kafka, &binding).unwrap_or_else(|e| panic!("create {topic}: {e}"));
+    let kafka = assay::config::KafkaConfig {
+        bootstrap_servers: brokers.into(),
+        ..Default::default()
+    };
+    let binding = assay::config::KafkaBinding {
+        topic: topic.into(),
+        partitions: Some(partitions),
+        create_topic: true,
+        properties: Default::default(),
+        epoch_ms: 5,
+        stop_when_idle_ms: 0,
+    };
+    assay::connectors::kafka::ensure_topic(&kafka, &binding)
+        .unwrap_or_else(|e| panic!("create {topic}: {e}"));
 }
 
 fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
-    ClientConfig::new().set("bootstrap.servers", brokers).set("enable.idempotence", "true").set("linger.ms", "5").create().unwrap()
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
 }
 
-fn produce_lines(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, lines: &[Vec<u8>]) {
+fn produce_lines(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    lines: &[Vec<u8>],
+) {
     for line in lines {
-        let key = assay::connectors::file::source::find_top_level_key(line, b"\"listing_id\"").map(<[u8]>::to_vec);
+        let key = assay::connectors::file::source::find_top_level_key(line, b"\"listing_id\"")
+            .map(<[u8]>::to_vec);
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(line);
         record.key = key.as_deref();
         let mut record = record;
@@ -87,31 +114,64 @@ fn produce_lines(producer: &ThreadedProducer<DefaultProducerContext>, topic: &st
 }
 
 fn sample_lines() -> Vec<Vec<u8>> {
-    std::fs::read(sample_stream()).unwrap().split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect()
+    std::fs::read(sample_stream())
+        .unwrap()
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
 }
 
 /// (key, version, value) of every record in a topic.
 fn read_topic(brokers: &str, topic: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
-    assay::connectors::kafka::tools::tail(brokers, topic, true, None, Duration::from_secs(3), &mut out).unwrap();
-    String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    assay::connectors::kafka::tools::tail(
+        brokers,
+        topic,
+        true,
+        None,
+        Duration::from_secs(3),
+        &mut out,
+    )
+    .unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// The documents as (key, version, document JSON) from the topic.
 fn documents_from_topic(records: &[serde_json::Value]) -> Vec<(String, u64, String)> {
-    records.iter().map(|r| (
-        r["key"].as_str().unwrap().to_string(),
-        r["headers"]["assay.version"].as_str().unwrap().parse().unwrap(),
-        r["value"].to_string(),
-    )).collect()
+    records
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap().to_string(),
+                r["headers"]["assay.version"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+                r["value"].to_string(),
+            )
+        })
+        .collect()
 }
 
 /// The documents of a file run in the same form.
 fn documents_from_file(path: &Path) -> Vec<(String, u64, String)> {
-    read_lines(path).iter().map(|l| {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        (v["key"].as_str().unwrap().to_string(), v["version"].as_u64().unwrap(), v["doc"].to_string())
-    }).collect()
+    read_lines(path)
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["key"].as_str().unwrap().to_string(),
+                v["version"].as_u64().unwrap(),
+                v["doc"].to_string(),
+            )
+        })
+        .collect()
 }
 
 fn file_run_documents(dir: &Path) -> (Vec<(String, u64, String)>, TestConfig) {
@@ -121,9 +181,15 @@ fn file_run_documents(dir: &Path) -> (Vec<(String, u64, String)>, TestConfig) {
 }
 
 fn run_kafka(config: &KafkaTestConfig) -> assay::observe::RunSummary {
-    let prepared = assay::prepare(&listings_topology(), Some(&config.path), &[]).unwrap_or_else(|e| panic!("{e}"));
-    let options = assay::dataflow::RunOptions { from_scratch: false, progress: Some(false), pass_through: false };
-    assay::dataflow::run(prepared.plan, &prepared.config, prepared.models, &options).unwrap_or_else(|e| panic!("{e}"))
+    let prepared = assay::prepare(&listings_topology(), Some(&config.path), &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let options = assay::dataflow::RunOptions {
+        from_scratch: false,
+        progress: Some(false),
+        pass_through: false,
+    };
+    assay::dataflow::run(prepared.plan, &prepared.config, prepared.models, &options)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// What a search index holding external versions ends with: per listing, the
@@ -140,13 +206,21 @@ fn indexed(documents: &[(String, u64, String)]) -> BTreeMap<String, (u64, String
             }
         }
     }
-    index.into_iter().map(|(key, (version, body))| (key, (version >> 32, body))).collect()
+    index
+        .into_iter()
+        .map(|(key, (version, body))| (key, (version >> 32, body)))
+        .collect()
 }
 
 /// The first listing whose indexed document differs, if any.
-fn first_difference(got: &BTreeMap<String, (u64, String)>, want: &BTreeMap<String, (u64, String)>) -> Option<String> {
+fn first_difference(
+    got: &BTreeMap<String, (u64, String)>,
+    want: &BTreeMap<String, (u64, String)>,
+) -> Option<String> {
     let keys: BTreeSet<&String> = got.keys().chain(want.keys()).collect();
-    keys.into_iter().find(|k| got.get(*k) != want.get(*k)).map(|k| format!("{k}:\n  got  {:?}\n  want {:?}", got.get(k), want.get(k)))
+    keys.into_iter()
+        .find(|k| got.get(*k) != want.get(*k))
+        .map(|k| format!("{k}:\n  got  {:?}\n  want {:?}", got.get(k), want.get(k)))
 }
 
 fn sorted<T: Ord + Clone>(items: &[T]) -> Vec<T> {
@@ -163,10 +237,16 @@ fn assert_versions_monotone_and_duplicates_identical(documents: &[(String, u64, 
     for (key, version, body) in documents {
         let versions = seen.entry(key).or_default();
         match versions.get(version) {
-            Some(earlier) => assert_eq!(earlier, body, "listing {key} version {version} was emitted twice with different content"),
+            Some(earlier) => assert_eq!(
+                earlier, body,
+                "listing {key} version {version} was emitted twice with different content"
+            ),
             None => {
                 let top = highest.entry(key).or_insert(0);
-                assert!(*version > *top, "listing {key}: new version {version} after {top}");
+                assert!(
+                    *version > *top,
+                    "listing {key}: new version {version} after {top}"
+                );
                 *top = *version;
                 versions.insert(*version, body);
             }
@@ -193,14 +273,33 @@ fn the_sample_through_kafka_on_four_partitions_and_two_workers_equals_the_file_r
     // Kafka epochs follow the clock, so which market re-emissions happen
     // differs from the file run; what the index ends with does not
     let difference = first_difference(&indexed(&documents), &indexed(&expected));
-    assert!(difference.is_none(), "the Kafka run leaves the index differently from the file run: {}", difference.unwrap());
-    assert_eq!(summary.documents_emitted, documents.len() as u64, "every document counted reached the topic, once");
+    assert!(
+        difference.is_none(),
+        "the Kafka run leaves the index differently from the file run: {}",
+        difference.unwrap()
+    );
+    assert_eq!(
+        summary.documents_emitted,
+        documents.len() as u64,
+        "every document counted reached the topic, once"
+    );
     // each listing's updates left in order (one listing lives in one output partition)
     assert_versions_monotone_and_duplicates_identical(&documents);
 
     let dead = read_topic(&brokers, "dead_letters");
-    let mut reasons: Vec<String> = dead.iter().map(|r| r["headers"]["assay.reason"].as_str().unwrap().to_string()).collect();
-    let mut expected_reasons: Vec<String> = read_lines(&file_config.dead_letters).iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"].as_str().unwrap().to_string()).collect();
+    let mut reasons: Vec<String> = dead
+        .iter()
+        .map(|r| r["headers"]["assay.reason"].as_str().unwrap().to_string())
+        .collect();
+    let mut expected_reasons: Vec<String> = read_lines(&file_config.dead_letters)
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     reasons.sort();
     expected_reasons.sort();
     assert_eq!(reasons, expected_reasons);
@@ -223,25 +322,48 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_partition_keeps_flowing() 
     produce_lines(&producer(&brokers), "listing_changes", &lines);
     let summary = run_kafka(&kafka_config(dir.path(), &brokers, 1, 1, 1500));
     assert!(summary.reconciled);
-    assert_eq!((summary.upserts, summary.dead_letters), (3, 3), "{summary:?}");
+    assert_eq!(
+        (summary.upserts, summary.dead_letters),
+        (3, 3),
+        "{summary:?}"
+    );
 
     let dead = read_topic(&brokers, "dead_letters");
-    let reasons: Vec<&str> = dead.iter().map(|r| r["headers"]["assay.reason"].as_str().unwrap()).collect();
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|r| r["headers"]["assay.reason"].as_str().unwrap())
+        .collect();
     assert_eq!(reasons, vec!["invalid_json", "not_utf8", "out_of_range"]);
-    let offsets: Vec<&str> = dead.iter().map(|r| r["headers"]["assay.source.offset"].as_str().unwrap()).collect();
+    let offsets: Vec<&str> = dead
+        .iter()
+        .map(|r| r["headers"]["assay.source.offset"].as_str().unwrap())
+        .collect();
     assert_eq!(offsets, vec!["1", "2", "3"]);
-    assert_eq!(dead[0]["value"].as_str().unwrap().as_bytes(), &lines[1][..], "original bytes are kept");
+    assert_eq!(
+        dead[0]["value"].as_str().unwrap().as_bytes(),
+        &lines[1][..],
+        "original bytes are kept"
+    );
     let documents = documents_from_topic(&read_topic(&brokers, "search_documents"));
-    let keys: Vec<(&str, u64)> = documents.iter().map(|(k, v, _)| (k.as_str(), *v >> 32)).collect();
+    let keys: Vec<(&str, u64)> = documents
+        .iter()
+        .map(|(k, v, _)| (k.as_str(), *v >> 32))
+        .collect();
     assert_eq!(sorted(&keys), vec![("a", 1), ("a", 3), ("c", 1)]);
     // version = listing version << 32 | incarnation << 16 | market re-emissions:
     // the store's first start, and no market re-emission
-    assert!(documents.iter().all(|(_, v, _)| v & 0xFFFF_FFFF == 1 << 16), "{documents:?}");
+    assert!(
+        documents.iter().all(|(_, v, _)| v & 0xFFFF_FFFF == 1 << 16),
+        "{documents:?}"
+    );
 }
 
 fn assay_binary() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_assay"));
-    command.current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::piped());
+    command
+        .current_dir(repo())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     command
 }
 
@@ -249,10 +371,27 @@ fn assay_binary() -> Command {
 /// (tansu's can lag what a consumer reads; used only to see progress).
 fn topic_count(brokers: &str, topic: &str) -> usize {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", "assay-test-count").create().unwrap();
-    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else { return 0 };
-    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
-    (0..partitions as i32).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map(|(_, high)| high.max(0) as usize).unwrap_or(0)).sum()
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "assay-test-count")
+        .create()
+        .unwrap();
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+        return 0;
+    };
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    (0..partitions as i32)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .map(|(_, high)| high.max(0) as usize)
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 #[test]
@@ -265,7 +404,11 @@ fn engine_killed_mid_stream_and_restarted_loses_nothing() {
     let lines = sample_lines();
 
     // the engine runs while the changes arrive; it is killed half way
-    let mut engine = assay_binary().args(["run", "topologies/listings.toml", "--config"]).arg(&config.path).spawn().unwrap();
+    let mut engine = assay_binary()
+        .args(["run", "topologies/listings.toml", "--config"])
+        .arg(&config.path)
+        .spawn()
+        .unwrap();
     let producer = producer(&brokers);
     let chunks: Vec<&[Vec<u8>]> = lines.chunks(2000).collect();
     for (index, chunk) in chunks.iter().enumerate() {
@@ -279,7 +422,11 @@ fn engine_killed_mid_stream_and_restarted_loses_nothing() {
             engine.wait().unwrap();
         }
     }
-    let status = assay_binary().args(["run", "topologies/listings.toml", "--config"]).arg(&config.path).status().unwrap();
+    let status = assay_binary()
+        .args(["run", "topologies/listings.toml", "--config"])
+        .arg(&config.path)
+        .status()
+        .unwrap();
     assert!(status.success());
 
     let file_dir = tempfile::tempdir().unwrap();
@@ -288,7 +435,10 @@ fn engine_killed_mid_stream_and_restarted_loses_nothing() {
     let difference = first_difference(&indexed(&documents), &indexed(&expected));
     if let Some(difference) = difference {
         let input = read_topic(&brokers, "listing_changes").len();
-        panic!("the crash changed what the index ends with ({} documents read, input topic has {input} records): {difference}", documents.len());
+        panic!(
+            "the crash changed what the index ends with ({} documents read, input topic has {input} records): {difference}",
+            documents.len()
+        );
     }
 }
 
@@ -309,15 +459,25 @@ fn broker_lost_mid_stream_the_engine_waits_and_resumes_by_itself() {
     create_topic(&brokers, "listing_changes", 4);
     produce_lines(&producer(&brokers), "listing_changes", &sample_lines());
     let config = kafka_config(dir.path(), &brokers, 2, 4, 15000);
-    let mut engine = assay_binary().args(["run", "topologies/listings.toml", "--config"]).arg(&config.path).spawn().unwrap();
+    let mut engine = assay_binary()
+        .args(["run", "topologies/listings.toml", "--config"])
+        .arg(&config.path)
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while topic_count(&brokers, "search_documents") < 2000 {
         assert!(Instant::now() < deadline, "no output before the outage");
-        assert!(engine.try_wait().unwrap().is_none(), "the engine stopped early");
+        assert!(
+            engine.try_wait().unwrap().is_none(),
+            "the engine stopped early"
+        );
     }
     broker.pause();
     std::thread::sleep(Duration::from_secs(4));
-    assert!(engine.try_wait().unwrap().is_none(), "the engine gave up during the outage");
+    assert!(
+        engine.try_wait().unwrap().is_none(),
+        "the engine gave up during the outage"
+    );
     broker.resume();
     let status = engine.wait().unwrap();
     let stderr = std::io::read_to_string(engine.stderr.take().unwrap()).unwrap();
@@ -327,22 +487,40 @@ fn broker_lost_mid_stream_the_engine_waits_and_resumes_by_itself() {
     let (expected, _) = file_run_documents(file_dir.path());
     let documents = documents_from_topic(&read_topic(&brokers, "search_documents"));
     let difference = first_difference(&indexed(&documents), &indexed(&expected));
-    assert!(difference.is_none(), "the outage changed what the index ends with: {}", difference.unwrap());
+    assert!(
+        difference.is_none(),
+        "the outage changed what the index ends with: {}",
+        difference.unwrap()
+    );
     assert_versions_monotone_and_duplicates_identical(&documents);
 }
 
 #[test]
 fn unreachable_broker_at_start_is_a_clear_error_after_the_timeout() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = tempfile::tempdir().unwrap();
     let config = kafka_config(dir.path(), &format!("127.0.0.1:{port}"), 1, 1, 1000);
-    let text = std::fs::read_to_string(&config.path).unwrap().replace("connect_timeout_ms = 10000", "connect_timeout_ms = 1500");
+    let text = std::fs::read_to_string(&config.path)
+        .unwrap()
+        .replace("connect_timeout_ms = 10000", "connect_timeout_ms = 1500");
     std::fs::write(&config.path, text).unwrap();
     let started = Instant::now();
-    let output = assay_binary().args(["run", "topologies/listings.toml", "--config"]).arg(&config.path).output().unwrap();
+    let output = assay_binary()
+        .args(["run", "topologies/listings.toml", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("cannot reach Kafka"), "{stderr}");
     assert!(stderr.contains("hint:"), "{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
 }

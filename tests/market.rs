@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use assay::dataflow::market::round_significant;
 use assay::features::round_to_step;
-use serde_json::{json, Value as Json};
+use serde_json::{Value as Json, json};
 
 use common::*;
 
@@ -41,16 +41,28 @@ fn rental_config(dir: &Path, input: &Path, workers: usize) -> RentalConfig {
          [bindings.rental_documents]\ntype = \"file\"\npath = {documents:?}\n\n\
          [bindings.rental_dead_letters]\ntype = \"file\"\npath = {:?}\n\n\
          [bindings.rental_statistics]\ntype = \"file\"\npath = {statistics:?}\n",
-        dir.join("state"), dir.join("dead.jsonl"));
+        dir.join("state"),
+        dir.join("dead.jsonl")
+    );
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();
-    RentalConfig { path, documents, statistics }
+    RentalConfig {
+        path,
+        documents,
+        statistics,
+    }
 }
 
 fn run(config: &RentalConfig, from_scratch: bool) -> assay::observe::RunSummary {
-    let prepared = assay::prepare(&rentals_topology(), Some(&config.path), &[]).unwrap_or_else(|e| panic!("prepare failed: {e}"));
-    let options = assay::dataflow::RunOptions { from_scratch, progress: Some(false), pass_through: false };
-    let summary = assay::dataflow::run(prepared.plan, &prepared.config, prepared.models, &options).unwrap_or_else(|e| panic!("run failed: {e}"));
+    let prepared = assay::prepare(&rentals_topology(), Some(&config.path), &[])
+        .unwrap_or_else(|e| panic!("prepare failed: {e}"));
+    let options = assay::dataflow::RunOptions {
+        from_scratch,
+        progress: Some(false),
+        pass_through: false,
+    };
+    let summary = assay::dataflow::run(prepared.plan, &prepared.config, prepared.models, &options)
+        .unwrap_or_else(|e| panic!("run failed: {e}"));
     assert!(summary.reconciled, "counts do not reconcile: {summary:?}");
     summary
 }
@@ -81,7 +93,15 @@ struct Flat {
     area: Option<f64>,
 }
 
-const CITIES: [&str; 7] = ["amsterdam", "rotterdam", "utrecht", "groningen", "maastricht", "zwolle", "delft"];
+const CITIES: [&str; 7] = [
+    "amsterdam",
+    "rotterdam",
+    "utrecht",
+    "groningen",
+    "maastricht",
+    "zwolle",
+    "delft",
+];
 
 /// Valid events only (the oracle applies each one), with versions increasing per flat.
 fn random_events(seed: u64, count: usize) -> Vec<Json> {
@@ -103,7 +123,11 @@ fn random_events(seed: u64, count: usize) -> Vec<Json> {
                 rent: (500 + rng.below(40) * 25) as f64,
                 city: CITIES[rng.below(CITIES.len() as u64) as usize].to_string(),
                 bedrooms: rng.below(3) as i64,
-                area: if rng.below(5) == 0 { None } else { Some(30.0 + rng.below(60) as f64) },
+                area: if rng.below(5) == 0 {
+                    None
+                } else {
+                    Some(30.0 + rng.below(60) as f64)
+                },
             };
             let mut event = json!({"kind": "listed", "rental_id": id, "version": 1, "event_time": time, "rent": flat.rent, "city": flat.city, "bedrooms": flat.bedrooms});
             if let Some(area) = flat.area {
@@ -114,7 +138,11 @@ fn random_events(seed: u64, count: usize) -> Vec<Json> {
             events.push(event);
             continue;
         }
-        let id = live.keys().nth(rng.below(live.len() as u64) as usize).unwrap().clone();
+        let id = live
+            .keys()
+            .nth(rng.below(live.len() as u64) as usize)
+            .unwrap()
+            .clone();
         let version = versions[&id] + 1 + rng.below(2);
         versions.insert(id.clone(), version);
         let flat = live.get_mut(&id).unwrap();
@@ -129,7 +157,9 @@ fn random_events(seed: u64, count: usize) -> Vec<Json> {
                 flat.bedrooms = rng.below(3) as i64;
                 json!({"kind": "updated", "rental_id": id, "version": version, "event_time": time, "bedrooms": flat.bedrooms})
             }
-            70..=79 => json!({"kind": "updated", "rental_id": id, "version": version, "event_time": time, "description": format!("text {}", rng.below(5))}),
+            70..=79 => {
+                json!({"kind": "updated", "rental_id": id, "version": version, "event_time": time, "description": format!("text {}", rng.below(5))})
+            }
             _ => {
                 live.remove(&id);
                 json!({"kind": if roll < 90 { "let" } else { "withdrawn" }, "rental_id": id, "version": version, "event_time": time})
@@ -173,13 +203,19 @@ fn normalized_segment(key: &str) -> String {
 }
 
 fn segment_key(city: &str, bedrooms: i64) -> String {
-    normalized_segment(&format!("comparable/{}", json!({"bedrooms": bedrooms, "city": city})))
+    normalized_segment(&format!(
+        "comparable/{}",
+        json!({"bedrooms": bedrooms, "city": city})
+    ))
 }
 
 fn oracle_statistics(live: &BTreeMap<String, Flat>) -> BTreeMap<String, Json> {
     let mut segments: BTreeMap<String, Vec<&Flat>> = BTreeMap::new();
     for flat in live.values() {
-        segments.entry(segment_key(&flat.city, flat.bedrooms)).or_default().push(flat);
+        segments
+            .entry(segment_key(&flat.city, flat.bedrooms))
+            .or_default()
+            .push(flat);
     }
     segments.into_iter().map(|(key, flats)| {
         let rents = flats.iter().map(|f| f.rent).collect();
@@ -194,7 +230,9 @@ fn close(a: &Json, b: &Json) -> bool {
             let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
             (x - y).abs() <= 1e-9 * x.abs().max(1.0)
         }
-        (Json::Object(x), Json::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w))),
+        (Json::Object(x), Json::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w)))
+        }
         _ => a == b,
     }
 }
@@ -204,14 +242,17 @@ fn apply(live: &mut BTreeMap<String, Flat>, event: &Json) {
     let version = event["version"].as_u64().unwrap();
     match event["kind"].as_str().unwrap() {
         "listed" => {
-            live.insert(id, Flat {
-                version,
-                shown_version: version,
-                rent: event["rent"].as_f64().unwrap(),
-                city: event["city"].as_str().unwrap().to_string(),
-                bedrooms: event["bedrooms"].as_i64().unwrap(),
-                area: event["area_sqm"].as_f64(),
-            });
+            live.insert(
+                id,
+                Flat {
+                    version,
+                    shown_version: version,
+                    rent: event["rent"].as_f64().unwrap(),
+                    city: event["city"].as_str().unwrap().to_string(),
+                    bedrooms: event["bedrooms"].as_i64().unwrap(),
+                    area: event["area_sqm"].as_f64(),
+                },
+            );
         }
         "let" | "withdrawn" => {
             live.remove(&id);
@@ -243,9 +284,16 @@ fn current_documents(path: &Path) -> BTreeMap<String, (u64, Option<Json>)> {
         let key = record["key"].as_str().unwrap().to_string();
         let version = record["version"].as_u64().unwrap();
         if let Some((previous, _)) = current.get(&key) {
-            assert!(version > *previous, "document versions go backwards for {key}: {previous} then {version}");
+            assert!(
+                version > *previous,
+                "document versions go backwards for {key}: {previous} then {version}"
+            );
         }
-        let doc = if record["op"] == "delete" { None } else { Some(record["doc"].clone()) };
+        let doc = if record["op"] == "delete" {
+            None
+        } else {
+            Some(record["doc"].clone())
+        };
         current.insert(key, (version, doc));
     }
     current
@@ -261,8 +309,14 @@ fn incremental_statistics_and_documents_equal_a_from_scratch_oracle() {
         let config = rental_config(dir.path(), &input, 2);
         let summary = run(&config, true);
         assert_eq!(summary.records_in, events.len() as u64);
-        assert_eq!(summary.dead_letters, 0, "the generator makes valid events only: {summary:?}");
-        assert!(summary.market_documents > 0, "seed {seed}: no market re-emission at all; the test would not exercise the join");
+        assert_eq!(
+            summary.dead_letters, 0,
+            "the generator makes valid events only: {summary:?}"
+        );
+        assert!(
+            summary.market_documents > 0,
+            "seed {seed}: no market re-emission at all; the test would not exercise the join"
+        );
 
         // the statistics changelog, epoch by epoch, against the oracle
         let mut engine: BTreeMap<String, Json> = BTreeMap::new();
@@ -270,7 +324,10 @@ fn incremental_statistics_and_documents_equal_a_from_scratch_oracle() {
         for line in read_lines(&config.statistics) {
             let record: Json = serde_json::from_str(&line).unwrap();
             let doc = (record["op"] != "delete").then(|| record["doc"].clone());
-            changelog.entry(record["version"].as_u64().unwrap()).or_default().push((normalized_segment(record["key"].as_str().unwrap()), doc));
+            changelog
+                .entry(record["version"].as_u64().unwrap())
+                .or_default()
+                .push((normalized_segment(record["key"].as_str().unwrap()), doc));
         }
         let mut live = BTreeMap::new();
         for (epoch, chunk) in events.chunks(EPOCH).enumerate() {
@@ -284,27 +341,53 @@ fn incremental_statistics_and_documents_equal_a_from_scratch_oracle() {
                 };
             }
             let oracle = oracle_statistics(&live);
-            assert_eq!(engine.keys().collect::<Vec<_>>(), oracle.keys().collect::<Vec<_>>(), "seed {seed}, epoch {epoch}: segments differ");
+            assert_eq!(
+                engine.keys().collect::<Vec<_>>(),
+                oracle.keys().collect::<Vec<_>>(),
+                "seed {seed}, epoch {epoch}: segments differ"
+            );
             for (key, want) in &oracle {
-                assert!(close(&engine[key], want), "seed {seed}, epoch {epoch}, {key}:\n  engine {}\n  oracle {want}", engine[key]);
+                assert!(
+                    close(&engine[key], want),
+                    "seed {seed}, epoch {epoch}, {key}:\n  engine {}\n  oracle {want}",
+                    engine[key]
+                );
             }
         }
-        assert!(changelog.is_empty(), "statistics for epochs past the input: {changelog:?}");
+        assert!(
+            changelog.is_empty(),
+            "statistics for epochs past the input: {changelog:?}"
+        );
 
         // the current documents against the oracle's, from the final market
         let oracle = oracle_statistics(&live);
         let documents = current_documents(&config.documents);
         for (id, flat) in &live {
-            let (version, doc) = documents.get(id).unwrap_or_else(|| panic!("seed {seed}: no document for live listing {id}"));
-            let doc = doc.as_ref().unwrap_or_else(|| panic!("seed {seed}: live listing {id} ends with a tombstone"));
+            let (version, doc) = documents
+                .get(id)
+                .unwrap_or_else(|| panic!("seed {seed}: no document for live listing {id}"));
+            let doc = doc
+                .as_ref()
+                .unwrap_or_else(|| panic!("seed {seed}: live listing {id} ends with a tombstone"));
             // the change gate holds back versions that change nothing shown
-            assert!((flat.shown_version..=flat.version).contains(&(version >> 32)),
-                "seed {seed}: {id} document is for version {} but the last visible change was version {} (last version {})", version >> 32, flat.shown_version, flat.version);
+            assert!(
+                (flat.shown_version..=flat.version).contains(&(version >> 32)),
+                "seed {seed}: {id} document is for version {} but the last visible change was version {} (last version {})",
+                version >> 32,
+                flat.shown_version,
+                flat.version
+            );
             let segment = &oracle[&segment_key(&flat.city, flat.bedrooms)];
             let count = round_significant(segment["count"].as_f64().unwrap(), 3);
             let median = round_significant(segment["rent"]["median"].as_f64().unwrap(), 3);
             let ratio = flat.rent / median;
-            let position = if ratio < 0.9 { "below_market" } else if ratio < 1.1 { "at_market" } else { "above_market" };
+            let position = if ratio < 0.9 {
+                "below_market"
+            } else if ratio < 1.1 {
+                "at_market"
+            } else {
+                "above_market"
+            };
             let metro = match flat.city.as_str() {
                 "amsterdam" | "rotterdam" | "utrecht" => "randstad",
                 "groningen" => "north",
@@ -314,14 +397,28 @@ fn incremental_statistics_and_documents_equal_a_from_scratch_oracle() {
             let want = json!({"rent": flat.rent, "city": flat.city, "metro": metro, "bedrooms": flat.bedrooms, "comparable_count": count,
                 "comparable_rent_median": median, "rent_to_comparable_median": round_to_step(ratio, 0.01), "rent_position": position});
             for (field, value) in want.as_object().unwrap() {
-                assert!(close(&doc[field], value), "seed {seed}: {id}.{field} is {} but the oracle says {value}\n  document {doc}", doc[field]);
+                assert!(
+                    close(&doc[field], value),
+                    "seed {seed}: {id}.{field} is {} but the oracle says {value}\n  document {doc}",
+                    doc[field]
+                );
             }
         }
         for (id, (_, doc)) in &documents {
-            assert!(live.contains_key(id) || doc.is_none(), "seed {seed}: removed listing {id} still has a document");
+            assert!(
+                live.contains_key(id) || doc.is_none(),
+                "seed {seed}: removed listing {id} still has a document"
+            );
         }
-        assert_eq!(summary.lookup_misses["metro"], events.iter().filter(|e| e["kind"] != "let" && e["kind"] != "withdrawn").count() as u64 - count_known_metro(&events),
-            "lookup misses are the events of flats in a city the table does not know");
+        assert_eq!(
+            summary.lookup_misses["metro"],
+            events
+                .iter()
+                .filter(|e| e["kind"] != "let" && e["kind"] != "withdrawn")
+                .count() as u64
+                - count_known_metro(&events),
+            "lookup misses are the events of flats in a city the table does not know"
+        );
     }
 }
 
@@ -334,7 +431,10 @@ fn count_known_metro(events: &[Json]) -> u64 {
         if let Some(c) = event["city"].as_str() {
             city.insert(id.to_string(), c.to_string());
         }
-        if event["kind"] != "let" && event["kind"] != "withdrawn" && !matches!(city[id].as_str(), "zwolle" | "delft") {
+        if event["kind"] != "let"
+            && event["kind"] != "withdrawn"
+            && !matches!(city[id].as_str(), "zwolle" | "delft")
+        {
             known += 1;
         }
     }
@@ -360,14 +460,31 @@ fn a_run_resumed_in_the_middle_writes_what_an_uninterrupted_run_writes() {
     assert_eq!(first.records_in, 20 * EPOCH as u64);
     write_events(&input, &events);
     let second = run(&resumed, false);
-    assert_eq!(second.records_in, (events.len() - 20 * EPOCH) as u64, "the second run resumes after the first half");
+    assert_eq!(
+        second.records_in,
+        (events.len() - 20 * EPOCH) as u64,
+        "the second run resumes after the first half"
+    );
 
     let clean_documents = std::fs::read_to_string(&clean.documents).unwrap();
     let resumed_documents = std::fs::read_to_string(&resumed.documents).unwrap();
-    for (index, (a, b)) in clean_documents.lines().zip(resumed_documents.lines()).enumerate() {
-        assert_eq!(a, b, "document line {} differs between the clean and the resumed run", index + 1);
+    for (index, (a, b)) in clean_documents
+        .lines()
+        .zip(resumed_documents.lines())
+        .enumerate()
+    {
+        assert_eq!(
+            a,
+            b,
+            "document line {} differs between the clean and the resumed run",
+            index + 1
+        );
     }
-    assert_eq!(clean_documents.lines().count(), resumed_documents.lines().count(), "the rebuild emitted documents the first run had already emitted, or lost some");
+    assert_eq!(
+        clean_documents.lines().count(),
+        resumed_documents.lines().count(),
+        "the rebuild emitted documents the first run had already emitted, or lost some"
+    );
 }
 
 #[test]
@@ -387,14 +504,31 @@ fn the_change_gate_holds_back_immaterial_changes_and_passes_material_ones() {
     events.extend((0..200).map(|i| json!({"kind": "updated", "rental_id": format!("g-{i:03}"), "version": 2, "event_time": t0, "description": "repainted"})));
     write_events(&input, &events);
     let immaterial = run(&config, false);
-    assert_eq!((immaterial.records_in, immaterial.unchanged, immaterial.documents_emitted, immaterial.market_reevaluations), (200, 200, 0, 0), "{immaterial:?}");
+    assert_eq!(
+        (
+            immaterial.records_in,
+            immaterial.unchanged,
+            immaterial.documents_emitted,
+            immaterial.market_reevaluations
+        ),
+        (200, 200, 0, 0),
+        "{immaterial:?}"
+    );
 
     // one flat cut by 30%: its own document changes; the median (of 200) does
     // not, so no neighbour is even re-evaluated
     events.push(json!({"kind": "rent_changed", "rental_id": "g-000", "version": 3, "event_time": t0, "rent": 700}));
     write_events(&input, &events);
     let one_cut = run(&config, false);
-    assert_eq!((one_cut.documents_emitted, one_cut.unchanged, one_cut.market_reevaluations), (1, 0, 0), "{one_cut:?}");
+    assert_eq!(
+        (
+            one_cut.documents_emitted,
+            one_cut.unchanged,
+            one_cut.market_reevaluations
+        ),
+        (1, 0, 0),
+        "{one_cut:?}"
+    );
 
     // 101 flats raised to 1500 in one epoch: the median moves to 1500, every
     // other flat's position changes and is re-emitted
@@ -406,22 +540,42 @@ fn the_change_gate_holds_back_immaterial_changes_and_passes_material_ones() {
     // epoch are re-evaluated, and emitted when their band or ratio changed
     assert_eq!(raise.records_in, 101);
     assert_eq!(raise.unchanged, 0);
-    assert!(raise.market_documents >= 98, "the flats left at 1000 (and the cut one) now sit below a 1500 median: {raise:?}");
+    assert!(
+        raise.market_documents >= 98,
+        "the flats left at 1000 (and the cut one) now sit below a 1500 median: {raise:?}"
+    );
     let documents = current_documents(&config.documents);
     let kept = documents["g-050"].1.as_ref().unwrap();
     assert_eq!(kept["rent_position"], "below_market", "{kept}");
     assert_eq!(kept["comparable_rent_median"], 1500, "{kept}");
-    assert_eq!(documents["g-050"].0 & 0xFFFF_FFFF, 1, "a market re-emission carries revision 1");
-    assert_eq!(documents["g-150"].1.as_ref().unwrap()["rent_position"], "at_market");
+    assert_eq!(
+        documents["g-050"].0 & 0xFFFF_FFFF,
+        1,
+        "a market re-emission carries revision 1"
+    );
+    assert_eq!(
+        documents["g-150"].1.as_ref().unwrap()["rent_position"],
+        "at_market"
+    );
 }
 
 #[test]
 fn the_rentals_domain_runs_on_its_committed_sample() {
     let dir = tempfile::tempdir().unwrap();
-    let config = rental_config(dir.path(), &repo().join("topologies/rentals/data/rental_changes.jsonl"), 1);
+    let config = rental_config(
+        dir.path(),
+        &repo().join("topologies/rentals/data/rental_changes.jsonl"),
+        1,
+    );
     let summary = run(&config, true);
-    assert_eq!(summary.dead_letters, 2, "the sample carries one rent out of range and one change for an unknown flat: {summary:?}");
-    assert!(summary.lookup_misses["metro"] > 0, "the sample has flats in a city the metro table does not know");
+    assert_eq!(
+        summary.dead_letters, 2,
+        "the sample carries one rent out of range and one change for an unknown flat: {summary:?}"
+    );
+    assert!(
+        summary.lookup_misses["metro"] > 0,
+        "the sample has flats in a city the metro table does not know"
+    );
     let documents = current_documents(&config.documents);
     let live: Vec<&Json> = documents.values().filter_map(|(_, d)| d.as_ref()).collect();
     assert!(live.len() > 50);

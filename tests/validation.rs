@@ -13,20 +13,45 @@ fn broken_topology(dir: &std::path::Path) -> std::path::PathBuf {
     let text = std::fs::read_to_string(listings_topology()).unwrap();
     let text = text
         .replacen("description = ", "descripton = ", 1) // unknown key (line of `description`)
-        .replacen("type = \"integer\"\nrequired = true\nmin = 1950", "type = \"integer\"\nrequired = \"yes\"\nmin = 1950", 1) // wrong type
-        .replacen("denominator = \"vehicle_age_years\"", "denominator = \"vehicle_age\"", 1) // unknown reference
-        .replacen("onnx = \"listings/models/days_to_sell.onnx\"", "onnx = \"listings/models/missing.onnx\"", 1); // missing file
+        .replacen(
+            "type = \"integer\"\nrequired = true\nmin = 1950",
+            "type = \"integer\"\nrequired = \"yes\"\nmin = 1950",
+            1,
+        ) // wrong type
+        .replacen(
+            "denominator = \"vehicle_age_years\"",
+            "denominator = \"vehicle_age\"",
+            1,
+        ) // unknown reference
+        .replacen(
+            "onnx = \"listings/models/days_to_sell.onnx\"",
+            "onnx = \"listings/models/missing.onnx\"",
+            1,
+        ); // missing file
     std::fs::create_dir_all(dir.join("listings")).unwrap();
     let copy = dir.join("listings.toml");
     std::fs::write(&copy, &text).unwrap();
     // the models and lookup tables are referenced relative to the topology
-    std::os::unix::fs::symlink(repo().join("topologies/listings/models"), dir.join("listings/models")).unwrap();
-    std::os::unix::fs::symlink(repo().join("topologies/listings/data"), dir.join("listings/data")).unwrap();
+    std::os::unix::fs::symlink(
+        repo().join("topologies/listings/models"),
+        dir.join("listings/models"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        repo().join("topologies/listings/data"),
+        dir.join("listings/data"),
+    )
+    .unwrap();
     copy
 }
 
 fn line_of(path: &std::path::Path, needle: &str) -> usize {
-    std::fs::read_to_string(path).unwrap().lines().position(|l| l.contains(needle)).unwrap() + 1
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains(needle))
+        .unwrap()
+        + 1
 }
 
 #[test]
@@ -38,24 +63,43 @@ fn syntax_level_mistakes_are_all_reported_with_lines() {
         Ok(_) => panic!("a broken topology was accepted"),
     };
     let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
-    assert!(lines.contains(&line_of(&topology, "descripton")), "{errors:#?}");
-    assert!(lines.contains(&line_of(&topology, "required = \"yes\"")), "{errors:#?}");
-    assert!(errors.iter().all(|e| e.hint.is_some()), "every error has a hint: {errors:#?}");
+    assert!(
+        lines.contains(&line_of(&topology, "descripton")),
+        "{errors:#?}"
+    );
+    assert!(
+        lines.contains(&line_of(&topology, "required = \"yes\"")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors.iter().all(|e| e.hint.is_some()),
+        "every error has a hint: {errors:#?}"
+    );
 }
 
 #[test]
 fn reference_mistakes_are_all_reported_with_lines_and_hints() {
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(broken_topology(dir.path())).unwrap()
+    let text = std::fs::read_to_string(broken_topology(dir.path()))
+        .unwrap()
         .replacen("descripton = ", "description = ", 1)
         .replacen("required = \"yes\"", "required = true", 1);
     let topology = dir.path().join("listings.toml");
     std::fs::write(&topology, text).unwrap();
-    let errors = assay::topology::load(&topology).err().expect("rejected").errors;
+    let errors = assay::topology::load(&topology)
+        .err()
+        .expect("rejected")
+        .errors;
     assert_eq!(errors.len(), 2, "{errors:#?}");
-    assert_eq!(errors[0].line, line_of(&topology, "denominator = \"vehicle_age\""));
+    assert_eq!(
+        errors[0].line,
+        line_of(&topology, "denominator = \"vehicle_age\"")
+    );
     assert!(errors[0].message.contains("vehicle_age"), "{}", errors[0]);
-    assert_eq!(errors[0].hint.as_deref(), Some("did you mean `vehicle_age_years`?"));
+    assert_eq!(
+        errors[0].hint.as_deref(),
+        Some("did you mean `vehicle_age_years`?")
+    );
     assert_eq!(errors[1].line, line_of(&topology, "missing.onnx"));
     assert!(errors[1].column > 1);
 }
@@ -66,18 +110,46 @@ fn validate_command_prints_every_error_and_run_refuses_to_start() {
     let topology = broken_topology(dir.path());
     let config = write_config(dir.path(), &sample_stream(), 1, 256, "colour = \"blue\"");
     for command in ["validate", "run"] {
-        let output = Command::new(env!("CARGO_BIN_EXE_assay")).arg(command).arg(&topology).arg("--config").arg(&config.path).output().unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_assay"))
+            .arg(command)
+            .arg(&topology)
+            .arg("--config")
+            .arg(&config.path)
+            .output()
+            .unwrap();
         assert_eq!(output.status.code(), Some(2), "{command}");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        for needle in ["descripton", "required", "vehicle_age", "missing.onnx", "colour", "hint:", "nothing was started"] {
-            assert!(stderr.contains(needle), "{command}: `{needle}` missing from:\n{stderr}");
+        for needle in [
+            "descripton",
+            "required",
+            "vehicle_age",
+            "missing.onnx",
+            "colour",
+            "hint:",
+            "nothing was started",
+        ] {
+            assert!(
+                stderr.contains(needle),
+                "{command}: `{needle}` missing from:\n{stderr}"
+            );
         }
     }
-    assert!(!config.documents.exists(), "run wrote output although validation failed");
+    assert!(
+        !config.documents.exists(),
+        "run wrote output although validation failed"
+    );
 }
 
 #[test]
 fn the_shipped_topology_and_default_config_validate() {
-    let output = Command::new(env!("CARGO_BIN_EXE_assay")).current_dir(repo()).args(["validate", "topologies/listings.toml"]).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(env!("CARGO_BIN_EXE_assay"))
+        .current_dir(repo())
+        .args(["validate", "topologies/listings.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

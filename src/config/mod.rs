@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::diagnostics::{deserialize_collecting, Diagnostics, SourceText};
+use crate::diagnostics::{Diagnostics, SourceText, deserialize_collecting};
 use crate::topology::Plan;
 
 /// The embedded default: every binding is a file under the repository.
@@ -122,7 +122,11 @@ fn default_write_buffer_mb() -> usize {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { dir: default_state_dir(), block_cache_mb: default_block_cache_mb(), write_buffer_mb: default_write_buffer_mb() }
+        StateConfig {
+            dir: default_state_dir(),
+            block_cache_mb: default_block_cache_mb(),
+            write_buffer_mb: default_write_buffer_mb(),
+        }
     }
 }
 
@@ -149,7 +153,11 @@ fn default_connect_timeout_ms() -> u64 {
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        KafkaConfig { bootstrap_servers: default_bootstrap_servers(), connect_timeout_ms: default_connect_timeout_ms(), group_id: None }
+        KafkaConfig {
+            bootstrap_servers: default_bootstrap_servers(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            group_id: None,
+        }
     }
 }
 
@@ -230,34 +238,64 @@ impl EnvConfig {
 
 /// Loads the config (file or embedded default, then environment) and checks
 /// it against the topology. `env` is the environment, passed in for tests.
-pub fn load(path: Option<&Path>, env: &[(String, String)], plan: Option<&Plan>) -> Result<EnvConfig, Diagnostics> {
+pub fn load(
+    path: Option<&Path>,
+    env: &[(String, String)],
+    plan: Option<&Plan>,
+) -> Result<EnvConfig, Diagnostics> {
     let source = match path {
         Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => SourceText { path: path.to_path_buf(), text },
+            Ok(text) => SourceText {
+                path: path.to_path_buf(),
+                text,
+            },
             Err(error) => {
                 let mut diagnostics = Diagnostics::default();
-                diagnostics.error(path, format!("cannot read the config: {error}"), Some("pass the path of a config/*.toml file".into()));
+                diagnostics.error(
+                    path,
+                    format!("cannot read the config: {error}"),
+                    Some("pass the path of a config/*.toml file".into()),
+                );
                 return Err(diagnostics);
             }
         },
-        None => SourceText { path: PathBuf::from(EMBEDDED_DEFAULT_NAME), text: EMBEDDED_DEFAULT.to_string() },
+        None => SourceText {
+            path: PathBuf::from(EMBEDDED_DEFAULT_NAME),
+            text: EMBEDDED_DEFAULT.to_string(),
+        },
     };
     // located errors first, from the file as written
     let mut config: EnvConfig = deserialize_collecting(&source)?;
     let mut diagnostics = Diagnostics::default();
-    let overrides: Vec<&(String, String)> = env.iter().filter(|(k, _)| k.starts_with("ASSAY_") && k.contains("__")).collect();
+    let overrides: Vec<&(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("ASSAY_") && k.contains("__"))
+        .collect();
     if !overrides.is_empty() {
-        let mut table: toml::Table = toml::from_str(&source.text).expect("the text deserialized a moment ago");
+        let mut table: toml::Table =
+            toml::from_str(&source.text).expect("the text deserialized a moment ago");
         for (name, value) in &overrides {
-            let path: Vec<String> = name["ASSAY_".len()..].split("__").map(|p| p.to_lowercase()).collect();
-            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}")).ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(value.clone()));
+            let path: Vec<String> = name["ASSAY_".len()..]
+                .split("__")
+                .map(|p| p.to_lowercase())
+                .collect();
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.clone()));
             let mut cursor = &mut table;
             for part in &path[..path.len() - 1] {
-                let entry = cursor.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let entry = cursor
+                    .entry(part.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
                 match entry {
                     toml::Value::Table(inner) => cursor = inner,
                     _ => {
-                        diagnostics.error(Path::new(name), format!("`{part}` is not a table"), Some("ASSAY_<SECTION>__<KEY>=value".into()));
+                        diagnostics.error(
+                            Path::new(name),
+                            format!("`{part}` is not a table"),
+                            Some("ASSAY_<SECTION>__<KEY>=value".into()),
+                        );
                         return Err(diagnostics);
                     }
                 }
@@ -268,7 +306,11 @@ pub fn load(path: Option<&Path>, env: &[(String, String)], plan: Option<&Plan>) 
             Ok(layered) => config = layered,
             Err(error) => {
                 let names: Vec<&str> = overrides.iter().map(|(k, _)| k.as_str()).collect();
-                diagnostics.error(Path::new(&format!("environment ({})", names.join(", "))), error.message().to_string(), Some("ASSAY_<SECTION>__<KEY>=value, e.g. ASSAY_RUNTIME__WORKERS=2".into()));
+                diagnostics.error(
+                    Path::new(&format!("environment ({})", names.join(", "))),
+                    error.message().to_string(),
+                    Some("ASSAY_<SECTION>__<KEY>=value, e.g. ASSAY_RUNTIME__WORKERS=2".into()),
+                );
                 return Err(diagnostics);
             }
         }
@@ -285,25 +327,41 @@ fn check(config: &EnvConfig, file: &Path, plan: Option<&Plan>, diagnostics: &mut
         diagnostics.error(file, "runtime.epoch_records must be at least 1", None);
     }
     if config.runtime.max_epochs_in_flight == 0 {
-        diagnostics.error(file, "runtime.max_epochs_in_flight must be at least 1", None);
+        diagnostics.error(
+            file,
+            "runtime.max_epochs_in_flight must be at least 1",
+            None,
+        );
     }
     for (name, binding) in &config.bindings {
         match binding {
             Binding::File(file_binding) if file_binding.partitions == 0 => {
-                diagnostics.error(file, format!("bindings.{name}.partitions must be at least 1"), None);
+                diagnostics.error(
+                    file,
+                    format!("bindings.{name}.partitions must be at least 1"),
+                    None,
+                );
             }
             Binding::Kafka(kafka) if kafka.topic.trim().is_empty() => {
                 diagnostics.error(file, format!("bindings.{name}.topic is empty"), None);
             }
             Binding::Kafka(kafka) if kafka.partitions == Some(0) => {
-                diagnostics.error(file, format!("bindings.{name}.partitions must be at least 1"), None);
+                diagnostics.error(
+                    file,
+                    format!("bindings.{name}.partitions must be at least 1"),
+                    None,
+                );
             }
             _ => {}
         }
     }
     let Some(plan) = plan else { return };
     let known: Vec<&str> = config.bindings.keys().map(String::as_str).collect();
-    for (role, name) in [("input", &plan.input_binding), ("output", &plan.output_binding), ("dead letters", &plan.dead_letter_binding)] {
+    for (role, name) in [
+        ("input", &plan.input_binding),
+        ("output", &plan.output_binding),
+        ("dead letters", &plan.dead_letter_binding),
+    ] {
         if !config.bindings.contains_key(name) {
             diagnostics.error(file, format!("the topology's {role} `{name}` is not bound"),
                 Some(format!("add [bindings.{name}] with type = \"file\" and a path, or type = \"kafka\" and a topic; bound here: {}", known.join(", "))));
@@ -311,8 +369,11 @@ fn check(config: &EnvConfig, file: &Path, plan: Option<&Plan>, diagnostics: &mut
     }
     if let Some(Binding::File(input)) = config.bindings.get(&plan.input_binding) {
         if !input.path.is_file() {
-            diagnostics.error(file, format!("input file {} does not exist", input.path.display()),
-                Some("relative paths are resolved from the directory you run assay in".into()));
+            diagnostics.error(
+                file,
+                format!("input file {} does not exist", input.path.display()),
+                Some("relative paths are resolved from the directory you run assay in".into()),
+            );
         }
     }
 }

@@ -23,10 +23,16 @@ impl Source {
     }
 
     /// Reads the records of epoch `epoch` into `out`; returns the next epoch.
-    pub fn fill(&mut self, epoch: u64, epoch_records: u64, out: &mut Vec<RawRecord>) -> Result<u64, String> {
+    pub fn fill(
+        &mut self,
+        epoch: u64,
+        epoch_records: u64,
+        out: &mut Vec<RawRecord>,
+    ) -> Result<u64, String> {
         match self {
             Source::File(file) => {
-                file.read_until((epoch + 1) * epoch_records, out).map_err(|e| e.to_string())?;
+                file.read_until((epoch + 1) * epoch_records, out)
+                    .map_err(|e| e.to_string())?;
                 Ok(epoch + 1)
             }
             Source::Kafka(kafka) => Ok(kafka.fill(epoch, out)),
@@ -83,9 +89,15 @@ impl Sink {
         }
     }
 
-    pub fn write_dead_letter(&mut self, letter: &DeadLetter, source_binding: &str) -> Result<(), String> {
+    pub fn write_dead_letter(
+        &mut self,
+        letter: &DeadLetter,
+        source_binding: &str,
+    ) -> Result<(), String> {
         match self {
-            Sink::File(file) => file.write_dead_letter(letter, source_binding).map_err(|e| e.to_string()),
+            Sink::File(file) => file
+                .write_dead_letter(letter, source_binding)
+                .map_err(|e| e.to_string()),
             Sink::Kafka(kafka) => kafka.write_dead_letter(letter).map_err(|e| e.to_string()),
         }
     }

@@ -35,7 +35,11 @@ pub struct ChangeEvent {
 pub const STAGE: &str = "decode";
 
 /// Decodes one record.
-pub fn decode(plan: &Plan, max_record_bytes: usize, raw: RawRecord) -> Result<ChangeEvent, DeadLetter> {
+pub fn decode(
+    plan: &Plan,
+    max_record_bytes: usize,
+    raw: RawRecord,
+) -> Result<ChangeEvent, DeadLetter> {
     let fail = |raw: RawRecord, reason: &str, detail: String| DeadLetter {
         bytes: raw.bytes,
         position: raw.position,
@@ -49,44 +53,124 @@ pub fn decode(plan: &Plan, max_record_bytes: usize, raw: RawRecord) -> Result<Ch
         return Err(fail(raw, "record_too_large", detail));
     }
     if let Err(error) = std::str::from_utf8(&raw.bytes) {
-        return Err(fail(raw, "not_utf8", format!("invalid UTF-8 at byte {}", error.valid_up_to())));
+        return Err(fail(
+            raw,
+            "not_utf8",
+            format!("invalid UTF-8 at byte {}", error.valid_up_to()),
+        ));
     }
     let object = match serde_json::from_slice::<Json>(&raw.bytes) {
         Ok(Json::Object(object)) => object,
-        Ok(other) => return Err(fail(raw, "not_an_object", format!("a JSON {} instead of an object", json_type(&other)))),
+        Ok(other) => {
+            return Err(fail(
+                raw,
+                "not_an_object",
+                format!("a JSON {} instead of an object", json_type(&other)),
+            ));
+        }
         Err(error) => return Err(fail(raw, "invalid_json", error.to_string())),
     };
     let key = match object.get(&plan.key_field) {
         Some(Json::String(s)) if !s.is_empty() => s.clone(),
         Some(Json::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
-        None | Some(Json::Null) => return Err(fail(raw, "missing_key", format!("no `{}`", plan.key_field))),
-        Some(other) => return Err(fail(raw, "bad_key", format!("`{}` is {}; a non-empty string or an integer is expected", plan.key_field, describe(other)))),
+        None | Some(Json::Null) => {
+            return Err(fail(raw, "missing_key", format!("no `{}`", plan.key_field)));
+        }
+        Some(other) => {
+            return Err(fail(
+                raw,
+                "bad_key",
+                format!(
+                    "`{}` is {}; a non-empty string or an integer is expected",
+                    plan.key_field,
+                    describe(other)
+                ),
+            ));
+        }
     };
     let version = match object.get(&plan.version_field) {
         // the low 32 bits of a document version are the revision, and it must fit an i64
-        Some(Json::Number(n)) if n.as_u64().is_some_and(|v| v > crate::dataflow::evaluate::MAX_LISTING_VERSION) => {
-            let detail = format!("`{}` is {n}; at most 2^31 - 1 (document versions are version << 32 | revision, a signed 64-bit number)", plan.version_field);
+        Some(Json::Number(n))
+            if n.as_u64()
+                .is_some_and(|v| v > crate::dataflow::evaluate::MAX_LISTING_VERSION) =>
+        {
+            let detail = format!(
+                "`{}` is {n}; at most 2^31 - 1 (document versions are version << 32 | revision, a signed 64-bit number)",
+                plan.version_field
+            );
             return Err(fail(raw, "bad_version", detail));
         }
         Some(Json::Number(n)) if n.is_u64() => n.as_u64().unwrap(),
-        None | Some(Json::Null) => return Err(fail(raw, "missing_version", format!("no `{}`", plan.version_field))),
-        Some(other) => return Err(fail(raw, "bad_version", format!("`{}` is {}; a non-negative integer is expected", plan.version_field, describe(other)))),
+        None | Some(Json::Null) => {
+            return Err(fail(
+                raw,
+                "missing_version",
+                format!("no `{}`", plan.version_field),
+            ));
+        }
+        Some(other) => {
+            return Err(fail(
+                raw,
+                "bad_version",
+                format!(
+                    "`{}` is {}; a non-negative integer is expected",
+                    plan.version_field,
+                    describe(other)
+                ),
+            ));
+        }
     };
     let event_time = match object.get(&plan.event_time_field) {
         Some(Json::Number(n)) if n.is_i64() => n.as_i64().unwrap(),
-        None | Some(Json::Null) => return Err(fail(raw, "missing_event_time", format!("no `{}`", plan.event_time_field))),
-        Some(other) => return Err(fail(raw, "bad_event_time", format!("`{}` is {}; integer Unix seconds are expected", plan.event_time_field, describe(other)))),
+        None | Some(Json::Null) => {
+            return Err(fail(
+                raw,
+                "missing_event_time",
+                format!("no `{}`", plan.event_time_field),
+            ));
+        }
+        Some(other) => {
+            return Err(fail(
+                raw,
+                "bad_event_time",
+                format!(
+                    "`{}` is {}; integer Unix seconds are expected",
+                    plan.event_time_field,
+                    describe(other)
+                ),
+            ));
+        }
     };
     let kind = match object.get(&plan.kind_field) {
         Some(Json::String(s)) => match plan.kinds.iter().position(|k| &k.name == s) {
             Some(kind) => kind,
             None => {
                 let known: Vec<&str> = plan.kinds.iter().map(|k| k.name.as_str()).collect();
-                return Err(fail(raw, "unknown_kind", format!("kind `{s}` is not one of {}", known.join(", "))));
+                return Err(fail(
+                    raw,
+                    "unknown_kind",
+                    format!("kind `{s}` is not one of {}", known.join(", ")),
+                ));
             }
         },
-        None | Some(Json::Null) => return Err(fail(raw, "missing_kind", format!("no `{}`", plan.kind_field))),
-        Some(other) => return Err(fail(raw, "unknown_kind", format!("`{}` is {}; a string is expected", plan.kind_field, describe(other)))),
+        None | Some(Json::Null) => {
+            return Err(fail(
+                raw,
+                "missing_kind",
+                format!("no `{}`", plan.kind_field),
+            ));
+        }
+        Some(other) => {
+            return Err(fail(
+                raw,
+                "unknown_kind",
+                format!(
+                    "`{}` is {}; a string is expected",
+                    plan.kind_field,
+                    describe(other)
+                ),
+            ));
+        }
     };
     let mut fields = Vec::with_capacity(plan.fields.len());
     for field in &plan.fields {
@@ -95,20 +179,34 @@ pub fn decode(plan: &Plan, max_record_bytes: usize, raw: RawRecord) -> Result<Ch
             Some(json) => {
                 let value = match (field.field_type, json) {
                     (FieldType::String, Json::String(s)) => Value::Str(s.clone()),
-                    (FieldType::Integer, Json::Number(n)) if n.is_i64() => Value::Int(n.as_i64().unwrap()),
+                    (FieldType::Integer, Json::Number(n)) if n.is_i64() => {
+                        Value::Int(n.as_i64().unwrap())
+                    }
                     (FieldType::Number, Json::Number(n)) => match n.as_i64() {
                         Some(i) => Value::Int(i),
                         None => Value::Num(n.as_f64().unwrap_or(f64::NAN)),
                     },
                     (expected, other) => {
-                        let detail = format!("field `{}` is {}; {} expected", field.name, describe(other), type_name(expected));
+                        let detail = format!(
+                            "field `{}` is {}; {} expected",
+                            field.name,
+                            describe(other),
+                            type_name(expected)
+                        );
                         return Err(fail(raw, "wrong_type", detail));
                     }
                 };
                 if let Some(number) = value.as_f64() {
-                    if !number.is_finite() || field.min.is_some_and(|min| number < min) || field.max.is_some_and(|max| number > max) {
-                        let detail = format!("field `{}` is {number}, outside [{}, {}]", field.name,
-                            field.min.map(|m| m.to_string()).unwrap_or("-inf".into()), field.max.map(|m| m.to_string()).unwrap_or("inf".into()));
+                    if !number.is_finite()
+                        || field.min.is_some_and(|min| number < min)
+                        || field.max.is_some_and(|max| number > max)
+                    {
+                        let detail = format!(
+                            "field `{}` is {number}, outside [{}, {}]",
+                            field.name,
+                            field.min.map(|m| m.to_string()).unwrap_or("-inf".into()),
+                            field.max.map(|m| m.to_string()).unwrap_or("inf".into())
+                        );
                         return Err(fail(raw, "out_of_range", detail));
                     }
                 }
@@ -116,7 +214,11 @@ pub fn decode(plan: &Plan, max_record_bytes: usize, raw: RawRecord) -> Result<Ch
                     if !allowed.contains(text) {
                         let mut allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
                         allowed.sort();
-                        let detail = format!("field `{}` is {text:?}, not one of {}", field.name, allowed.join(", "));
+                        let detail = format!(
+                            "field `{}` is {text:?}, not one of {}",
+                            field.name,
+                            allowed.join(", ")
+                        );
                         return Err(fail(raw, "not_allowed", detail));
                     }
                 }
@@ -126,15 +228,30 @@ pub fn decode(plan: &Plan, max_record_bytes: usize, raw: RawRecord) -> Result<Ch
         fields.push(value);
     }
     let kind_plan = &plan.kinds[kind];
-    let missing: Vec<&str> = plan.fields.iter().enumerate()
-        .filter(|(i, f)| fields[*i].is_none() && ((kind_plan.complete && f.required) || kind_plan.requires.contains(i)))
+    let missing: Vec<&str> = plan
+        .fields
+        .iter()
+        .enumerate()
+        .filter(|(i, f)| {
+            fields[*i].is_none()
+                && ((kind_plan.complete && f.required) || kind_plan.requires.contains(i))
+        })
         .map(|(_, f)| f.name.as_str())
         .collect();
     if !missing.is_empty() {
         let detail = format!("kind `{}` needs {}", kind_plan.name, missing.join(", "));
         return Err(fail(raw, "missing_required", detail));
     }
-    Ok(ChangeEvent { key, version, event_time, kind, fields, bytes: raw.bytes, position: raw.position, read_at_nanos: raw.read_at_nanos })
+    Ok(ChangeEvent {
+        key,
+        version,
+        event_time,
+        kind,
+        fields,
+        bytes: raw.bytes,
+        position: raw.position,
+        read_at_nanos: raw.read_at_nanos,
+    })
 }
 
 fn json_type(value: &Json) -> &'static str {
@@ -150,7 +267,19 @@ fn json_type(value: &Json) -> &'static str {
 
 fn describe(value: &Json) -> String {
     let text = value.to_string();
-    let text = if text.len() > 40 { format!("{}…", &text[..text.char_indices().take_while(|(i, _)| *i < 40).last().map(|(i, c)| i + c.len_utf8()).unwrap_or(0)]) } else { text };
+    let text = if text.len() > 40 {
+        format!(
+            "{}…",
+            &text[..text
+                .char_indices()
+                .take_while(|(i, _)| *i < 40)
+                .last()
+                .map(|(i, c)| i + c.len_utf8())
+                .unwrap_or(0)]
+        )
+    } else {
+        text
+    };
     format!("a {} ({text})", json_type(value))
 }
 

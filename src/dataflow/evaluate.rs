@@ -30,12 +30,12 @@
 //! a new incarnation (persisted first, see `Store::next_incarnation`), so
 //! whatever it writes outranks what a crashed run wrote past its checkpoint.
 
-use std::cell::RefCell;
 use rustc_hash::{FxHashMap, FxHashSet};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::dataflow::listing_state::{compute_features, Cause, Enriched, ListingStateStage};
+use crate::dataflow::listing_state::{Cause, Enriched, ListingStateStage, compute_features};
 use crate::dataflow::market::{self, MarketUpdate, StatisticBits};
 use crate::dataflow::score::Scorer;
 use crate::model::{LoadedModel, ModelError};
@@ -67,7 +67,11 @@ pub fn own_revision(incarnation: u32) -> u32 {
 /// re-emissions of one listing version in one incarnation, the version repeats.
 pub fn next_market_revision(last: u32, incarnation: u32) -> u32 {
     let base = last.max(own_revision(incarnation));
-    if base & MAX_COUNT == MAX_COUNT { base } else { base + 1 }
+    if base & MAX_COUNT == MAX_COUNT {
+        base
+    } else {
+        base + 1
+    }
 }
 
 /// FNV-1a over the output fields: stable across builds (it is persisted).
@@ -119,15 +123,38 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    pub fn new(plan: Arc<Plan>, models: Arc<Vec<LoadedModel>>, stage: Rc<RefCell<ListingStateStage>>, incarnation: u32, skip_epoch: Option<u64>) -> Self {
+    pub fn new(
+        plan: Arc<Plan>,
+        models: Arc<Vec<LoadedModel>>,
+        stage: Rc<RefCell<ListingStateStage>>,
+        incarnation: u32,
+        skip_epoch: Option<u64>,
+    ) -> Self {
         let statistics_width = plan.aggregates.iter().map(|a| a.statistic_count()).sum();
-        let counts = EvaluateCounts { lookup_misses: vec![0; plan.lookups.len()], ..EvaluateCounts::default() };
+        let counts = EvaluateCounts {
+            lookup_misses: vec![0; plan.lookups.len()],
+            ..EvaluateCounts::default()
+        };
         let statistics_read = plan.statistics_read();
-        Evaluator { scorer: Scorer::new(plan.clone(), models), plan, stage, counts, statistics_width, statistics_read, incarnation, skip_epoch }
+        Evaluator {
+            scorer: Scorer::new(plan.clone(), models),
+            plan,
+            stage,
+            counts,
+            statistics_width,
+            statistics_read,
+            incarnation,
+            skip_epoch,
+        }
     }
 
     /// Evaluates one completed epoch; returns the documents that pass the gate.
-    pub fn evaluate_epoch(&mut self, time: u64, mut own: Vec<Enriched>, updates: Vec<(MarketUpdate, u64, isize)>) -> Result<Vec<OutputDocument>, EvaluateError> {
+    pub fn evaluate_epoch(
+        &mut self,
+        time: u64,
+        mut own: Vec<Enriched>,
+        updates: Vec<(MarketUpdate, u64, isize)>,
+    ) -> Result<Vec<OutputDocument>, EvaluateError> {
         if self.skip_epoch == Some(time) {
             // the rebuild: every listing's stored view is the one the join gives
             debug_assert!(own.is_empty(), "no input shares the rebuild's time");
@@ -140,52 +167,80 @@ impl Evaluator {
         type Versions<'a> = Vec<(u64, &'a StatisticBits, isize)>;
         let mut net: FxHashMap<(u32, &str, u8), Versions> = FxHashMap::default();
         for (update, _time, diff) in &updates {
-            let versions = net.entry((update.partition, update.key.as_str(), update.aggregate)).or_default();
-            match versions.iter_mut().find(|(version, statistics, _)| *version == update.version && **statistics == update.statistics) {
+            let versions = net
+                .entry((update.partition, update.key.as_str(), update.aggregate))
+                .or_default();
+            match versions.iter_mut().find(|(version, statistics, _)| {
+                *version == update.version && **statistics == update.statistics
+            }) {
                 Some(entry) => entry.2 += diff,
                 None => versions.push((update.version, &update.statistics, *diff)),
             }
         }
-        let mut changes: FxHashMap<(u32, &str), Vec<(u8, Option<&StatisticBits>)>> = FxHashMap::default();
+        let mut changes: FxHashMap<(u32, &str), Vec<(u8, Option<&StatisticBits>)>> =
+            FxHashMap::default();
         for ((partition, key, aggregate), versions) in &net {
             let inserted = versions.iter().find(|(_, _, diff)| *diff > 0);
             if let Some((_, statistics, _)) = inserted {
-                changes.entry((*partition, *key)).or_default().push((*aggregate, Some(*statistics)));
+                changes
+                    .entry((*partition, *key))
+                    .or_default()
+                    .push((*aggregate, Some(*statistics)));
             } else if versions.iter().any(|(_, _, diff)| *diff < 0) {
-                changes.entry((*partition, *key)).or_default().push((*aggregate, None));
+                changes
+                    .entry((*partition, *key))
+                    .or_default()
+                    .push((*aggregate, None));
             }
         }
 
         // the listings involved, their current state (gate memory, market view)
-        let mut listings: Vec<(u32, &str)> = own.iter().map(|row| (row.position.partition, row.key.as_str())).collect();
+        let mut listings: Vec<(u32, &str)> = own
+            .iter()
+            .map(|row| (row.position.partition, row.key.as_str()))
+            .collect();
         listings.extend(changes.keys().copied());
         listings.sort();
         listings.dedup();
-        let state_keys: Vec<Vec<u8>> = listings.iter().map(|(partition, key)| Store::state_key(*partition, key)).collect();
+        let state_keys: Vec<Vec<u8>> = listings
+            .iter()
+            .map(|(partition, key)| Store::state_key(*partition, key))
+            .collect();
         let current = self.stage.borrow().current(&state_keys)?;
-        let mut views: FxHashMap<(u32, &str), Vec<f64>> = FxHashMap::with_capacity_and_hasher(listings.len(), Default::default());
+        let mut views: FxHashMap<(u32, &str), Vec<f64>> =
+            FxHashMap::with_capacity_and_hasher(listings.len(), Default::default());
         for (listing, state) in listings.iter().zip(&current) {
             let mut view = match state {
                 Some(state) if state.market.len() == self.statistics_width => state.market.clone(),
                 _ => vec![f64::NAN; self.statistics_width],
             };
             for (aggregate, statistics) in changes.get(listing).map(Vec::as_slice).unwrap_or(&[]) {
-                let offset = crate::dataflow::listing_state::statistic_offset(&self.plan, *aggregate as usize, 0);
+                let offset = crate::dataflow::listing_state::statistic_offset(
+                    &self.plan,
+                    *aggregate as usize,
+                    0,
+                );
                 let width = self.plan.aggregates[*aggregate as usize].statistic_count();
                 match statistics {
-                    Some(bits) => view[offset..offset + width].copy_from_slice(&market::from_bits(bits)),
+                    Some(bits) => {
+                        view[offset..offset + width].copy_from_slice(&market::from_bits(bits))
+                    }
                     None => view[offset..offset + width].fill(f64::NAN),
                 }
             }
             views.insert(*listing, view);
         }
 
-        let has_own: FxHashSet<(u32, &str)> = own.iter().map(|row| (row.position.partition, row.key.as_str())).collect();
+        let has_own: FxHashSet<(u32, &str)> = own
+            .iter()
+            .map(|row| (row.position.partition, row.key.as_str()))
+            .collect();
         let mut rows: Vec<Enriched> = Vec::with_capacity(own.len() + changes.len());
         for mut row in own.iter().cloned() {
             if !row.deleted {
                 row.market = views[&(row.position.partition, row.key.as_str())].clone();
-                row.features = compute_features(&self.plan, &row.state, row.event_time, &row.market);
+                row.features =
+                    compute_features(&self.plan, &row.state, row.event_time, &row.market);
                 for (lookup, misses) in self.counts.lookup_misses.iter_mut().enumerate() {
                     let mut missed = false;
                     market::lookup_value(&self.plan, lookup, &row.state.fields, &mut missed);
@@ -198,7 +253,9 @@ impl Evaluator {
             if has_own.contains(listing) || !changes.contains_key(listing) {
                 continue;
             }
-            let Some(state) = state.as_ref().filter(|s| !s.deleted) else { continue };
+            let Some(state) = state.as_ref().filter(|s| !s.deleted) else {
+                continue;
+            };
             let view = &views[listing];
             // the rebuild after a restart, a change that nets out, or a move of
             // statistics no document reads: nothing new to see
@@ -214,39 +271,75 @@ impl Evaluator {
                 state: state.clone(),
                 features,
                 market: view.clone(),
-                position: SourcePosition { partition: listing.0, offset: 0, byte_offset: 0, timestamp_ms: 0 },
+                position: SourcePosition {
+                    partition: listing.0,
+                    offset: 0,
+                    byte_offset: 0,
+                    timestamp_ms: 0,
+                },
                 read_at_nanos: 0,
                 cause: Cause::Market,
             });
         }
 
         let bodies = self.scorer.score_batch(&rows)?;
-        let mut memory: FxHashMap<(u32, &str), (u64, u32)> = listings.iter().zip(&current)
-            .map(|(listing, state)| (*listing, state.as_ref().map(|s| (s.emitted_hash, s.revision)).unwrap_or((0, 0))))
+        let mut memory: FxHashMap<(u32, &str), (u64, u32)> = listings
+            .iter()
+            .zip(&current)
+            .map(|(listing, state)| {
+                (
+                    *listing,
+                    state
+                        .as_ref()
+                        .map(|s| (s.emitted_hash, s.revision))
+                        .unwrap_or((0, 0)),
+                )
+            })
             .collect();
         let mut documents = Vec::with_capacity(rows.len());
         for (row, body) in rows.iter().zip(bodies) {
             let listing = (row.position.partition, row.key.as_str());
-            let gate = memory.get_mut(&listing).expect("every row's listing was fetched");
+            let gate = memory
+                .get_mut(&listing)
+                .expect("every row's listing was fetched");
             let market = row.cause == Cause::Market;
             let own = own_revision(self.incarnation);
             let Some((body, gate_start)) = body else {
                 // tombstone: always emitted
                 *gate = (0, own);
                 self.counts.event_emitted += 1;
-                documents.push(OutputDocument { key: row.key.clone(), version: document_version(row.version, own), body: None, position: row.position, read_at_nanos: row.read_at_nanos, market });
+                documents.push(OutputDocument {
+                    key: row.key.clone(),
+                    version: document_version(row.version, own),
+                    body: None,
+                    position: row.position,
+                    read_at_nanos: row.read_at_nanos,
+                    market,
+                });
                 continue;
             };
             let hash = gate_hash(&body.as_bytes()[gate_start..]);
-            let revision = if market { next_market_revision(gate.1, self.incarnation) } else { own };
+            let revision = if market {
+                next_market_revision(gate.1, self.incarnation)
+            } else {
+                own
+            };
             if hash == gate.0 {
-                if market { self.counts.market_suppressed += 1 } else { self.counts.event_suppressed += 1 }
+                if market {
+                    self.counts.market_suppressed += 1
+                } else {
+                    self.counts.event_suppressed += 1
+                }
                 // a new listing version restarts the count, emitted or not
                 gate.1 = if market { gate.1 } else { own };
                 continue;
             }
             *gate = (hash, revision);
-            if market { self.counts.market_emitted += 1 } else { self.counts.event_emitted += 1 }
+            if market {
+                self.counts.market_emitted += 1
+            } else {
+                self.counts.event_emitted += 1
+            }
             documents.push(OutputDocument {
                 key: row.key.clone(),
                 version: document_version(row.version, revision),
@@ -268,7 +361,9 @@ impl Evaluator {
             // move is worth evaluating (a lagging view makes that more likely),
             // and an own event takes its statistics from the join, never from
             // the stored view (every event re-inserts the listing's member).
-            let unchanged = state.as_ref().is_some_and(|s| s.emitted_hash == hash && s.revision == revision);
+            let unchanged = state
+                .as_ref()
+                .is_some_and(|s| s.emitted_hash == hash && s.revision == revision);
             if !unchanged || has_own.contains(listing) {
                 stage.record_evaluation(state_key, state, hash, revision, view);
             }
@@ -279,9 +374,13 @@ impl Evaluator {
 
 /// Equal where the documents read, NaN equal to NaN.
 fn same_read_view(a: &[f64], b: &[f64], read: &[bool]) -> bool {
-    a.len() == b.len() && a.len() == read.len() && a.iter().zip(b).zip(read).all(|((x, y), read)| !read || x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+    a.len() == b.len()
+        && a.len() == read.len()
+        && a.iter()
+            .zip(b)
+            .zip(read)
+            .all(|((x, y), read)| !read || x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -292,7 +391,10 @@ mod tests {
         assert!(document_version(3, 0) > document_version(2, u32::MAX));
         assert!(document_version(3, 1) > document_version(3, 0));
         assert_eq!(document_version(1, 0), 1 << 32);
-        assert!(document_version(u64::MAX, u32::MAX) <= i64::MAX as u64, "fits a signed 64-bit version");
+        assert!(
+            document_version(u64::MAX, u32::MAX) <= i64::MAX as u64,
+            "fits a signed 64-bit version"
+        );
     }
 
     #[test]

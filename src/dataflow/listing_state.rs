@@ -86,21 +86,49 @@ pub struct ListingStateStage {
 
 impl ListingStateStage {
     pub fn new(plan: Arc<Plan>, store: Store) -> Self {
-        ListingStateStage { plan, store, dirty: HashMap::new(), counts: GateCounts::default(), labelled: HashSet::new() }
+        ListingStateStage {
+            plan,
+            store,
+            dirty: HashMap::new(),
+            counts: GateCounts::default(),
+            labelled: HashSet::new(),
+        }
     }
 
     /// Member updates for a listing going from `old` to `new` (either may be absent or deleted).
-    fn member_updates(&mut self, partition: u32, key: &str, old: Option<&ListingState>, new: Option<&ListingState>, time: u64, out: &mut Vec<StateOutput>) {
+    fn member_updates(
+        &mut self,
+        partition: u32,
+        key: &str,
+        old: Option<&ListingState>,
+        new: Option<&ListingState>,
+        time: u64,
+        out: &mut Vec<StateOutput>,
+    ) {
         for aggregate_index in 0..self.plan.aggregates.len() {
             for (state, diff) in [(old, -1isize), (new, 1)] {
-                let Some(state) = state.filter(|s| !s.deleted) else { continue };
-                let Some(segment) = market::segment_of(&self.plan, aggregate_index, &state.fields) else { continue };
+                let Some(state) = state.filter(|s| !s.deleted) else {
+                    continue;
+                };
+                let Some(segment) = market::segment_of(&self.plan, aggregate_index, &state.fields)
+                else {
+                    continue;
+                };
                 if diff > 0 && self.labelled.insert(segment) {
-                    if let Some(label) = market::segment_label(&self.plan, aggregate_index, &state.fields) {
+                    if let Some(label) =
+                        market::segment_label(&self.plan, aggregate_index, &state.fields)
+                    {
                         out.push(StateOutput::Label(segment, label));
                     }
                 }
-                let member = market::encode_member(&self.plan, &self.plan.aggregates[aggregate_index], &state.fields, partition, state.version, key);
+                let member = market::encode_member(
+                    &self.plan,
+                    &self.plan.aggregates[aggregate_index],
+                    &state.fields,
+                    partition,
+                    state.version,
+                    key,
+                );
                 out.push(StateOutput::Member(((segment, member), time, diff)));
             }
         }
@@ -108,7 +136,12 @@ impl ListingStateStage {
 
     /// Every live listing of `partitions` as members at `time`: rebuilds the
     /// market arrangements after a restart. Returns how many listings.
-    pub fn rebuild(&mut self, partitions: &[u32], time: u64, out: &mut Vec<StateOutput>) -> Result<u64, StateError> {
+    pub fn rebuild(
+        &mut self,
+        partitions: &[u32],
+        time: u64,
+        out: &mut Vec<StateOutput>,
+    ) -> Result<u64, StateError> {
         if self.plan.aggregates.is_empty() {
             return Ok(0);
         }
@@ -127,18 +160,32 @@ impl ListingStateStage {
 
     /// Current states (as of the last processed event) of many listings.
     pub fn current(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<ListingState>>, StateError> {
-        let missing: Vec<Vec<u8>> = keys.iter().filter(|k| !self.dirty.contains_key(*k)).cloned().collect();
+        let missing: Vec<Vec<u8>> = keys
+            .iter()
+            .filter(|k| !self.dirty.contains_key(*k))
+            .cloned()
+            .collect();
         let mut fetched = self.store.get_many(&missing)?.into_iter();
-        Ok(keys.iter().map(|k| match self.dirty.get(k) {
-            Some(state) => Some(state.clone()),
-            None => fetched.next().flatten(),
-        }).collect())
+        Ok(keys
+            .iter()
+            .map(|k| match self.dirty.get(k) {
+                Some(state) => Some(state.clone()),
+                None => fetched.next().flatten(),
+            })
+            .collect())
     }
 
     /// Records what the evaluator decided for a listing: the gate's memory and
     /// the market view. Only those parts of the state change, so a newer
     /// event already applied (when no aggregates hold the stages in step) is kept.
-    pub fn record_evaluation(&mut self, key: Vec<u8>, base: Option<ListingState>, emitted_hash: u64, revision: u32, market: Vec<f64>) {
+    pub fn record_evaluation(
+        &mut self,
+        key: Vec<u8>,
+        base: Option<ListingState>,
+        emitted_hash: u64,
+        revision: u32,
+        market: Vec<f64>,
+    ) {
         let entry = match self.dirty.entry(key) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => match base {
@@ -154,9 +201,21 @@ impl ListingStateStage {
         entry.market = market;
     }
 
-    pub fn process(&mut self, events: Vec<ChangeEvent>, time: u64, out: &mut Vec<StateOutput>) -> Result<(), StateError> {
-        let keys: Vec<Vec<u8>> = events.iter().map(|e| Store::state_key(e.position.partition, &e.key)).collect();
-        let mut wanted: Vec<Vec<u8>> = keys.iter().filter(|k| !self.dirty.contains_key(*k)).cloned().collect();
+    pub fn process(
+        &mut self,
+        events: Vec<ChangeEvent>,
+        time: u64,
+        out: &mut Vec<StateOutput>,
+    ) -> Result<(), StateError> {
+        let keys: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| Store::state_key(e.position.partition, &e.key))
+            .collect();
+        let mut wanted: Vec<Vec<u8>> = keys
+            .iter()
+            .filter(|k| !self.dirty.contains_key(*k))
+            .cloned()
+            .collect();
         wanted.sort();
         wanted.dedup();
         let mut fetched: HashMap<Vec<u8>, ListingState> = HashMap::with_capacity(wanted.len());
@@ -197,7 +256,10 @@ impl ListingStateStage {
                     Some(current) => merge(&self.plan, current, &event, kind.complete),
                     None if kind.complete => create(&self.plan, &event),
                     None => {
-                        let detail = format!("kind `{}` for listing `{}`, which has no live state (never created, or removed)", kind.name, event.key);
+                        let detail = format!(
+                            "kind `{}` for listing `{}`, which has no live state (never created, or removed)",
+                            kind.name, event.key
+                        );
                         out.push(StateOutput::Dead(DeadLetter {
                             bytes: event.bytes,
                             position: event.position,
@@ -212,7 +274,14 @@ impl ListingStateStage {
             };
             if !self.plan.aggregates.is_empty() {
                 let old = current.cloned();
-                self.member_updates(event.position.partition, &event.key, old.as_ref(), Some(&next), time, out);
+                self.member_updates(
+                    event.position.partition,
+                    &event.key,
+                    old.as_ref(),
+                    Some(&next),
+                    time,
+                    out,
+                );
             }
             out.push(StateOutput::Event(Enriched {
                 key: event.key,
@@ -232,15 +301,25 @@ impl ListingStateStage {
     }
 
     /// Writes every change since the last checkpoint with the positions, in one batch.
-    pub fn checkpoint(&mut self, binding: &str, positions: &[(u32, CheckpointedPosition)]) -> Result<usize, StateError> {
-        let written = self.store.checkpoint(self.dirty.iter().map(|(k, v)| (k.as_slice(), Some(v))), binding, positions)?;
+    pub fn checkpoint(
+        &mut self,
+        binding: &str,
+        positions: &[(u32, CheckpointedPosition)],
+    ) -> Result<usize, StateError> {
+        let written = self.store.checkpoint(
+            self.dirty.iter().map(|(k, v)| (k.as_slice(), Some(v))),
+            binding,
+            positions,
+        )?;
         self.dirty.clear();
         Ok(written)
     }
 }
 
 fn price_of(plan: &Plan, fields: &[Option<Value>]) -> Option<f64> {
-    plan.price_field.and_then(|i| fields[i].as_ref()).and_then(Value::as_f64)
+    plan.price_field
+        .and_then(|i| fields[i].as_ref())
+        .and_then(Value::as_f64)
 }
 
 fn create(plan: &Plan, event: &ChangeEvent) -> ListingState {
@@ -287,32 +366,63 @@ fn merge(plan: &Plan, current: &ListingState, event: &ChangeEvent, complete: boo
 
 /// Where a statistic sits in a listing's flattened market view.
 pub fn statistic_offset(plan: &Plan, aggregate: usize, statistic: usize) -> usize {
-    plan.aggregates[..aggregate].iter().map(|a| a.statistic_count()).sum::<usize>() + statistic
+    plan.aggregates[..aggregate]
+        .iter()
+        .map(|a| a.statistic_count())
+        .sum::<usize>()
+        + statistic
 }
 
 /// The topology's features for a listing at an event, in declaration order.
 /// `market` is the listing's flattened statistics (NaN: none).
-pub fn compute_features(plan: &Plan, state: &ListingState, event_time: i64, market: &[f64]) -> Vec<Option<f64>> {
+pub fn compute_features(
+    plan: &Plan,
+    state: &ListingState,
+    event_time: i64,
+    market: &[f64],
+) -> Vec<Option<f64>> {
     let mut values: Vec<Option<f64>> = Vec::with_capacity(plan.features.len());
     for feature in &plan.features {
         let lookup = |r: ValueRef, values: &[Option<f64>]| -> Option<f64> {
             match r {
                 ValueRef::Field(i) => state.fields[i].as_ref().and_then(Value::as_f64),
                 ValueRef::Feature(i) => values.get(i).copied().flatten(),
-                ValueRef::Lookup(i) => market::lookup_value(plan, i, &state.fields, &mut false).and_then(Value::as_f64),
-                ValueRef::Statistic { aggregate, statistic } => market.get(statistic_offset(plan, aggregate, statistic)).copied().filter(|x| !x.is_nan()),
+                ValueRef::Lookup(i) => {
+                    market::lookup_value(plan, i, &state.fields, &mut false).and_then(Value::as_f64)
+                }
+                ValueRef::Statistic {
+                    aggregate,
+                    statistic,
+                } => market
+                    .get(statistic_offset(plan, aggregate, statistic))
+                    .copied()
+                    .filter(|x| !x.is_nan()),
                 _ => None, // later stages; compile forbids it
             }
         };
         let value = match &feature.function {
             Function::DaysOnMarket => Some(features::days_on_market(state.first_seen, event_time)),
             Function::PriceChangeCount => Some(state.price_change_count as f64),
-            Function::PriceDropPercent => features::price_drop_percent(state.initial_price, price_of(plan, &state.fields)),
-            Function::DaysSincePriceChange => Some(features::days_since_price_change(state.first_seen, state.last_price_change, event_time)),
-            Function::YearsSince { field } => features::years_since(lookup(*field, &values), event_time),
-            Function::Ratio { numerator, denominator, min_denominator } => {
-                features::ratio(lookup(*numerator, &values), lookup(*denominator, &values), *min_denominator)
+            Function::PriceDropPercent => {
+                features::price_drop_percent(state.initial_price, price_of(plan, &state.fields))
             }
+            Function::DaysSincePriceChange => Some(features::days_since_price_change(
+                state.first_seen,
+                state.last_price_change,
+                event_time,
+            )),
+            Function::YearsSince { field } => {
+                features::years_since(lookup(*field, &values), event_time)
+            }
+            Function::Ratio {
+                numerator,
+                denominator,
+                min_denominator,
+            } => features::ratio(
+                lookup(*numerator, &values),
+                lookup(*denominator, &values),
+                *min_denominator,
+            ),
         };
         values.push(value);
     }

@@ -35,13 +35,13 @@
 use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::TraceAgent;
-use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use differential_dataflow::trace::TraceReader;
+use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use differential_dataflow::{AsCollection, VecCollection};
 use timely::dataflow::StreamVec;
 
 use crate::record::Value;
-use crate::topology::{Aggregate, Plan, ValueRef, MEASURE_STATISTICS};
+use crate::topology::{Aggregate, MEASURE_STATISTICS, Plan, ValueRef};
 
 /// A member of a segment: see `encode_member`.
 pub type Member = Box<[u8]>;
@@ -61,7 +61,12 @@ pub struct MarketUpdate {
 }
 
 /// The value a field or lookup has for a listing; `missed` when a lookup fell back to its default.
-pub fn lookup_value<'a>(plan: &'a Plan, index: usize, fields: &'a [Option<Value>], missed: &mut bool) -> Option<&'a Value> {
+pub fn lookup_value<'a>(
+    plan: &'a Plan,
+    index: usize,
+    fields: &'a [Option<Value>],
+    missed: &mut bool,
+) -> Option<&'a Value> {
     let lookup = &plan.lookups[index];
     let key = match lookup.key {
         ValueRef::Field(i) => fields[i].as_ref(),
@@ -80,7 +85,11 @@ pub fn lookup_value<'a>(plan: &'a Plan, index: usize, fields: &'a [Option<Value>
     found.or(lookup.default.as_ref())
 }
 
-fn group_value<'a>(plan: &'a Plan, reference: ValueRef, fields: &'a [Option<Value>]) -> Option<&'a Value> {
+fn group_value<'a>(
+    plan: &'a Plan,
+    reference: ValueRef,
+    fields: &'a [Option<Value>],
+) -> Option<&'a Value> {
     match reference {
         ValueRef::Field(i) => fields[i].as_ref(),
         ValueRef::Lookup(i) => lookup_value(plan, i, fields, &mut false),
@@ -94,7 +103,11 @@ fn bucketed(value: &Value, bucket: Option<f64>) -> Value {
         (number, Some(width)) => {
             let x = number.as_f64().unwrap_or(f64::NAN);
             let b = (x / width).floor() * width;
-            if b.fract() == 0.0 && b.abs() < 9e15 { Value::Int(b as i64) } else { Value::Num(b) }
+            if b.fract() == 0.0 && b.abs() < 9e15 {
+                Value::Int(b as i64)
+            } else {
+                Value::Num(b)
+            }
         }
     }
 }
@@ -127,7 +140,11 @@ pub fn segment_of(plan: &Plan, aggregate_index: usize, fields: &[Option<Value>])
 }
 
 /// The segment's group-by values as a JSON object, for people.
-pub fn segment_label(plan: &Plan, aggregate_index: usize, fields: &[Option<Value>]) -> Option<String> {
+pub fn segment_label(
+    plan: &Plan,
+    aggregate_index: usize,
+    fields: &[Option<Value>],
+) -> Option<String> {
     let aggregate = &plan.aggregates[aggregate_index];
     let mut object = serde_json::Map::new();
     for (reference, bucket) in &aggregate.group_by {
@@ -143,10 +160,20 @@ pub fn segment_label(plan: &Plan, aggregate_index: usize, fields: &[Option<Value
 }
 
 /// `[measures: f64 bits BE, NaN when absent][partition u32 BE][version u64 BE][listing id]`.
-pub fn encode_member(plan: &Plan, aggregate: &Aggregate, fields: &[Option<Value>], partition: u32, version: u64, key: &str) -> Member {
+pub fn encode_member(
+    plan: &Plan,
+    aggregate: &Aggregate,
+    fields: &[Option<Value>],
+    partition: u32,
+    version: u64,
+    key: &str,
+) -> Member {
     let mut bytes = Vec::with_capacity(aggregate.measures.len() * 8 + 12 + key.len());
     for measure in &aggregate.measures {
-        let value = fields[*measure].as_ref().and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let value = fields[*measure]
+            .as_ref()
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN);
         bytes.extend_from_slice(&value.to_bits().to_be_bytes());
     }
     let _ = plan;
@@ -157,7 +184,9 @@ pub fn encode_member(plan: &Plan, aggregate: &Aggregate, fields: &[Option<Value>
 }
 
 fn member_measure(member: &[u8], index: usize) -> f64 {
-    f64::from_bits(u64::from_be_bytes(member[index * 8..index * 8 + 8].try_into().unwrap()))
+    f64::from_bits(u64::from_be_bytes(
+        member[index * 8..index * 8 + 8].try_into().unwrap(),
+    ))
 }
 
 /// (partition, version, listing id) of a member.
@@ -165,7 +194,11 @@ pub fn member_identity(member: &[u8], measures: usize) -> (u32, u64, &str) {
     let at = measures * 8;
     let partition = u32::from_be_bytes(member[at..at + 4].try_into().unwrap());
     let version = u64::from_be_bytes(member[at + 4..at + 12].try_into().unwrap());
-    (partition, version, std::str::from_utf8(&member[at + 12..]).unwrap_or(""))
+    (
+        partition,
+        version,
+        std::str::from_utf8(&member[at + 12..]).unwrap_or(""),
+    )
 }
 
 /// Linear interpolation between closest ranks (numpy's default) on sorted values.
@@ -187,8 +220,17 @@ pub fn statistics_from_values(count: u64, measure_values: &mut [Vec<f64>]) -> Ve
     out.push(count as f64);
     for values in measure_values.iter_mut() {
         values.sort_unstable_by(f64::total_cmp);
-        let mean = if values.is_empty() { f64::NAN } else { values.iter().sum::<f64>() / values.len() as f64 };
-        out.extend([mean, quantile(values, 0.25), quantile(values, 0.5), quantile(values, 0.75)]);
+        let mean = if values.is_empty() {
+            f64::NAN
+        } else {
+            values.iter().sum::<f64>() / values.len() as f64
+        };
+        out.extend([
+            mean,
+            quantile(values, 0.25),
+            quantile(values, 0.5),
+            quantile(values, 0.75),
+        ]);
     }
     out
 }
@@ -210,7 +252,16 @@ pub fn round_significant(x: f64, digits: u32) -> f64 {
 }
 
 fn to_bits(values: &[f64]) -> StatisticBits {
-    values.iter().map(|v| if v.is_nan() { f64::NAN.to_bits() } else { v.to_bits() }).collect()
+    values
+        .iter()
+        .map(|v| {
+            if v.is_nan() {
+                f64::NAN.to_bits()
+            } else {
+                v.to_bits()
+            }
+        })
+        .collect()
 }
 
 pub fn from_bits(bits: &[u64]) -> Vec<f64> {
@@ -245,7 +296,11 @@ pub fn band_stand_in(value: f64, cuts: &[f64]) -> f64 {
     if value.is_nan() {
         return value;
     }
-    cuts.iter().rev().find(|cut| **cut <= value).copied().unwrap_or(f64::NEG_INFINITY)
+    cuts.iter()
+        .rev()
+        .find(|cut| **cut <= value)
+        .copied()
+        .unwrap_or(f64::NEG_INFINITY)
 }
 
 /// Handles on the arrangements, to measure their memory (see [`ArrangementMemory`]).
@@ -266,7 +321,11 @@ pub struct ArrangementMemory {
 }
 
 fn heap_block(len: usize) -> usize {
-    if len == 0 { 0 } else { ((len + 8 + 15) & !15).max(32) }
+    if len == 0 {
+        0
+    } else {
+        ((len + 8 + 15) & !15).max(32)
+    }
 }
 
 fn offsets_bytes(list: &differential_dataflow::trace::implementations::OffsetList) -> usize {
@@ -281,17 +340,34 @@ impl MarketTraces {
                 let storage = &batch.storage;
                 let values: usize = storage.vals.vals.iter().map(|v| heap_block(v.len())).sum();
                 memory.member_updates += batch.updates as u64;
-                memory.member_bytes += (storage.keys.capacity() * 8 + offsets_bytes(&storage.vals.offs) + storage.vals.vals.capacity() * 16 + values
-                    + offsets_bytes(&storage.upds.offs) + storage.upds.times.capacity() * 8 + storage.upds.diffs.capacity() * 8) as u64;
+                memory.member_bytes += (storage.keys.capacity() * 8
+                    + offsets_bytes(&storage.vals.offs)
+                    + storage.vals.vals.capacity() * 16
+                    + values
+                    + offsets_bytes(&storage.upds.offs)
+                    + storage.upds.times.capacity() * 8
+                    + storage.upds.diffs.capacity() * 8)
+                    as u64;
             }
         });
         for trace in &self.statistics {
             trace.map_spans(|span| {
                 if let Some(batch) = &span.inner {
                     let storage = &batch.storage;
-                    let values: usize = storage.vals.vals.iter().map(|v| heap_block(v.len() * 8)).sum();
-                    memory.statistics_bytes += (storage.keys.capacity() * 8 + offsets_bytes(&storage.vals.offs) + storage.vals.vals.capacity() * 24 + values
-                        + offsets_bytes(&storage.upds.offs) + storage.upds.times.capacity() * 8 + storage.upds.diffs.capacity() * 8) as u64;
+                    let values: usize = storage
+                        .vals
+                        .vals
+                        .iter()
+                        .map(|v| heap_block(v.len() * 8))
+                        .sum();
+                    memory.statistics_bytes += (storage.keys.capacity() * 8
+                        + offsets_bytes(&storage.vals.offs)
+                        + storage.vals.vals.capacity() * 24
+                        + values
+                        + offsets_bytes(&storage.upds.offs)
+                        + storage.upds.times.capacity() * 8
+                        + storage.upds.diffs.capacity() * 8)
+                        as u64;
                 }
             });
         }
@@ -309,7 +385,11 @@ fn reader<Tr: differential_dataflow::trace::TraceReader<Time = u64>>(mut trace: 
 pub fn build<'scope>(
     plan: Arc<Plan>,
     members: StreamVec<'scope, u64, MemberUpdate>,
-) -> (StreamVec<'scope, u64, (MarketUpdate, u64, isize)>, StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>, MarketTraces) {
+) -> (
+    StreamVec<'scope, u64, (MarketUpdate, u64, isize)>,
+    StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>,
+    MarketTraces,
+) {
     let members: VecCollection<'scope, u64, (u64, Member), isize> = members.as_collection();
     let arranged = members.arrange_by_key_named("ArrangeMembers");
 
@@ -345,7 +425,9 @@ pub fn build<'scope>(
             buffer.extend(updates.drain(..).map(|(value, time, diff)| ((*key, value), time, diff)));
         },
     );
-    let exact_changes = exact.clone().as_collection(|segment: &u64, statistics: &StatisticBits| (*segment, statistics.clone()));
+    let exact_changes = exact
+        .clone()
+        .as_collection(|segment: &u64, statistics: &StatisticBits| (*segment, statistics.clone()));
 
     // what the join sees: the statistics the topology reads, rounded; the others
     // are blanked, so that their moves re-evaluate no neighbour
@@ -354,32 +436,51 @@ pub fn build<'scope>(
     // only bands read is replaced by its band's stand-in (`Plan::statistics_band_cuts`)
     let read = plan.statistics_read();
     let band_cuts = plan.statistics_band_cuts();
-    let seen_per_aggregate: Vec<Vec<Seen>> = (0..plan.aggregates.len()).map(|a| {
-        let offset = crate::dataflow::listing_state::statistic_offset(&plan, a, 0);
-        (offset..offset + plan.aggregates[a].statistic_count()).map(|i| match (read[i], &band_cuts[i]) {
-            (false, _) => Seen::Not,
-            (true, Some(cuts)) => Seen::Band(cuts.clone()),
-            (true, None) => Seen::Rounded,
-        }).collect()
-    }).collect();
+    let seen_per_aggregate: Vec<Vec<Seen>> = (0..plan.aggregates.len())
+        .map(|a| {
+            let offset = crate::dataflow::listing_state::statistic_offset(&plan, a, 0);
+            (offset..offset + plan.aggregates[a].statistic_count())
+                .map(|i| match (read[i], &band_cuts[i]) {
+                    (false, _) => Seen::Not,
+                    (true, Some(cuts)) => Seen::Band(cuts.clone()),
+                    (true, None) => Seen::Rounded,
+                })
+                .collect()
+        })
+        .collect();
     let round_plan = plan.clone();
     let rounded = exact_changes.clone().map(move |(segment, statistics)| {
         let aggregate = (segment >> 56) as usize;
         let digits = round_plan.aggregates[aggregate].significant_digits;
-        let rounded: Vec<f64> = from_bits(&statistics).into_iter().zip(&seen_per_aggregate[aggregate])
+        let rounded: Vec<f64> = from_bits(&statistics)
+            .into_iter()
+            .zip(&seen_per_aggregate[aggregate])
             .map(|(x, seen)| seen.apply(x, digits))
             .collect();
         (segment, to_bits(&rounded))
     });
     let rounded = rounded.arrange_by_key_named("ArrangeRoundedStatistics");
-    let traces = MarketTraces { members: reader(arranged.trace.clone()), statistics: vec![reader(exact.trace.clone()), reader(rounded.trace.clone())] };
+    let traces = MarketTraces {
+        members: reader(arranged.trace.clone()),
+        statistics: vec![reader(exact.trace.clone()), reader(rounded.trace.clone())],
+    };
 
     let join_plan = plan.clone();
-    let joined = arranged.join_core(rounded, move |segment: &u64, member: &Member, statistics: &StatisticBits| {
-        let aggregate = (*segment >> 56) as usize;
-        let (partition, version, key) = member_identity(member, join_plan.aggregates[aggregate].measures.len());
-        Some(MarketUpdate { partition, key: key.to_string(), aggregate: aggregate as u8, version, statistics: statistics.clone() })
-    });
+    let joined = arranged.join_core(
+        rounded,
+        move |segment: &u64, member: &Member, statistics: &StatisticBits| {
+            let aggregate = (*segment >> 56) as usize;
+            let (partition, version, key) =
+                member_identity(member, join_plan.aggregates[aggregate].measures.len());
+            Some(MarketUpdate {
+                partition,
+                key: key.to_string(),
+                aggregate: aggregate as u8,
+                version,
+                statistics: statistics.clone(),
+            })
+        },
+    );
     (joined.inner, exact_changes.inner, traces)
 }
 
@@ -402,7 +503,10 @@ mod tests {
         let mut values = vec![vec![30.0, 10.0, 20.0], vec![]];
         let stats = statistics_from_values(3, &mut values);
         assert_eq!(stats[..5], [3.0, 20.0, 15.0, 20.0, 25.0]);
-        assert!(stats[5..].iter().all(|x| x.is_nan()), "a measure no member has gives no statistics");
+        assert!(
+            stats[5..].iter().all(|x| x.is_nan()),
+            "a measure no member has gives no statistics"
+        );
     }
 
     #[test]
@@ -412,7 +516,11 @@ mod tests {
         for value in [0.0, 4.0, 5.0, 6.0, 49.0, 50.0, 199.5, 200.0, 1e9, -3.0] {
             assert_eq!(label(band_stand_in(value, &cuts)), label(value), "{value}");
         }
-        assert_eq!(band_stand_in(7.0, &cuts), band_stand_in(49.0, &cuts), "moves within a band are invisible");
+        assert_eq!(
+            band_stand_in(7.0, &cuts),
+            band_stand_in(49.0, &cuts),
+            "moves within a band are invisible"
+        );
         assert!(band_stand_in(f64::NAN, &cuts).is_nan());
     }
 

@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 use std::cell::Cell;
 
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
-use timely::dataflow::operators::vec::{Map, Partition};
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::{Map, Partition};
 use timely::dataflow::operators::{Capability, Concat, Input, OkErr, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
@@ -101,68 +101,126 @@ fn document_order(a: &OutputDocument, b: &OutputDocument) -> std::cmp::Ordering 
         if a.market {
             (a.position.partition, &a.key).cmp(&(b.position.partition, &b.key))
         } else {
-            (a.position.offset, a.position.partition).cmp(&(b.position.offset, b.position.partition))
+            (a.position.offset, a.position.partition)
+                .cmp(&(b.position.offset, b.position.partition))
         }
     })
 }
 
 /// Opens an output binding (checking a Kafka topic first).
-fn open_sink(config: &EnvConfig, name: &str, truncate: bool, source_topic: &str, model_versions: &[(String, String)]) -> Result<Sink, RunError> {
-    Ok(match config.binding(name).expect("validated: every binding exists") {
-        Binding::File(file) => Sink::File(FileSink::open(&file.path, truncate)?),
-        Binding::Kafka(kafka) => {
-            crate::connectors::kafka::ensure_topic(&config.kafka, kafka)?;
-            Sink::Kafka(KafkaSink::open(&config.kafka, kafka, source_topic, model_versions.to_vec())?)
-        }
-    })
+fn open_sink(
+    config: &EnvConfig,
+    name: &str,
+    truncate: bool,
+    source_topic: &str,
+    model_versions: &[(String, String)],
+) -> Result<Sink, RunError> {
+    Ok(
+        match config
+            .binding(name)
+            .expect("validated: every binding exists")
+        {
+            Binding::File(file) => Sink::File(FileSink::open(&file.path, truncate)?),
+            Binding::Kafka(kafka) => {
+                crate::connectors::kafka::ensure_topic(&config.kafka, kafka)?;
+                Sink::Kafka(KafkaSink::open(
+                    &config.kafka,
+                    kafka,
+                    source_topic,
+                    model_versions.to_vec(),
+                )?)
+            }
+        },
+    )
 }
 
 /// Stops the process at once after an output failure: no checkpoint can be
 /// written past output that was not delivered, and a restart replays from
 /// the last good checkpoint (crash-only, as after `kill -9`).
 fn fail_output(what: &str, error: &str) -> ! {
-    eprintln!("error: {what} failed: {error}\n  stopping without a checkpoint; rerun to resume from the last one");
+    eprintln!(
+        "error: {what} failed: {error}\n  stopping without a checkpoint; rerun to resume from the last one"
+    );
     std::process::exit(70);
 }
 
 /// Runs the topology to the end of its input and returns the summary.
-pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, options: &RunOptions) -> Result<RunSummary, RunError> {
+pub fn run(
+    plan: Arc<Plan>,
+    config: &EnvConfig,
+    models: Arc<Vec<LoadedModel>>,
+    options: &RunOptions,
+) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let state_path = config.state.dir.join(&plan.name);
     if options.from_scratch && state_path.exists() {
-        std::fs::remove_dir_all(&state_path).map_err(|e| RunError::Reset { path: state_path.clone(), detail: e.to_string() })?;
+        std::fs::remove_dir_all(&state_path).map_err(|e| RunError::Reset {
+            path: state_path.clone(),
+            detail: e.to_string(),
+        })?;
     }
-    let tuning = StoreTuning { block_cache_bytes: config.state.block_cache_mb << 20, write_buffer_bytes: config.state.write_buffer_mb << 20 };
+    let tuning = StoreTuning {
+        block_cache_bytes: config.state.block_cache_mb << 20,
+        write_buffer_bytes: config.state.write_buffer_mb << 20,
+    };
     let opening = Instant::now();
     let store = Store::open(&state_path, &plan.field_fingerprint(), tuning)?;
     let state_open_seconds = opening.elapsed().as_secs_f64();
-    let input = config.binding(&plan.input_binding).expect("validated: every binding exists").clone();
+    let input = config
+        .binding(&plan.input_binding)
+        .expect("validated: every binding exists")
+        .clone();
     // see "Document versions" in evaluate.rs: only sources whose replay may
     // cut epochs elsewhere need a new incarnation per start
     // the rebuild runs at its own dataflow time, the input epoch before the
     // first (times are input epochs + 1); it evaluates nothing when the market
     // fingerprint stored by the last clean end is the current one
     let market_fingerprint = plan.market_fingerprint();
-    let trusted_views = store.get_meta("market_fingerprint")?.as_deref() == Some(market_fingerprint.as_bytes());
+    let trusted_views =
+        store.get_meta("market_fingerprint")?.as_deref() == Some(market_fingerprint.as_bytes());
     let incarnation = match &input {
         Binding::File(_) => 0,
         Binding::Kafka(_) => store.next_incarnation()?,
     };
     let (partitions, source_topic) = match &input {
         Binding::File(file) => (file.partitions, file.path.display().to_string()),
-        Binding::Kafka(kafka) => (crate::connectors::kafka::ensure_topic(&config.kafka, kafka)?, kafka.topic.clone()),
+        Binding::Kafka(kafka) => (
+            crate::connectors::kafka::ensure_topic(&config.kafka, kafka)?,
+            kafka.topic.clone(),
+        ),
     };
-    let model_versions: Vec<(String, String)> = models.iter().map(|m| (m.name.clone(), m.version.clone())).collect();
-    let document_sink = Arc::new(Mutex::new(Some(open_sink(config, &plan.output_binding, options.from_scratch, &source_topic, &model_versions)?)));
-    let dead_letter_sink = Arc::new(Mutex::new(Some(open_sink(config, &plan.dead_letter_binding, options.from_scratch, &source_topic, &model_versions)?)));
+    let model_versions: Vec<(String, String)> = models
+        .iter()
+        .map(|m| (m.name.clone(), m.version.clone()))
+        .collect();
+    let document_sink = Arc::new(Mutex::new(Some(open_sink(
+        config,
+        &plan.output_binding,
+        options.from_scratch,
+        &source_topic,
+        &model_versions,
+    )?)));
+    let dead_letter_sink = Arc::new(Mutex::new(Some(open_sink(
+        config,
+        &plan.dead_letter_binding,
+        options.from_scratch,
+        &source_topic,
+        &model_versions,
+    )?)));
     let statistics_sink = Arc::new(Mutex::new(match &plan.statistics_binding {
         // optional: written only when the config binds it
-        Some(binding) if !options.pass_through && config.binding(binding).is_some() => Some(open_sink(config, binding, options.from_scratch, &source_topic, &[])?),
+        Some(binding) if !options.pass_through && config.binding(binding).is_some() => Some(
+            open_sink(config, binding, options.from_scratch, &source_topic, &[])?,
+        ),
         _ => None,
     }));
     let statistics_enabled = statistics_sink.lock().unwrap().is_some();
     let kafka = config.kafka.clone();
-    let group_id = config.kafka.group_id.clone().unwrap_or_else(|| format!("assay-{}", plan.name));
+    let group_id = config
+        .kafka
+        .group_id
+        .clone()
+        .unwrap_or_else(|| format!("assay-{}", plan.name));
     let runtime = config.runtime.clone();
     let workers = runtime.workers;
     let progress_enabled = options.progress.or(match runtime.progress {
@@ -492,7 +550,13 @@ pub fn run(plan: Arc<Plan>, config: &EnvConfig, models: Arc<Vec<LoadedModel>>, o
     // a clean end: the next start reads table files instead of replaying the log
     flush_store.flush()?;
     let lookup_names: Vec<String> = plan.lookups.iter().map(|l| l.name.clone()).collect();
-    let mut summary = RunSummary::new(&plan.name, workers, &total, started.elapsed(), &lookup_names);
+    let mut summary = RunSummary::new(
+        &plan.name,
+        workers,
+        &total,
+        started.elapsed(),
+        &lookup_names,
+    );
     summary.state_open_seconds = state_open_seconds;
     Ok(summary)
 }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::dataflow::listing_state::{statistic_offset, Enriched};
+use crate::dataflow::listing_state::{Enriched, statistic_offset};
 use crate::dataflow::market::lookup_value;
 use crate::dataflow::shape;
 use crate::model::{InputValue, LoadedModel, ModelError};
@@ -19,14 +19,26 @@ pub struct Scorer {
 
 impl Scorer {
     pub fn new(plan: Arc<Plan>, models: Arc<Vec<LoadedModel>>) -> Self {
-        Scorer { plan, models, encoded: Vec::new() }
+        Scorer {
+            plan,
+            models,
+            encoded: Vec::new(),
+        }
     }
 
     /// Scores one batch and shapes every row: the document body and where its
     /// output fields start (what the change gate compares), or `None` for a
     /// tombstone.
-    pub fn score_batch(&mut self, rows: &[Enriched]) -> Result<Vec<Option<(String, usize)>>, ModelError> {
-        let live: Vec<usize> = rows.iter().enumerate().filter(|(_, r)| !r.deleted).map(|(i, _)| i).collect();
+    pub fn score_batch(
+        &mut self,
+        rows: &[Enriched],
+    ) -> Result<Vec<Option<(String, usize)>>, ModelError> {
+        let live: Vec<usize> = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.deleted)
+            .map(|(i, _)| i)
+            .collect();
         // outputs[model][live_row * outputs + column]
         let mut outputs: Vec<Vec<f32>> = Vec::with_capacity(self.models.len());
         for (model_index, model) in self.models.iter().enumerate() {
@@ -38,20 +50,30 @@ impl Scorer {
                 let outputs_so_far = &outputs;
                 let mut encoded = std::mem::take(&mut self.encoded);
                 let plan = &self.plan;
-                model.encode_row(|input| match refs[input] {
-                    ValueRef::Field(i) => InputValue::of(row.state.fields[i].as_ref()),
-                    ValueRef::Feature(i) => row.features[i].map(InputValue::Number).unwrap_or(InputValue::Missing),
-                    ValueRef::Lookup(i) => InputValue::of(lookup_value(plan, i, &row.state.fields, &mut false)),
-                    ValueRef::Statistic { aggregate, statistic } => match row.market.get(statistic_offset(plan, aggregate, statistic)) {
-                        Some(x) if !x.is_nan() => InputValue::Number(*x),
-                        _ => InputValue::Missing,
+                model.encode_row(
+                    |input| match refs[input] {
+                        ValueRef::Field(i) => InputValue::of(row.state.fields[i].as_ref()),
+                        ValueRef::Feature(i) => row.features[i]
+                            .map(InputValue::Number)
+                            .unwrap_or(InputValue::Missing),
+                        ValueRef::Lookup(i) => {
+                            InputValue::of(lookup_value(plan, i, &row.state.fields, &mut false))
+                        }
+                        ValueRef::Statistic {
+                            aggregate,
+                            statistic,
+                        } => match row.market.get(statistic_offset(plan, aggregate, statistic)) {
+                            Some(x) if !x.is_nan() => InputValue::Number(*x),
+                            _ => InputValue::Missing,
+                        },
+                        ValueRef::ModelOutput { model: m, output } => {
+                            let width = self.models[m].outputs();
+                            InputValue::Number(outputs_so_far[m][live_row * width + output] as f64)
+                        }
+                        ValueRef::Derived(_) | ValueRef::Band(_) => InputValue::Missing,
                     },
-                    ValueRef::ModelOutput { model: m, output } => {
-                        let width = self.models[m].outputs();
-                        InputValue::Number(outputs_so_far[m][live_row * width + output] as f64)
-                    }
-                    ValueRef::Derived(_) | ValueRef::Band(_) => InputValue::Missing,
-                }, &mut encoded);
+                    &mut encoded,
+                );
                 self.encoded = encoded;
             }
             let encoded = std::mem::take(&mut self.encoded);
@@ -65,11 +87,21 @@ impl Scorer {
                 documents.push(None);
                 continue;
             }
-            let model_values: Vec<&[f32]> = self.models.iter().enumerate().map(|(m, model)| {
-                let width = model.outputs();
-                &outputs[m][live_row * width..(live_row + 1) * width]
-            }).collect();
-            documents.push(Some(shape::document_body(&self.plan, &self.models, row, &model_values)));
+            let model_values: Vec<&[f32]> = self
+                .models
+                .iter()
+                .enumerate()
+                .map(|(m, model)| {
+                    let width = model.outputs();
+                    &outputs[m][live_row * width..(live_row + 1) * width]
+                })
+                .collect();
+            documents.push(Some(shape::document_body(
+                &self.plan,
+                &self.models,
+                row,
+                &model_values,
+            )));
             live_row += 1;
         }
         Ok(documents)

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::dataflow::listing_state::{statistic_offset, Enriched};
+use crate::dataflow::listing_state::{Enriched, statistic_offset};
 use crate::dataflow::market::lookup_value;
 use crate::features;
 use crate::model::LoadedModel;
@@ -22,21 +22,43 @@ enum Shaped<'a> {
 /// The JSON document for a live listing, and the byte offset where its output
 /// fields start: the envelope before it (key, version, event time) is not
 /// what the change gate compares.
-pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_values: &[&[f32]]) -> (String, usize) {
+pub fn document_body(
+    plan: &Plan,
+    models: &[LoadedModel],
+    row: &Enriched,
+    model_values: &[&[f32]],
+) -> (String, usize) {
     let mut derived: Vec<Option<f64>> = Vec::with_capacity(plan.derived.len());
     for value in &plan.derived {
-        let number = |r: ValueRef, derived: &[Option<f64>]| numeric(plan, r, row, model_values, derived);
+        let number =
+            |r: ValueRef, derived: &[Option<f64>]| numeric(plan, r, row, model_values, derived);
         derived.push(match &value.function {
-            Function::Ratio { numerator, denominator, min_denominator } => {
-                features::ratio(number(*numerator, &derived), number(*denominator, &derived), *min_denominator)
+            Function::Ratio {
+                numerator,
+                denominator,
+                min_denominator,
+            } => features::ratio(
+                number(*numerator, &derived),
+                number(*denominator, &derived),
+                *min_denominator,
+            ),
+            Function::YearsSince { field } => {
+                features::years_since(number(*field, &derived), row.event_time)
             }
-            Function::YearsSince { field } => features::years_since(number(*field, &derived), row.event_time),
             // state functions are features; compile keeps derived values to pure ones
             _ => None,
         });
     }
-    let bands: Vec<Option<&str>> = plan.bands.iter()
-        .map(|band| features::band(numeric(plan, band.source, row, model_values, &derived), &band.steps, &band.otherwise))
+    let bands: Vec<Option<&str>> = plan
+        .bands
+        .iter()
+        .map(|band| {
+            features::band(
+                numeric(plan, band.source, row, model_values, &derived),
+                &band.steps,
+                &band.otherwise,
+            )
+        })
         .collect();
 
     let mut out = String::with_capacity(512);
@@ -71,9 +93,15 @@ pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_
         let value = match (value, field.round_to) {
             (Shaped::Number(v), Some(step)) => {
                 let rounded = features::round_to_step(v, step);
-                if step.fract() == 0.0 && rounded.abs() < 9e15 { Shaped::Integer(rounded as i64) } else { Shaped::Number(rounded) }
+                if step.fract() == 0.0 && rounded.abs() < 9e15 {
+                    Shaped::Integer(rounded as i64)
+                } else {
+                    Shaped::Number(rounded)
+                }
             }
-            (Shaped::Integer(v), Some(step)) if step.fract() == 0.0 && step >= 1.0 => Shaped::Integer(features::round_to_step(v as f64, step) as i64),
+            (Shaped::Integer(v), Some(step)) if step.fract() == 0.0 && step >= 1.0 => {
+                Shaped::Integer(features::round_to_step(v as f64, step) as i64)
+            }
             (value, _) => value,
         };
         out.push(',');
@@ -82,7 +110,9 @@ pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_
             Shaped::Text(s) => write_string(&mut out, s),
             Shaped::Integer(v) => write_integer(&mut out, v),
             // whole numbers print as integers: counts and ages read as 3, not 3.0
-            Shaped::Number(v) if v.fract() == 0.0 && v.abs() < 9e15 => write_integer(&mut out, v as i64),
+            Shaped::Number(v) if v.fract() == 0.0 && v.abs() < 9e15 => {
+                write_integer(&mut out, v as i64)
+            }
             Shaped::Number(v) => write_float(&mut out, v),
         }
     }
@@ -101,11 +131,26 @@ pub fn document_body(plan: &Plan, models: &[LoadedModel], row: &Enriched, model_
     (out, gate_start)
 }
 
-fn numeric(plan: &Plan, r: ValueRef, row: &Enriched, model_values: &[&[f32]], derived: &[Option<f64>]) -> Option<f64> {
+fn numeric(
+    plan: &Plan,
+    r: ValueRef,
+    row: &Enriched,
+    model_values: &[&[f32]],
+    derived: &[Option<f64>],
+) -> Option<f64> {
     match r {
         ValueRef::Field(i) => row.state.fields[i].as_ref().and_then(Value::as_f64),
-        ValueRef::Lookup(i) => lookup_value(plan, i, &row.state.fields, &mut false).and_then(Value::as_f64),
-        ValueRef::Statistic { aggregate, statistic } => row.market.get(statistic_offset(plan, aggregate, statistic)).copied().filter(|x| !x.is_nan()),
+        ValueRef::Lookup(i) => {
+            lookup_value(plan, i, &row.state.fields, &mut false).and_then(Value::as_f64)
+        }
+        ValueRef::Statistic {
+            aggregate,
+            statistic,
+        } => row
+            .market
+            .get(statistic_offset(plan, aggregate, statistic))
+            .copied()
+            .filter(|x| !x.is_nan()),
         ValueRef::Feature(i) => row.features[i],
         ValueRef::ModelOutput { model, output } => Some(model_values[model][output] as f64),
         ValueRef::Derived(i) => derived.get(i).copied().flatten(),
@@ -142,12 +187,19 @@ fn write_float(out: &mut String, value: f64) {
 }
 
 /// The benchmark baseline's document: the decoded fields re-encoded, nothing computed.
-pub fn pass_through_document(plan: &Plan, event: crate::dataflow::decode::ChangeEvent) -> crate::record::OutputDocument {
+pub fn pass_through_document(
+    plan: &Plan,
+    event: crate::dataflow::decode::ChangeEvent,
+) -> crate::record::OutputDocument {
     let mut out = String::with_capacity(384);
     out.push('{');
     write_key(&mut out, &plan.key_field);
     write_string(&mut out, &event.key);
-    let _ = write!(out, ",\"{}\":{},\"{}\":{}", plan.version_field, event.version, plan.event_time_field, event.event_time);
+    let _ = write!(
+        out,
+        ",\"{}\":{},\"{}\":{}",
+        plan.version_field, event.version, plan.event_time_field, event.event_time
+    );
     for (field, value) in plan.fields.iter().zip(&event.fields) {
         let Some(value) = value else { continue };
         out.push(',');
@@ -158,7 +210,13 @@ pub fn pass_through_document(plan: &Plan, event: crate::dataflow::decode::Change
                 let _ = write!(out, "{v}");
             }
             Value::Num(v) => {
-                let _ = write!(out, "{}", serde_json::Number::from_f64(*v).map(|n| n.to_string()).unwrap_or("null".into()));
+                let _ = write!(
+                    out,
+                    "{}",
+                    serde_json::Number::from_f64(*v)
+                        .map(|n| n.to_string())
+                        .unwrap_or("null".into())
+                );
             }
         }
     }

@@ -9,39 +9,52 @@
 
 use std::collections::BTreeMap;
 
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
-use timely::dataflow::Stream;
 use timely::ExchangeData;
+use timely::dataflow::Stream;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::Operator;
 
 /// Writes every epoch of `stream` in order on worker 0; `write` gets the epoch's
 /// records sorted by `order` (the source position).
-pub fn write_in_epoch_order<'scope, D, W>(stream: Stream<'scope, u64, Vec<D>>, name: &str, order: fn(&D, &D) -> std::cmp::Ordering, mut write: W) -> Stream<'scope, u64, Vec<()>>
+pub fn write_in_epoch_order<'scope, D, W>(
+    stream: Stream<'scope, u64, Vec<D>>,
+    name: &str,
+    order: fn(&D, &D) -> std::cmp::Ordering,
+    mut write: W,
+) -> Stream<'scope, u64, Vec<()>>
 where
     D: ExchangeData,
     W: FnMut(u64, Vec<D>) + 'static,
 {
-    stream.unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(Exchange::new(|_: &D| 0u64), name, move |_capability, _info| {
-        let mut pending: BTreeMap<u64, (Capability<u64>, Vec<D>)> = BTreeMap::new();
-        move |(input, frontier), _output| {
-            input.for_each_stamp(|capability, containers| {
-                let Some(capability) = capability.retain_least(0) else { return };
-                let epoch = *capability.time();
-                let entry = pending.entry(epoch).or_insert_with(|| (capability, Vec::new()));
-                for container in containers {
-                    entry.1.append(container);
+    stream.unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+        Exchange::new(|_: &D| 0u64),
+        name,
+        move |_capability, _info| {
+            let mut pending: BTreeMap<u64, (Capability<u64>, Vec<D>)> = BTreeMap::new();
+            move |(input, frontier), _output| {
+                input.for_each_stamp(|capability, containers| {
+                    let Some(capability) = capability.retain_least(0) else {
+                        return;
+                    };
+                    let epoch = *capability.time();
+                    let entry = pending
+                        .entry(epoch)
+                        .or_insert_with(|| (capability, Vec::new()));
+                    for container in containers {
+                        entry.1.append(container);
+                    }
+                });
+                while let Some(entry) = pending.first_entry() {
+                    if frontier.less_equal(entry.key()) {
+                        break;
+                    }
+                    let (epoch, (capability, mut records)) = entry.remove_entry();
+                    records.sort_by(order);
+                    write(epoch, records);
+                    drop(capability);
                 }
-            });
-            while let Some(entry) = pending.first_entry() {
-                if frontier.less_equal(entry.key()) {
-                    break;
-                }
-                let (epoch, (capability, mut records)) = entry.remove_entry();
-                records.sort_by(order);
-                write(epoch, records);
-                drop(capability);
             }
-        }
-    })
+        },
+    )
 }

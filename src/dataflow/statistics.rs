@@ -10,13 +10,13 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::{Stream, StreamVec};
 
-use crate::dataflow::market::{from_bits, StatisticBits};
+use crate::dataflow::market::{StatisticBits, from_bits};
 use crate::record::{OutputDocument, SourcePosition};
-use crate::topology::{Plan, MEASURE_STATISTICS};
+use crate::topology::{MEASURE_STATISTICS, Plan};
 
 /// Writes each epoch's statistics changes, in segment order, with `write`.
 pub fn write_statistics<'scope, W>(

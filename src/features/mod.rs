@@ -11,14 +11,20 @@ pub fn days_on_market(first_seen: i64, event_time: i64) -> f64 {
 }
 
 /// Days since the last price change, or since the first event when the price never changed.
-pub fn days_since_price_change(first_seen: i64, last_price_change: Option<i64>, event_time: i64) -> f64 {
+pub fn days_since_price_change(
+    first_seen: i64,
+    last_price_change: Option<i64>,
+    event_time: i64,
+) -> f64 {
     days_on_market(last_price_change.unwrap_or(first_seen), event_time)
 }
 
 /// Total drop from the first asking price, in percent (negative for a rise).
 pub fn price_drop_percent(initial_price: Option<f64>, current_price: Option<f64>) -> Option<f64> {
     match (initial_price, current_price) {
-        (Some(initial), Some(current)) if initial > 0.0 => Some((initial - current) / initial * 100.0),
+        (Some(initial), Some(current)) if initial > 0.0 => {
+            Some((initial - current) / initial * 100.0)
+        }
         _ => None,
     }
 }
@@ -49,17 +55,32 @@ pub fn civil_year(unix_seconds: i64) -> i64 {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z - era * 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     year_of_era + era * 400 + if month <= 2 { 1 } else { 0 }
 }
 
 /// Which band a value falls in: the first step whose threshold exceeds it.
-pub fn band<'a>(value: Option<f64>, steps: &'a [(f64, String)], otherwise: &'a str) -> Option<&'a str> {
+pub fn band<'a>(
+    value: Option<f64>,
+    steps: &'a [(f64, String)],
+    otherwise: &'a str,
+) -> Option<&'a str> {
     let value = value?;
-    Some(steps.iter().find(|(below, _)| value < *below).map(|(_, label)| label.as_str()).unwrap_or(otherwise))
+    Some(
+        steps
+            .iter()
+            .find(|(below, _)| value < *below)
+            .map(|(_, label)| label.as_str())
+            .unwrap_or(otherwise),
+    )
 }
 
 /// Rounds to a multiple of `step`, printing cleanly (0.1 steps give 12.3, not 12.300000000000001).
@@ -91,19 +112,32 @@ mod tests {
     fn days_on_market_counts_event_time_not_wall_clock() {
         assert_eq!(days_on_market(1_000, 1_000 + 86_400 * 3), 3.0);
         assert_eq!(days_on_market(1_000, 1_000 + 43_200), 0.5);
-        assert_eq!(days_on_market(5_000, 1_000), 0.0, "an event before the first one is clamped");
+        assert_eq!(
+            days_on_market(5_000, 1_000),
+            0.0,
+            "an event before the first one is clamped"
+        );
     }
 
     #[test]
     fn days_since_price_change_falls_back_to_first_seen() {
         assert_eq!(days_since_price_change(0, None, 86_400 * 10), 10.0);
-        assert_eq!(days_since_price_change(0, Some(86_400 * 8), 86_400 * 10), 2.0);
+        assert_eq!(
+            days_since_price_change(0, Some(86_400 * 8), 86_400 * 10),
+            2.0
+        );
     }
 
     #[test]
     fn price_drop_percent_handles_rises_and_missing() {
-        assert_eq!(price_drop_percent(Some(20_000.0), Some(18_000.0)), Some(10.0));
-        assert_eq!(price_drop_percent(Some(20_000.0), Some(22_000.0)), Some(-10.0));
+        assert_eq!(
+            price_drop_percent(Some(20_000.0), Some(18_000.0)),
+            Some(10.0)
+        );
+        assert_eq!(
+            price_drop_percent(Some(20_000.0), Some(22_000.0)),
+            Some(-10.0)
+        );
         assert_eq!(price_drop_percent(None, Some(1.0)), None);
         assert_eq!(price_drop_percent(Some(0.0), Some(1.0)), None);
     }
@@ -117,7 +151,10 @@ mod tests {
 
     #[test]
     fn ratio_applies_the_floor_and_refuses_zero() {
-        assert_eq!(ratio(Some(100_000.0), Some(0.0), Some(1.0)), Some(100_000.0));
+        assert_eq!(
+            ratio(Some(100_000.0), Some(0.0), Some(1.0)),
+            Some(100_000.0)
+        );
         assert_eq!(ratio(Some(10.0), Some(0.0), None), None);
         assert_eq!(ratio(Some(10.0), Some(4.0), None), Some(2.5));
         assert_eq!(ratio(None, Some(4.0), None), None);
@@ -136,7 +173,11 @@ mod tests {
     fn rounding_prints_cleanly() {
         assert_eq!(round_to_step(12.34, 0.1), 12.3);
         assert_eq!(round_to_step(12_344.0, 10.0), 12_340.0);
-        assert_eq!(round_to_step(12_345.0, 10.0), 12_350.0, "halves round away from zero");
+        assert_eq!(
+            round_to_step(12_345.0, 10.0),
+            12_350.0,
+            "halves round away from zero"
+        );
         assert_eq!(round_to_step(0.987, 0.01), 0.99);
         assert_eq!(round_to_step(2.5, 1.0), 3.0);
     }

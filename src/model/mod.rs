@@ -20,11 +20,19 @@ use sidecar::{Sidecar, SidecarInput};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("model `{model}` ({path}) cannot be loaded: {detail}")]
-    Load { model: String, path: PathBuf, detail: String },
+    Load {
+        model: String,
+        path: PathBuf,
+        detail: String,
+    },
     #[error("model `{model}` failed its golden check: {detail}")]
     Golden { model: String, detail: String },
     #[error("model `{model}` failed to score a batch of {rows}: {detail}")]
-    Run { model: String, rows: usize, detail: String },
+    Run {
+        model: String,
+        rows: usize,
+        detail: String,
+    },
 }
 
 /// A model ready to score: an optimized plan shared by every worker.
@@ -57,13 +65,22 @@ impl<'a> InputValue<'a> {
 
 impl LoadedModel {
     pub fn load(plan: &ModelPlan) -> Result<LoadedModel, ModelError> {
-        let load_error = |detail: String| ModelError::Load { model: plan.name.clone(), path: plan.onnx_path.clone(), detail };
+        let load_error = |detail: String| ModelError::Load {
+            model: plan.name.clone(),
+            path: plan.onnx_path.clone(),
+            detail,
+        };
         let runnable = tract_onnx::onnx()
             .model_for_path(&plan.onnx_path)
             .and_then(|model| model.into_optimized())
             .and_then(|model| model.into_runnable())
             .map_err(|e| load_error(format!("{e:#}")))?;
-        let model = LoadedModel { name: plan.name.clone(), version: plan.sidecar.version.clone(), sidecar: plan.sidecar.clone(), runnable };
+        let model = LoadedModel {
+            name: plan.name.clone(),
+            version: plan.sidecar.version.clone(),
+            sidecar: plan.sidecar.clone(),
+            runnable,
+        };
         model.check_golden(plan)?;
         Ok(model)
     }
@@ -77,11 +94,21 @@ impl LoadedModel {
     }
 
     /// Appends one encoded input row; `value(i)` gives the sidecar's i-th input.
-    pub fn encode_row<'a>(&self, mut value: impl FnMut(usize) -> InputValue<'a>, row: &mut Vec<f32>) {
+    pub fn encode_row<'a>(
+        &self,
+        mut value: impl FnMut(usize) -> InputValue<'a>,
+        row: &mut Vec<f32>,
+    ) {
         for (index, input) in self.sidecar.inputs.iter().enumerate() {
             let v = value(index);
             match input {
-                SidecarInput::Numeric { fill, min, max, log1p, .. } => {
+                SidecarInput::Numeric {
+                    fill,
+                    min,
+                    max,
+                    log1p,
+                    ..
+                } => {
                     let x = match v {
                         InputValue::Number(x) if x.is_finite() => x,
                         _ => *fill,
@@ -94,7 +121,13 @@ impl LoadedModel {
                         InputValue::Text(t) => Some(t),
                         _ => None,
                     };
-                    row.extend(categories.iter().map(|c| if Some(c.as_str()) == text { 1.0f32 } else { 0.0 }));
+                    row.extend(categories.iter().map(|c| {
+                        if Some(c.as_str()) == text {
+                            1.0f32
+                        } else {
+                            0.0
+                        }
+                    }));
                 }
             }
         }
@@ -102,15 +135,29 @@ impl LoadedModel {
 
     /// Scores `rows` encoded rows in one run; returns `rows * outputs` values, row-major.
     pub fn score_batch(&self, rows: usize, encoded: Vec<f32>) -> Result<Vec<f32>, ModelError> {
-        let run_error = |detail: String| ModelError::Run { model: self.name.clone(), rows, detail };
+        let run_error = |detail: String| ModelError::Run {
+            model: self.name.clone(),
+            rows,
+            detail,
+        };
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let input = tract_ndarray::Array2::from_shape_vec((rows, self.width()), encoded).map_err(|e| run_error(e.to_string()))?;
-        let outputs = self.runnable.run(tvec!(Tensor::from(input).into())).map_err(|e| run_error(format!("{e:#}")))?;
-        let view = outputs[0].to_plain_array_view::<f32>().map_err(|e| run_error(format!("{e:#}")))?;
+        let input = tract_ndarray::Array2::from_shape_vec((rows, self.width()), encoded)
+            .map_err(|e| run_error(e.to_string()))?;
+        let outputs = self
+            .runnable
+            .run(tvec!(Tensor::from(input).into()))
+            .map_err(|e| run_error(format!("{e:#}")))?;
+        let view = outputs[0]
+            .to_plain_array_view::<f32>()
+            .map_err(|e| run_error(format!("{e:#}")))?;
         if view.len() != rows * self.outputs() {
-            return Err(run_error(format!("output has {} values, expected {}", view.len(), rows * self.outputs())));
+            return Err(run_error(format!(
+                "output has {} values, expected {}",
+                view.len(),
+                rows * self.outputs()
+            )));
         }
         Ok(view.iter().copied().collect())
     }
@@ -118,33 +165,54 @@ impl LoadedModel {
     /// Scores the golden inputs and refuses the model when any prediction
     /// differs from the trainer's by more than the tolerance (relative).
     fn check_golden(&self, plan: &ModelPlan) -> Result<(), ModelError> {
-        let golden_error = |detail: String| ModelError::Golden { model: self.name.clone(), detail };
-        let text = std::fs::read_to_string(&plan.golden_path).map_err(|e| golden_error(format!("cannot read {}: {e}", plan.golden_path.display())))?;
-        let cases: Vec<GoldenCase> = serde_json::from_str(&text).map_err(|e| golden_error(format!("{}: {e}", plan.golden_path.display())))?;
+        let golden_error = |detail: String| ModelError::Golden {
+            model: self.name.clone(),
+            detail,
+        };
+        let text = std::fs::read_to_string(&plan.golden_path).map_err(|e| {
+            golden_error(format!("cannot read {}: {e}", plan.golden_path.display()))
+        })?;
+        let cases: Vec<GoldenCase> = serde_json::from_str(&text)
+            .map_err(|e| golden_error(format!("{}: {e}", plan.golden_path.display())))?;
         if cases.is_empty() {
-            return Err(golden_error(format!("{} has no cases", plan.golden_path.display())));
+            return Err(golden_error(format!(
+                "{} has no cases",
+                plan.golden_path.display()
+            )));
         }
         let mut encoded = Vec::with_capacity(cases.len() * self.width());
         for case in &cases {
-            self.encode_row(|i| {
-                let name = match &self.sidecar.inputs[i] {
-                    SidecarInput::Numeric { name, .. } | SidecarInput::OneHot { name, .. } => name,
-                };
-                match case.inputs.get(name) {
-                    Some(serde_json::Value::Number(n)) => InputValue::Number(n.as_f64().unwrap_or(f64::NAN)),
-                    Some(serde_json::Value::String(s)) => InputValue::Text(s),
-                    _ => InputValue::Missing,
-                }
-            }, &mut encoded);
+            self.encode_row(
+                |i| {
+                    let name = match &self.sidecar.inputs[i] {
+                        SidecarInput::Numeric { name, .. } | SidecarInput::OneHot { name, .. } => {
+                            name
+                        }
+                    };
+                    match case.inputs.get(name) {
+                        Some(serde_json::Value::Number(n)) => {
+                            InputValue::Number(n.as_f64().unwrap_or(f64::NAN))
+                        }
+                        Some(serde_json::Value::String(s)) => InputValue::Text(s),
+                        _ => InputValue::Missing,
+                    }
+                },
+                &mut encoded,
+            );
         }
         let scores = self.score_batch(cases.len(), encoded)?;
         let mut worst: Option<(usize, String, f64, f64, f64)> = None;
         for (row, case) in cases.iter().enumerate() {
             for (column, output) in self.sidecar.outputs.iter().enumerate() {
-                let expected = case.outputs.get(output).copied().ok_or_else(|| golden_error(format!("case {row} has no output `{output}`")))?;
+                let expected =
+                    case.outputs.get(output).copied().ok_or_else(|| {
+                        golden_error(format!("case {row} has no output `{output}`"))
+                    })?;
                 let ours = scores[row * self.outputs() + column] as f64;
                 let relative = (ours - expected).abs() / expected.abs().max(1e-9);
-                if relative > plan.golden_tolerance && worst.as_ref().map(|w| relative > w.4).unwrap_or(true) {
+                if relative > plan.golden_tolerance
+                    && worst.as_ref().map(|w| relative > w.4).unwrap_or(true)
+                {
                     worst = Some((row, output.clone(), expected, ours, relative));
                 }
             }
@@ -154,7 +222,9 @@ impl LoadedModel {
             Some((row, output, expected, ours, relative)) => Err(golden_error(format!(
                 "case {row} of {}: `{output}` is {ours} here but the trainer saw {expected} (relative difference {relative:.2e} > tolerance {:.0e}); \
                  the ONNX file and its golden file do not belong together: retrain with scripts/train-models.sh or restore the file",
-                plan.golden_path.display(), plan.golden_tolerance))),
+                plan.golden_path.display(),
+                plan.golden_tolerance
+            ))),
         }
     }
 }

@@ -29,9 +29,19 @@ pub struct Sidecar {
 pub enum SidecarInput {
     /// A number: a missing value becomes `fill`, then clipped to [min, max],
     /// then ln(1 + x) when `log1p`.
-    Numeric { name: String, fill: f64, min: f64, max: f64, #[serde(default)] log1p: bool },
+    Numeric {
+        name: String,
+        fill: f64,
+        min: f64,
+        max: f64,
+        #[serde(default)]
+        log1p: bool,
+    },
     /// A string: one column per category, 1.0 where it equals the value.
-    OneHot { name: String, categories: Vec<String> },
+    OneHot {
+        name: String,
+        categories: Vec<String>,
+    },
 }
 
 impl SidecarInput {
@@ -45,12 +55,23 @@ impl SidecarInput {
 
 impl Sidecar {
     pub fn load(path: &Path) -> Result<Sidecar, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read sidecar {}: {e}", path.display()))?;
-        let sidecar: Sidecar = serde_json::from_str(&text)
-            .map_err(|e| format!("sidecar {}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read sidecar {}: {e}", path.display()))?;
+        let sidecar: Sidecar = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "sidecar {}:{}:{}: {e}",
+                path.display(),
+                e.line(),
+                e.column()
+            )
+        })?;
         let width: usize = sidecar.inputs.iter().map(SidecarInput::width).sum();
         if width != sidecar.input_width {
-            return Err(format!("sidecar {}: inputs encode to {width} columns but input_width is {}", path.display(), sidecar.input_width));
+            return Err(format!(
+                "sidecar {}: inputs encode to {width} columns but input_width is {}",
+                path.display(),
+                sidecar.input_width
+            ));
         }
         if sidecar.outputs.is_empty() {
             return Err(format!("sidecar {}: no outputs", path.display()));

@@ -28,7 +28,11 @@ const SUB_BUCKETS: u64 = 64;
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        LatencyHistogram { buckets: vec![0; (64 * SUB_BUCKETS) as usize], count: 0, max_nanos: 0 }
+        LatencyHistogram {
+            buckets: vec![0; (64 * SUB_BUCKETS) as usize],
+            count: 0,
+            max_nanos: 0,
+        }
     }
 }
 
@@ -128,7 +132,8 @@ impl WorkerReport {
         mine.event_suppressed += theirs.event_suppressed;
         mine.market_emitted += theirs.market_emitted;
         mine.market_suppressed += theirs.market_suppressed;
-        mine.lookup_misses.resize(theirs.lookup_misses.len().max(mine.lookup_misses.len()), 0);
+        mine.lookup_misses
+            .resize(theirs.lookup_misses.len().max(mine.lookup_misses.len()), 0);
         for (a, b) in mine.lookup_misses.iter_mut().zip(&theirs.lookup_misses) {
             *a += b;
         }
@@ -177,7 +182,13 @@ pub struct RunSummary {
 }
 
 impl RunSummary {
-    pub fn new(topology: &str, workers: usize, report: &WorkerReport, elapsed: Duration, lookup_names: &[String]) -> RunSummary {
+    pub fn new(
+        topology: &str,
+        workers: usize,
+        report: &WorkerReport,
+        elapsed: Duration,
+        lookup_names: &[String],
+    ) -> RunSummary {
         let dead_letters: u64 = report.dead_letters.values().sum();
         let emitted = report.upserts + report.tombstones;
         let evaluate = &report.evaluate;
@@ -197,8 +208,23 @@ impl RunSummary {
             market_reevaluations: evaluate.market_emitted + evaluate.market_suppressed,
             market_documents: report.market_documents,
             fan_out: emitted as f64 / report.records_in.max(1) as f64,
-            lookup_misses: lookup_names.iter().cloned().zip(evaluate.lookup_misses.iter().copied().chain(std::iter::repeat(0))).collect(),
-            reconciled: report.records_in == event_documents + evaluate.event_suppressed + dead_letters + report.stale + report.duplicates
+            lookup_misses: lookup_names
+                .iter()
+                .cloned()
+                .zip(
+                    evaluate
+                        .lookup_misses
+                        .iter()
+                        .copied()
+                        .chain(std::iter::repeat(0)),
+                )
+                .collect(),
+            reconciled: report.records_in
+                == event_documents
+                    + evaluate.event_suppressed
+                    + dead_letters
+                    + report.stale
+                    + report.duplicates
                 && report.market_documents == evaluate.market_emitted,
             checkpoints: report.checkpoints,
             elapsed_seconds: elapsed.as_secs_f64(),
@@ -216,30 +242,62 @@ impl RunSummary {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str(&format!("assay run: topology {} on {} worker(s)\n", self.topology, self.workers));
+        out.push_str(&format!(
+            "assay run: topology {} on {} worker(s)\n",
+            self.topology, self.workers
+        ));
         out.push_str(&format!("  records in          {:>10}\n", self.records_in));
-        out.push_str(&format!("  documents emitted   {:>10}  ({} upserts, {} tombstones)\n", self.documents_emitted, self.upserts, self.tombstones));
-        out.push_str(&format!("  dead letters        {:>10}\n", self.dead_letters));
+        out.push_str(&format!(
+            "  documents emitted   {:>10}  ({} upserts, {} tombstones)\n",
+            self.documents_emitted, self.upserts, self.tombstones
+        ));
+        out.push_str(&format!(
+            "  dead letters        {:>10}\n",
+            self.dead_letters
+        ));
         for (reason, n) in &self.dead_letters_by_reason {
             out.push_str(&format!("    {reason:<22}{n:>8}\n"));
         }
         out.push_str(&format!("  stale events        {:>10}\n", self.stale));
         out.push_str(&format!("  duplicate events    {:>10}\n", self.duplicates));
-        out.push_str(&format!("  unchanged (gated)   {:>10}  (events whose document did not change)\n", self.unchanged));
+        out.push_str(&format!(
+            "  unchanged (gated)   {:>10}  (events whose document did not change)\n",
+            self.unchanged
+        ));
         if self.market_reevaluations > 0 || self.market_documents > 0 {
-            out.push_str(&format!("  market re-evaluated {:>10}  ({} emitted, {} unchanged)\n", self.market_reevaluations, self.market_documents, self.market_reevaluations - self.market_documents.min(self.market_reevaluations)));
+            out.push_str(&format!(
+                "  market re-evaluated {:>10}  ({} emitted, {} unchanged)\n",
+                self.market_reevaluations,
+                self.market_documents,
+                self.market_reevaluations - self.market_documents.min(self.market_reevaluations)
+            ));
         }
-        out.push_str(&format!("  fan-out             {:>10.3}  documents per record in\n", self.fan_out));
+        out.push_str(&format!(
+            "  fan-out             {:>10.3}  documents per record in\n",
+            self.fan_out
+        ));
         for (lookup, misses) in &self.lookup_misses {
-            out.push_str(&format!("  lookup misses       {:>10}  ({lookup}: key not in the table, default used)\n", misses));
+            out.push_str(&format!(
+                "  lookup misses       {:>10}  ({lookup}: key not in the table, default used)\n",
+                misses
+            ));
         }
         out.push_str(&format!(
             "  reconciled          {:>10}  (in = event documents + unchanged + dead letters + stale + duplicates)\n",
             if self.reconciled { "yes" } else { "NO" }
         ));
-        out.push_str(&format!("  throughput          {:>10.0} events/s over {:.2} s, {} checkpoint(s)\n", self.events_per_second, self.elapsed_seconds, self.checkpoints));
-        out.push_str(&format!("  latency             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (read to written)\n", self.latency_p50_ms, self.latency_p99_ms, self.latency_max_ms));
-        out.push_str(&format!("  peak memory (RSS)   {:>10.1} MB, CPU {:.2} s\n", self.peak_rss_mb, self.cpu_seconds));
+        out.push_str(&format!(
+            "  throughput          {:>10.0} events/s over {:.2} s, {} checkpoint(s)\n",
+            self.events_per_second, self.elapsed_seconds, self.checkpoints
+        ));
+        out.push_str(&format!(
+            "  latency             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (read to written)\n",
+            self.latency_p50_ms, self.latency_p99_ms, self.latency_max_ms
+        ));
+        out.push_str(&format!(
+            "  peak memory (RSS)   {:>10.1} MB, CPU {:.2} s\n",
+            self.peak_rss_mb, self.cpu_seconds
+        ));
         out
     }
 }
@@ -250,12 +308,21 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
         Some(pid) => format!("/proc/{pid}/stat"),
         None => "/proc/self/stat".to_string(),
     };
-    let Ok(stat) = std::fs::read_to_string(path) else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
     // fields after the command name (which may contain spaces) start at ") "
-    let Some(rest) = stat.rfind(") ").map(|i| &stat[i + 2..]) else { return 0.0 };
+    let Some(rest) = stat.rfind(") ").map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name; in clock ticks (100/s on Linux)
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -263,7 +330,13 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|status| status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<u64>().ok()))
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
 }
@@ -279,7 +352,11 @@ impl ProgressBar {
     pub fn new(enabled: Option<bool>) -> ProgressBar {
         let enabled = enabled.unwrap_or_else(|| std::io::stderr().is_terminal());
         let now = std::time::Instant::now();
-        ProgressBar { enabled, last_draw: now - Duration::from_secs(1), started: now }
+        ProgressBar {
+            enabled,
+            last_draw: now - Duration::from_secs(1),
+            started: now,
+        }
     }
 
     pub fn update(&mut self, done_bytes: u64, total_bytes: u64, records: u64) {
@@ -287,12 +364,24 @@ impl ProgressBar {
             return;
         }
         self.last_draw = std::time::Instant::now();
-        let fraction = if total_bytes == 0 { 1.0 } else { done_bytes as f64 / total_bytes as f64 };
+        let fraction = if total_bytes == 0 {
+            1.0
+        } else {
+            done_bytes as f64 / total_bytes as f64
+        };
         let width = 30;
         let filled = ((fraction * width as f64) as usize).min(width);
         let rate = records as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
         let mut stderr = std::io::stderr();
-        let _ = write!(stderr, "\r[{}{}] {:>5.1}%  {:>9} records  {:>8.0}/s ", "#".repeat(filled), ".".repeat(width - filled), fraction * 100.0, records, rate);
+        let _ = write!(
+            stderr,
+            "\r[{}{}] {:>5.1}%  {:>9} records  {:>8.0}/s ",
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            fraction * 100.0,
+            records,
+            rate
+        );
         let _ = stderr.flush();
     }
 
@@ -315,7 +404,10 @@ mod tests {
         }
         for (q, exact) in [(0.5, 50_000_000u64), (0.99, 99_000_000), (1.0, 100_000_000)] {
             let got = h.quantile(q).as_nanos() as f64;
-            assert!((got - exact as f64).abs() / exact as f64 <= 0.02, "q{q}: {got} vs {exact}");
+            assert!(
+                (got - exact as f64).abs() / exact as f64 <= 0.02,
+                "q{q}: {got} vs {exact}"
+            );
         }
         let mut other = LatencyHistogram::default();
         other.record(5);

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
+use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch};
 
 use crate::record::Value;
 
@@ -31,8 +31,14 @@ const VALUE_FORMAT: u8 = 2;
 pub enum StateError {
     #[error("cannot open the state store at {path}: {detail}")]
     Open { path: PathBuf, detail: String },
-    #[error("state store at {path} was written for different input fields\n  stored:   {stored}\n  topology: {current}\n  hint: use a new state directory, or run with --from-scratch to discard the old state")]
-    SchemaMismatch { path: PathBuf, stored: String, current: String },
+    #[error(
+        "state store at {path} was written for different input fields\n  stored:   {stored}\n  topology: {current}\n  hint: use a new state directory, or run with --from-scratch to discard the old state"
+    )]
+    SchemaMismatch {
+        path: PathBuf,
+        stored: String,
+        current: String,
+    },
     #[error("state store I/O failed: {0}")]
     Io(String),
     #[error("state store holds a value it cannot read (format {format}): {detail}")]
@@ -94,8 +100,15 @@ pub struct StoreTuning {
 }
 
 impl Store {
-    pub fn open(path: &Path, schema_fingerprint: &str, tuning: StoreTuning) -> Result<Store, StateError> {
-        let open_error = |detail: String| StateError::Open { path: path.to_path_buf(), detail };
+    pub fn open(
+        path: &Path,
+        schema_fingerprint: &str,
+        tuning: StoreTuning,
+    ) -> Result<Store, StateError> {
+        let open_error = |detail: String| StateError::Open {
+            path: path.to_path_buf(),
+            detail,
+        };
         std::fs::create_dir_all(path).map_err(|e| open_error(e.to_string()))?;
         let mut options = Options::default();
         options.create_if_missing(true);
@@ -112,18 +125,31 @@ impl Store {
         // them without walking the skip list
         listings.set_memtable_whole_key_filtering(true);
         listings.set_memtable_prefix_bloom_ratio(0.1);
-        let descriptors = vec![ColumnFamilyDescriptor::new(LISTINGS, listings), ColumnFamilyDescriptor::new(META, Options::default())];
-        let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(|e| open_error(e.to_string()))?;
-        let store = Store { db: Arc::new(db), path: path.to_path_buf() };
+        let descriptors = vec![
+            ColumnFamilyDescriptor::new(LISTINGS, listings),
+            ColumnFamilyDescriptor::new(META, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&options, path, descriptors)
+            .map_err(|e| open_error(e.to_string()))?;
+        let store = Store {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+        };
         let meta = store.db.cf_handle(META).expect("meta column family exists");
         match store.db.get_cf(&meta, b"schema")? {
             Some(stored) => {
                 let stored = String::from_utf8_lossy(&stored).to_string();
                 if stored != schema_fingerprint {
-                    return Err(StateError::SchemaMismatch { path: path.to_path_buf(), stored, current: schema_fingerprint.to_string() });
+                    return Err(StateError::SchemaMismatch {
+                        path: path.to_path_buf(),
+                        stored,
+                        current: schema_fingerprint.to_string(),
+                    });
                 }
             }
-            None => store.db.put_cf(&meta, b"schema", schema_fingerprint.as_bytes())?,
+            None => store
+                .db
+                .put_cf(&meta, b"schema", schema_fingerprint.as_bytes())?,
         }
         Ok(store)
     }
@@ -142,7 +168,8 @@ impl Store {
         let next = current.saturating_add(1);
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(true);
-        self.db.put_cf_opt(&meta, b"incarnation", next.to_le_bytes(), &options)?;
+        self.db
+            .put_cf_opt(&meta, b"incarnation", next.to_le_bytes(), &options)?;
         Ok(next)
     }
 
@@ -157,16 +184,21 @@ impl Store {
         let meta = self.db.cf_handle(META).expect("meta column family exists");
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(true);
-        self.db.put_cf_opt(&meta, name.as_bytes(), value, &options)?;
+        self.db
+            .put_cf_opt(&meta, name.as_bytes(), value, &options)?;
         Ok(())
     }
 
     /// Writes the memtables to table files, so that the next start does not
     /// replay the write-ahead log (at a million listings, most of a restart).
     pub fn flush(&self) -> Result<(), StateError> {
-        let listings = self.db.cf_handle(LISTINGS).expect("listings column family exists");
+        let listings = self
+            .db
+            .cf_handle(LISTINGS)
+            .expect("listings column family exists");
         let meta = self.db.cf_handle(META).expect("meta column family exists");
-        self.db.flush_cfs_opt(&[&listings, &meta], &rocksdb::FlushOptions::default())?;
+        self.db
+            .flush_cfs_opt(&[&listings, &meta], &rocksdb::FlushOptions::default())?;
         Ok(())
     }
 
@@ -184,7 +216,10 @@ impl Store {
 
     /// Reads many listings at once (one `multi_get`).
     pub fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<ListingState>>, StateError> {
-        let cf = self.db.cf_handle(LISTINGS).expect("listings column family exists");
+        let cf = self
+            .db
+            .cf_handle(LISTINGS)
+            .expect("listings column family exists");
         let results = self.db.batched_multi_get_cf(&cf, keys.iter(), false);
         results
             .into_iter()
@@ -196,7 +231,10 @@ impl Store {
     }
 
     /// Source positions checkpointed for a binding, by partition.
-    pub fn positions(&self, binding: &str) -> Result<HashMap<u32, CheckpointedPosition>, StateError> {
+    pub fn positions(
+        &self,
+        binding: &str,
+    ) -> Result<HashMap<u32, CheckpointedPosition>, StateError> {
         let meta = self.db.cf_handle(META).expect("meta column family exists");
         let prefix = format!("position/{binding}/");
         let mut positions = HashMap::new();
@@ -205,15 +243,26 @@ impl Store {
             if !key.starts_with(prefix.as_bytes()) {
                 break;
             }
-            let partition: u32 = std::str::from_utf8(&key[prefix.len()..]).ok().and_then(|p| p.parse().ok())
-                .ok_or_else(|| StateError::Corrupt { format: 0, detail: format!("position key {:?}", String::from_utf8_lossy(&key)) })?;
+            let partition: u32 = std::str::from_utf8(&key[prefix.len()..])
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| StateError::Corrupt {
+                    format: 0,
+                    detail: format!("position key {:?}", String::from_utf8_lossy(&key)),
+                })?;
             if value.len() != 16 {
-                return Err(StateError::Corrupt { format: 0, detail: "position value is not 16 bytes".into() });
+                return Err(StateError::Corrupt {
+                    format: 0,
+                    detail: "position value is not 16 bytes".into(),
+                });
             }
-            positions.insert(partition, CheckpointedPosition {
-                next_offset: u64::from_le_bytes(value[..8].try_into().unwrap()),
-                next_byte: u64::from_le_bytes(value[8..].try_into().unwrap()),
-            });
+            positions.insert(
+                partition,
+                CheckpointedPosition {
+                    next_offset: u64::from_le_bytes(value[..8].try_into().unwrap()),
+                    next_byte: u64::from_le_bytes(value[8..].try_into().unwrap()),
+                },
+            );
         }
         Ok(positions)
     }
@@ -226,7 +275,10 @@ impl Store {
         binding: &str,
         positions: &[(u32, CheckpointedPosition)],
     ) -> Result<usize, StateError> {
-        let listings = self.db.cf_handle(LISTINGS).expect("listings column family exists");
+        let listings = self
+            .db
+            .cf_handle(LISTINGS)
+            .expect("listings column family exists");
         let meta = self.db.cf_handle(META).expect("meta column family exists");
         let mut batch = WriteBatch::default();
         let mut buffer = Vec::with_capacity(256);
@@ -246,19 +298,32 @@ impl Store {
             let mut value = [0u8; 16];
             value[..8].copy_from_slice(&position.next_offset.to_le_bytes());
             value[8..].copy_from_slice(&position.next_byte.to_le_bytes());
-            batch.put_cf(&meta, format!("position/{binding}/{partition}").as_bytes(), value);
+            batch.put_cf(
+                &meta,
+                format!("position/{binding}/{partition}").as_bytes(),
+                value,
+            );
         }
         self.db.write(batch)?;
         Ok(count)
     }
 
     /// Every live listing of the given partitions (for rebuilding in-memory views).
-    pub fn for_each_listing(&self, mut visit: impl FnMut(u32, &str, ListingState)) -> Result<(), StateError> {
-        let cf = self.db.cf_handle(LISTINGS).expect("listings column family exists");
+    pub fn for_each_listing(
+        &self,
+        mut visit: impl FnMut(u32, &str, ListingState),
+    ) -> Result<(), StateError> {
+        let cf = self
+            .db
+            .cf_handle(LISTINGS)
+            .expect("listings column family exists");
         for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
             let (key, value) = item?;
             if key.len() < 5 || key[0] != KEY_FORMAT {
-                return Err(StateError::Corrupt { format: key.first().copied().unwrap_or(0), detail: "state key".into() });
+                return Err(StateError::Corrupt {
+                    format: key.first().copied().unwrap_or(0),
+                    detail: "state key".into(),
+                });
             }
             let partition = u32::from_be_bytes(key[1..5].try_into().unwrap());
             let id = String::from_utf8_lossy(&key[5..]);
@@ -327,7 +392,13 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], StateError> {
-        let slice = self.bytes.get(self.at..self.at + n).ok_or_else(|| StateError::Corrupt { format: VALUE_FORMAT, detail: "value is truncated".into() })?;
+        let slice = self
+            .bytes
+            .get(self.at..self.at + n)
+            .ok_or_else(|| StateError::Corrupt {
+                format: VALUE_FORMAT,
+                detail: "value is truncated".into(),
+            })?;
         self.at += n;
         Ok(slice)
     }
@@ -349,7 +420,10 @@ pub fn decode(bytes: &[u8]) -> Result<ListingState, StateError> {
     let mut r = Reader { bytes, at: 0 };
     let format = r.u8()?;
     if format != VALUE_FORMAT && format != 1 {
-        return Err(StateError::Corrupt { format, detail: format!("this build reads formats 1 and {VALUE_FORMAT}") });
+        return Err(StateError::Corrupt {
+            format,
+            detail: format!("this build reads formats 1 and {VALUE_FORMAT}"),
+        });
     }
     let version = r.u64()?;
     let deleted = r.u8()? != 0;
@@ -374,13 +448,33 @@ pub fn decode(bytes: &[u8]) -> Result<ListingState, StateError> {
             2 => Some(Value::Num(r.f64()?)),
             3 => {
                 let len = u32::from_le_bytes(r.take(4)?.try_into().unwrap()) as usize;
-                let text = std::str::from_utf8(r.take(len)?).map_err(|e| StateError::Corrupt { format, detail: e.to_string() })?;
+                let text = std::str::from_utf8(r.take(len)?).map_err(|e| StateError::Corrupt {
+                    format,
+                    detail: e.to_string(),
+                })?;
                 Some(Value::Str(text.to_string()))
             }
-            tag => return Err(StateError::Corrupt { format, detail: format!("unknown value tag {tag}") }),
+            tag => {
+                return Err(StateError::Corrupt {
+                    format,
+                    detail: format!("unknown value tag {tag}"),
+                });
+            }
         });
     }
-    Ok(ListingState { version, deleted, first_seen, last_event_time, initial_price, price_change_count, last_price_change, fields, market, emitted_hash, revision })
+    Ok(ListingState {
+        version,
+        deleted,
+        first_seen,
+        last_event_time,
+        initial_price,
+        price_change_count,
+        last_price_change,
+        fields,
+        market,
+        emitted_hash,
+        revision,
+    })
 }
 
 #[cfg(test)]
@@ -393,15 +487,25 @@ mod tests {
             deleted: seed % 3 == 0,
             first_seen: -(seed as i64) * 7,
             last_event_time: seed as i64 * 11,
-            initial_price: if seed % 2 == 0 { Some(seed as f64 * 1.5) } else { None },
+            initial_price: if seed % 2 == 0 {
+                Some(seed as f64 * 1.5)
+            } else {
+                None
+            },
             price_change_count: (seed % 5) as u32,
-            last_price_change: if seed % 4 == 0 { Some(seed as i64) } else { None },
-            fields: (0..(seed % 6)).map(|i| match (seed + i) % 4 {
-                0 => None,
-                1 => Some(Value::Int(i as i64 - 3)),
-                2 => Some(Value::Num(i as f64 / 3.0)),
-                _ => Some(Value::Str(format!("v{i}é"))),
-            }).collect(),
+            last_price_change: if seed % 4 == 0 {
+                Some(seed as i64)
+            } else {
+                None
+            },
+            fields: (0..(seed % 6))
+                .map(|i| match (seed + i) % 4 {
+                    0 => None,
+                    1 => Some(Value::Int(i as i64 - 3)),
+                    2 => Some(Value::Num(i as f64 / 3.0)),
+                    _ => Some(Value::Str(format!("v{i}é"))),
+                })
+                .collect(),
             market: (0..(seed % 3)).map(|i| i as f64 * 100.5).collect(),
             emitted_hash: seed * 7919,
             revision: (seed % 11) as u32,
@@ -424,19 +528,48 @@ mod tests {
         encode(&sample(5), &mut bytes);
         assert!(decode(&bytes[..bytes.len() - 1]).is_err());
         bytes[0] = 9;
-        assert!(matches!(decode(&bytes), Err(StateError::Corrupt { format: 9, .. })));
+        assert!(matches!(
+            decode(&bytes),
+            Err(StateError::Corrupt { format: 9, .. })
+        ));
     }
 
     #[test]
     fn checkpoint_writes_state_and_positions_together_and_schema_is_checked() {
         let dir = tempfile::tempdir().unwrap();
-        let tuning = StoreTuning { block_cache_bytes: 1 << 20, write_buffer_bytes: 1 << 20 };
+        let tuning = StoreTuning {
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+        };
         let store = Store::open(dir.path(), "a:String", tuning).unwrap();
         let key = Store::state_key(3, "cl-1");
         let state = sample(4);
-        store.checkpoint([(key.as_slice(), Some(&state))].into_iter(), "in", &[(3, CheckpointedPosition { next_offset: 10, next_byte: 99 })]).unwrap();
-        assert_eq!(store.get_many(&[key.clone(), Store::state_key(3, "none")]).unwrap(), vec![Some(state), None]);
-        assert_eq!(store.positions("in").unwrap()[&3], CheckpointedPosition { next_offset: 10, next_byte: 99 });
+        store
+            .checkpoint(
+                [(key.as_slice(), Some(&state))].into_iter(),
+                "in",
+                &[(
+                    3,
+                    CheckpointedPosition {
+                        next_offset: 10,
+                        next_byte: 99,
+                    },
+                )],
+            )
+            .unwrap();
+        assert_eq!(
+            store
+                .get_many(&[key.clone(), Store::state_key(3, "none")])
+                .unwrap(),
+            vec![Some(state), None]
+        );
+        assert_eq!(
+            store.positions("in").unwrap()[&3],
+            CheckpointedPosition {
+                next_offset: 10,
+                next_byte: 99
+            }
+        );
         assert!(store.positions("other").unwrap().is_empty());
         drop(store);
         match Store::open(dir.path(), "b:String", tuning) {

@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 
-use crate::diagnostics::{deserialize_recovering, Diagnostics, SourceText};
+use crate::diagnostics::{Diagnostics, SourceText, deserialize_recovering};
 use crate::model::sidecar::{Sidecar, SidecarInput};
-pub use spec::{FieldType, KindAction};
-use spec::{FeatureFunctionName, FeatureSpec, TopologySpec};
 use crate::record::Value;
+use spec::{FeatureFunctionName, FeatureSpec, TopologySpec};
+pub use spec::{FieldType, KindAction};
 
 /// A validated topology, ready to run.
 #[derive(Debug, Clone)]
@@ -85,7 +85,10 @@ impl Aggregate {
         }
         let measure = (index - 1) / MEASURE_STATISTICS.len();
         let statistic = MEASURE_STATISTICS[(index - 1) % MEASURE_STATISTICS.len()];
-        format!("{}_{}_{}", self.name, plan_fields[self.measures[measure]].name, statistic)
+        format!(
+            "{}_{}_{}",
+            self.name, plan_fields[self.measures[measure]].name, statistic
+        )
     }
 }
 
@@ -112,13 +115,19 @@ pub struct Field {
 pub enum ValueRef {
     Field(usize),
     Feature(usize),
-    ModelOutput { model: usize, output: usize },
+    ModelOutput {
+        model: usize,
+        output: usize,
+    },
     Derived(usize),
     Band(usize),
     /// A reference-table value.
     Lookup(usize),
     /// A market statistic: index into the aggregate's statistics (see [`Aggregate`]).
-    Statistic { aggregate: usize, statistic: usize },
+    Statistic {
+        aggregate: usize,
+        statistic: usize,
+    },
 }
 
 /// A feature or derived value: a name and a function.
@@ -134,8 +143,14 @@ pub enum Function {
     PriceChangeCount,
     PriceDropPercent,
     DaysSincePriceChange,
-    YearsSince { field: ValueRef },
-    Ratio { numerator: ValueRef, denominator: ValueRef, min_denominator: Option<f64> },
+    YearsSince {
+        field: ValueRef,
+    },
+    Ratio {
+        numerator: ValueRef,
+        denominator: ValueRef,
+        min_denominator: Option<f64>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -174,31 +189,51 @@ impl Plan {
     /// neighbour is re-evaluated only when a statistic it reads moved: the
     /// changelog carries every statistic, the documents only some.
     pub fn statistics_read(&self) -> Vec<bool> {
-        let offsets: Vec<usize> = self.aggregates.iter().scan(0, |offset, aggregate| {
-            let start = *offset;
-            *offset += aggregate.statistic_count();
-            Some(start)
-        }).collect();
+        let offsets: Vec<usize> = self
+            .aggregates
+            .iter()
+            .scan(0, |offset, aggregate| {
+                let start = *offset;
+                *offset += aggregate.statistic_count();
+                Some(start)
+            })
+            .collect();
         let width = self.aggregates.iter().map(Aggregate::statistic_count).sum();
         let mut read = vec![false; width];
         let mut mark = |value: &ValueRef| {
-            if let ValueRef::Statistic { aggregate, statistic } = value {
+            if let ValueRef::Statistic {
+                aggregate,
+                statistic,
+            } = value
+            {
                 read[offsets[*aggregate] + statistic] = true;
             }
         };
         for computed in self.features.iter().chain(&self.derived) {
             match &computed.function {
                 Function::YearsSince { field } => mark(field),
-                Function::Ratio { numerator, denominator, .. } => {
+                Function::Ratio {
+                    numerator,
+                    denominator,
+                    ..
+                } => {
                     mark(numerator);
                     mark(denominator);
                 }
-                Function::DaysOnMarket | Function::PriceChangeCount | Function::PriceDropPercent | Function::DaysSincePriceChange => {}
+                Function::DaysOnMarket
+                | Function::PriceChangeCount
+                | Function::PriceDropPercent
+                | Function::DaysSincePriceChange => {}
             }
         }
-        self.models.iter().flat_map(|m| &m.input_refs).for_each(&mut mark);
+        self.models
+            .iter()
+            .flat_map(|m| &m.input_refs)
+            .for_each(&mut mark);
         self.bands.iter().for_each(|band| mark(&band.source));
-        self.output_fields.iter().for_each(|field| mark(&field.source));
+        self.output_fields
+            .iter()
+            .for_each(|field| mark(&field.source));
         read
     }
 
@@ -210,13 +245,20 @@ impl Plan {
     pub fn statistics_band_cuts(&self) -> Vec<Option<Vec<f64>>> {
         let read = self.statistics_read();
         let mut cuts: Vec<Option<Vec<f64>>> = vec![Some(Vec::new()); read.len()];
-        let offsets: Vec<usize> = self.aggregates.iter().scan(0, |offset, aggregate| {
-            let start = *offset;
-            *offset += aggregate.statistic_count();
-            Some(start)
-        }).collect();
+        let offsets: Vec<usize> = self
+            .aggregates
+            .iter()
+            .scan(0, |offset, aggregate| {
+                let start = *offset;
+                *offset += aggregate.statistic_count();
+                Some(start)
+            })
+            .collect();
         let index = |value: &ValueRef| match value {
-            ValueRef::Statistic { aggregate, statistic } => Some(offsets[*aggregate] + statistic),
+            ValueRef::Statistic {
+                aggregate,
+                statistic,
+            } => Some(offsets[*aggregate] + statistic),
             _ => None,
         };
         for band in &self.bands {
@@ -234,22 +276,37 @@ impl Plan {
         for computed in self.features.iter().chain(&self.derived) {
             match &computed.function {
                 Function::YearsSince { field } => mark(field),
-                Function::Ratio { numerator, denominator, .. } => {
+                Function::Ratio {
+                    numerator,
+                    denominator,
+                    ..
+                } => {
                     mark(numerator);
                     mark(denominator);
                 }
-                Function::DaysOnMarket | Function::PriceChangeCount | Function::PriceDropPercent | Function::DaysSincePriceChange => {}
+                Function::DaysOnMarket
+                | Function::PriceChangeCount
+                | Function::PriceDropPercent
+                | Function::DaysSincePriceChange => {}
             }
         }
-        self.models.iter().flat_map(|m| &m.input_refs).for_each(&mut mark);
-        self.output_fields.iter().for_each(|field| mark(&field.source));
-        cuts.into_iter().zip(by_bands_only).map(|(cuts, only)| {
-            cuts.filter(|_| only).map(|mut cuts| {
-                cuts.sort_by(f64::total_cmp);
-                cuts.dedup();
-                cuts
+        self.models
+            .iter()
+            .flat_map(|m| &m.input_refs)
+            .for_each(&mut mark);
+        self.output_fields
+            .iter()
+            .for_each(|field| mark(&field.source));
+        cuts.into_iter()
+            .zip(by_bands_only)
+            .map(|(cuts, only)| {
+                cuts.filter(|_| only).map(|mut cuts| {
+                    cuts.sort_by(f64::total_cmp);
+                    cuts.dedup();
+                    cuts
+                })
             })
-        }).collect()
+            .collect()
     }
 
     /// What the market view of a listing depends on: aggregates, what is read
@@ -265,11 +322,23 @@ impl Plan {
                 hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
             }
         };
-        feed(&format!("{:?}|{:?}|{:?}", self.aggregates, self.statistics_read(), self.statistics_band_cuts()));
+        feed(&format!(
+            "{:?}|{:?}|{:?}",
+            self.aggregates,
+            self.statistics_read(),
+            self.statistics_band_cuts()
+        ));
         for lookup in &self.lookups {
-            let mut entries: Vec<String> = lookup.table.iter().map(|(k, v)| format!("{k:?}={v:?}")).collect();
+            let mut entries: Vec<String> = lookup
+                .table
+                .iter()
+                .map(|(k, v)| format!("{k:?}={v:?}"))
+                .collect();
             entries.sort();
-            feed(&format!("|{}:{:?}:{:?}:{:?}", lookup.name, lookup.key, lookup.default, entries));
+            feed(&format!(
+                "|{}:{:?}:{:?}:{:?}",
+                lookup.name, lookup.key, lookup.default, entries
+            ));
         }
         format!("{hash:016x}")
     }
@@ -277,7 +346,11 @@ impl Plan {
     /// The names of the input fields, in order: stored with the state so that a
     /// topology whose schema changed does not misread old state.
     pub fn field_fingerprint(&self) -> String {
-        self.fields.iter().map(|f| format!("{}:{:?}", f.name, f.field_type)).collect::<Vec<_>>().join(",")
+        self.fields
+            .iter()
+            .map(|f| format!("{}:{:?}", f.name, f.field_type))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -287,15 +360,24 @@ pub fn load(path: &Path) -> Result<Plan, Diagnostics> {
         Ok(text) => text,
         Err(error) => {
             let mut diagnostics = Diagnostics::default();
-            diagnostics.error(path, format!("cannot read the topology: {error}"), Some("pass the path of a topologies/*.toml file".into()));
+            diagnostics.error(
+                path,
+                format!("cannot read the topology: {error}"),
+                Some("pass the path of a topologies/*.toml file".into()),
+            );
             return Err(diagnostics);
         }
     };
-    let source = SourceText { path: path.to_path_buf(), text };
+    let source = SourceText {
+        path: path.to_path_buf(),
+        text,
+    };
     // serde errors and reference errors are reported together: the references
     // are checked on what could be read with the broken pairs left out
     let (spec, mut diagnostics) = deserialize_recovering::<TopologySpec>(&source);
-    let Some(spec) = spec else { return Err(diagnostics) };
+    let Some(spec) = spec else {
+        return Err(diagnostics);
+    };
     match compile(&spec, &source) {
         Ok(plan) if diagnostics.is_empty() => Ok(plan),
         Ok(_) => Err(diagnostics),
@@ -311,32 +393,69 @@ struct Scope {
 }
 
 impl Scope {
-    fn define(&mut self, diagnostics: &mut Diagnostics, source: &SourceText, name: &Spanned<String>, value: ValueRef, numeric: bool) {
+    fn define(
+        &mut self,
+        diagnostics: &mut Diagnostics,
+        source: &SourceText,
+        name: &Spanned<String>,
+        value: ValueRef,
+        numeric: bool,
+    ) {
         if self.names.contains_key(name.get_ref()) {
-            diagnostics.error_at(source, name.span(), format!("`{}` is defined twice", name.get_ref()),
-                Some("fields, features, model outputs, derived values and bands share one namespace".into()));
+            diagnostics.error_at(
+                source,
+                name.span(),
+                format!("`{}` is defined twice", name.get_ref()),
+                Some(
+                    "fields, features, model outputs, derived values and bands share one namespace"
+                        .into(),
+                ),
+            );
             return;
         }
         self.names.insert(name.get_ref().clone(), (value, numeric));
     }
 
-    fn resolve(&self, diagnostics: &mut Diagnostics, source: &SourceText, name: &Spanned<String>, what: &str, want_numeric: bool) -> Option<ValueRef> {
+    fn resolve(
+        &self,
+        diagnostics: &mut Diagnostics,
+        source: &SourceText,
+        name: &Spanned<String>,
+        what: &str,
+        want_numeric: bool,
+    ) -> Option<ValueRef> {
         match self.names.get(name.get_ref()) {
             Some((value, numeric)) => {
                 if want_numeric && !numeric {
-                    diagnostics.error_at(source, name.span(), format!("{what} `{}` is not numeric", name.get_ref()), Some("use a number or integer field, or a feature".into()));
+                    diagnostics.error_at(
+                        source,
+                        name.span(),
+                        format!("{what} `{}` is not numeric", name.get_ref()),
+                        Some("use a number or integer field, or a feature".into()),
+                    );
                 }
                 Some(*value)
             }
             None => {
-                diagnostics.error_at(source, name.span(), format!("{what} `{}` is not defined before this point", name.get_ref()), Some(self.suggest(name.get_ref())));
+                diagnostics.error_at(
+                    source,
+                    name.span(),
+                    format!(
+                        "{what} `{}` is not defined before this point",
+                        name.get_ref()
+                    ),
+                    Some(self.suggest(name.get_ref())),
+                );
                 None
             }
         }
     }
 
     fn suggest(&self, wanted: &str) -> String {
-        let close = |k: &str| edit_distance(k, wanted) <= 3 || (wanted.len() >= 3 && (k.contains(wanted) || wanted.contains(k)));
+        let close = |k: &str| {
+            edit_distance(k, wanted) <= 3
+                || (wanted.len() >= 3 && (k.contains(wanted) || wanted.contains(k)))
+        };
         let mut known: Vec<&String> = self.names.keys().filter(|k| close(k)).collect();
         known.sort_by_key(|k| (edit_distance(k, wanted), (*k).clone()));
         match known.first() {
@@ -354,7 +473,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for j in 0..b.len() {
             let current = row[j + 1];
-            row[j + 1] = if ca == b[j] { previous } else { 1 + previous.min(row[j]).min(row[j + 1]) };
+            row[j + 1] = if ca == b[j] {
+                previous
+            } else {
+                1 + previous.min(row[j]).min(row[j + 1])
+            };
             previous = current;
         }
     }
@@ -364,24 +487,63 @@ fn edit_distance(a: &str, b: &str) -> usize {
 fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics> {
     let mut diagnostics = Diagnostics::default();
     let base_dir = source.path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let mut scope = Scope { names: HashMap::new() };
+    let mut scope = Scope {
+        names: HashMap::new(),
+    };
 
-    let envelope = [&spec.input.key, &spec.input.version, &spec.input.event_time, &spec.input.kind];
+    let envelope = [
+        &spec.input.key,
+        &spec.input.version,
+        &spec.input.event_time,
+        &spec.input.kind,
+    ];
     let mut fields = Vec::new();
     for (index, field) in spec.input.fields.iter().enumerate() {
         if envelope.iter().any(|e| e.get_ref() == field.name.get_ref()) {
-            diagnostics.error_at(source, field.name.span(), format!("`{}` is an envelope field (key, version, event_time or kind)", field.name.get_ref()),
-                Some("envelope fields are declared in [input] and not repeated as [[input.field]]".into()));
+            diagnostics.error_at(
+                source,
+                field.name.span(),
+                format!(
+                    "`{}` is an envelope field (key, version, event_time or kind)",
+                    field.name.get_ref()
+                ),
+                Some(
+                    "envelope fields are declared in [input] and not repeated as [[input.field]]"
+                        .into(),
+                ),
+            );
         }
         if let (Some(min), Some(max)) = (field.min, field.max) {
             if min > max {
-                diagnostics.error_at(source, field.name.span(), format!("field `{}` has min {min} above max {max}", field.name.get_ref()), None);
+                diagnostics.error_at(
+                    source,
+                    field.name.span(),
+                    format!(
+                        "field `{}` has min {min} above max {max}",
+                        field.name.get_ref()
+                    ),
+                    None,
+                );
             }
         }
         if field.allowed.is_some() && field.field_type != FieldType::String {
-            diagnostics.error_at(source, field.name.span(), format!("field `{}`: `allowed` applies to strings only", field.name.get_ref()), Some("use min and max for numbers".into()));
+            diagnostics.error_at(
+                source,
+                field.name.span(),
+                format!(
+                    "field `{}`: `allowed` applies to strings only",
+                    field.name.get_ref()
+                ),
+                Some("use min and max for numbers".into()),
+            );
         }
-        scope.define(&mut diagnostics, source, &field.name, ValueRef::Field(index), field.field_type != FieldType::String);
+        scope.define(
+            &mut diagnostics,
+            source,
+            &field.name,
+            ValueRef::Field(index),
+            field.field_type != FieldType::String,
+        );
         fields.push(Field {
             name: field.name.get_ref().clone(),
             field_type: field.field_type,
@@ -398,41 +560,105 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
         for required in &kind.get_ref().requires {
             match fields.iter().position(|f| &f.name == required.get_ref()) {
                 Some(index) => requires.push(index),
-                None => diagnostics.error_at(source, required.span(), format!("kind `{name}` requires `{}`, which is not an input field", required.get_ref()), Some(scope.suggest(required.get_ref()))),
+                None => diagnostics.error_at(
+                    source,
+                    required.span(),
+                    format!(
+                        "kind `{name}` requires `{}`, which is not an input field",
+                        required.get_ref()
+                    ),
+                    Some(scope.suggest(required.get_ref())),
+                ),
             }
         }
-        if kind.get_ref().action == KindAction::Delete && (kind.get_ref().complete || !kind.get_ref().requires.is_empty()) {
-            diagnostics.error_at(source, kind.span(), format!("kind `{name}` deletes: `complete` and `requires` do not apply"), None);
+        if kind.get_ref().action == KindAction::Delete
+            && (kind.get_ref().complete || !kind.get_ref().requires.is_empty())
+        {
+            diagnostics.error_at(
+                source,
+                kind.span(),
+                format!("kind `{name}` deletes: `complete` and `requires` do not apply"),
+                None,
+            );
         }
-        kinds.push(Kind { name: name.clone(), action: kind.get_ref().action, complete: kind.get_ref().complete, requires });
+        kinds.push(Kind {
+            name: name.clone(),
+            action: kind.get_ref().action,
+            complete: kind.get_ref().complete,
+            requires,
+        });
     }
     if kinds.is_empty() {
-        diagnostics.error_at(source, spec.input.kind.span(), "no kinds are declared", Some("add [input.kinds] with at least one upsert kind".into()));
+        diagnostics.error_at(
+            source,
+            spec.input.kind.span(),
+            "no kinds are declared",
+            Some("add [input.kinds] with at least one upsert kind".into()),
+        );
     }
 
     let price_field = spec.state.price_field.as_ref().and_then(|name| {
         match fields.iter().position(|f| &f.name == name.get_ref()) {
             Some(index) if fields[index].field_type != FieldType::String => Some(index),
             Some(_) => {
-                diagnostics.error_at(source, name.span(), format!("price field `{}` is not numeric", name.get_ref()), None);
+                diagnostics.error_at(
+                    source,
+                    name.span(),
+                    format!("price field `{}` is not numeric", name.get_ref()),
+                    None,
+                );
                 None
             }
             None => {
-                diagnostics.error_at(source, name.span(), format!("price field `{}` is not an input field", name.get_ref()), Some(scope.suggest(name.get_ref())));
+                diagnostics.error_at(
+                    source,
+                    name.span(),
+                    format!("price field `{}` is not an input field", name.get_ref()),
+                    Some(scope.suggest(name.get_ref())),
+                );
                 None
             }
         }
     });
 
-    let lookups = compile_lookups(spec, &mut scope, &fields, &base_dir, &mut diagnostics, source);
-    let aggregates = compile_aggregates(spec, &mut scope, &fields, &lookups, &mut diagnostics, source);
+    let lookups = compile_lookups(
+        spec,
+        &mut scope,
+        &fields,
+        &base_dir,
+        &mut diagnostics,
+        source,
+    );
+    let aggregates = compile_aggregates(
+        spec,
+        &mut scope,
+        &fields,
+        &lookups,
+        &mut diagnostics,
+        source,
+    );
 
     let mut features = Vec::new();
     for (index, feature) in spec.features.iter().enumerate() {
-        if let Some(function) = compile_function(feature, &scope, price_field.is_some(), &mut diagnostics, source) {
-            features.push(Computed { name: feature.name.get_ref().clone(), function });
+        if let Some(function) = compile_function(
+            feature,
+            &scope,
+            price_field.is_some(),
+            &mut diagnostics,
+            source,
+        ) {
+            features.push(Computed {
+                name: feature.name.get_ref().clone(),
+                function,
+            });
         }
-        scope.define(&mut diagnostics, source, &feature.name, ValueRef::Feature(index), true);
+        scope.define(
+            &mut diagnostics,
+            source,
+            &feature.name,
+            ValueRef::Feature(index),
+            true,
+        );
     }
 
     let mut models = Vec::new();
@@ -440,7 +666,10 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
         let onnx_path = base_dir.join(model.onnx.get_ref());
         let sidecar_path = base_dir.join(model.sidecar.get_ref());
         let golden_path = base_dir.join(model.golden.get_ref());
-        for (path, span) in [(&onnx_path, model.onnx.span()), (&golden_path, model.golden.span())] {
+        for (path, span) in [
+            (&onnx_path, model.onnx.span()),
+            (&golden_path, model.golden.span()),
+        ] {
             if !path.is_file() {
                 diagnostics.error_at(source, span, format!("file {} does not exist", path.display()), Some("paths are relative to the topology file; scripts/train-models.sh writes the models".into()));
             }
@@ -448,8 +677,24 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
         let sidecar = match Sidecar::load(&sidecar_path) {
             Ok(sidecar) => sidecar,
             Err(message) => {
-                diagnostics.error_at(source, model.sidecar.span(), message, Some("the sidecar is written by the training script beside the topology".into()));
-                scope.define(&mut diagnostics, source, &model.name, ValueRef::ModelOutput { model: model_index, output: 0 }, true);
+                diagnostics.error_at(
+                    source,
+                    model.sidecar.span(),
+                    message,
+                    Some(
+                        "the sidecar is written by the training script beside the topology".into(),
+                    ),
+                );
+                scope.define(
+                    &mut diagnostics,
+                    source,
+                    &model.name,
+                    ValueRef::ModelOutput {
+                        model: model_index,
+                        output: 0,
+                    },
+                    true,
+                );
                 continue;
             }
         };
@@ -466,12 +711,29 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
                     }
                     input_refs.push(*value);
                 }
-                None => diagnostics.error_at(source, model.sidecar.span(), format!("model `{}` takes input `{name}`, which is not defined before the model", model.name.get_ref()), Some(scope.suggest(name))),
+                None => diagnostics.error_at(
+                    source,
+                    model.sidecar.span(),
+                    format!(
+                        "model `{}` takes input `{name}`, which is not defined before the model",
+                        model.name.get_ref()
+                    ),
+                    Some(scope.suggest(name)),
+                ),
             }
         }
         for (output_index, output) in sidecar.outputs.iter().enumerate() {
             let spanned = Spanned::new(model.name.span(), output.clone());
-            scope.define(&mut diagnostics, source, &spanned, ValueRef::ModelOutput { model: model_index, output: output_index }, true);
+            scope.define(
+                &mut diagnostics,
+                source,
+                &spanned,
+                ValueRef::ModelOutput {
+                    model: model_index,
+                    output: output_index,
+                },
+                true,
+            );
         }
         models.push(ModelPlan {
             name: model.name.get_ref().clone(),
@@ -485,10 +747,25 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
 
     let mut derived = Vec::new();
     for (index, value) in spec.derived.iter().enumerate() {
-        if let Some(function) = compile_function(value, &scope, price_field.is_some(), &mut diagnostics, source) {
-            derived.push(Computed { name: value.name.get_ref().clone(), function });
+        if let Some(function) = compile_function(
+            value,
+            &scope,
+            price_field.is_some(),
+            &mut diagnostics,
+            source,
+        ) {
+            derived.push(Computed {
+                name: value.name.get_ref().clone(),
+                function,
+            });
         }
-        scope.define(&mut diagnostics, source, &value.name, ValueRef::Derived(index), true);
+        scope.define(
+            &mut diagnostics,
+            source,
+            &value.name,
+            ValueRef::Derived(index),
+            true,
+        );
     }
 
     let mut bands = Vec::new();
@@ -498,40 +775,101 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
         for step in &band.bands {
             if let Some((previous, _)) = steps.last() {
                 if step.get_ref().below <= *previous {
-                    diagnostics.error_at(source, step.span(), format!("band `{}`: thresholds must increase ({} after {previous})", band.name.get_ref(), step.get_ref().below), None);
+                    diagnostics.error_at(
+                        source,
+                        step.span(),
+                        format!(
+                            "band `{}`: thresholds must increase ({} after {previous})",
+                            band.name.get_ref(),
+                            step.get_ref().below
+                        ),
+                        None,
+                    );
                 }
             }
             steps.push((step.get_ref().below, step.get_ref().label.clone()));
         }
         if let Some(source_ref) = source_ref {
-            bands.push(Band { name: band.name.get_ref().clone(), source: source_ref, steps, otherwise: band.otherwise.clone() });
+            bands.push(Band {
+                name: band.name.get_ref().clone(),
+                source: source_ref,
+                steps,
+                otherwise: band.otherwise.clone(),
+            });
         }
-        scope.define(&mut diagnostics, source, &band.name, ValueRef::Band(index), false);
+        scope.define(
+            &mut diagnostics,
+            source,
+            &band.name,
+            ValueRef::Band(index),
+            false,
+        );
     }
 
-    let rounding: BTreeMap<&str, (f64, &Spanned<String>)> = spec.output.round.iter().map(|(k, v)| (k.get_ref().as_str(), (*v, k))).collect();
+    let rounding: BTreeMap<&str, (f64, &Spanned<String>)> = spec
+        .output
+        .round
+        .iter()
+        .map(|(k, v)| (k.get_ref().as_str(), (*v, k)))
+        .collect();
     for (name, (step, spanned)) in &rounding {
         if !spec.output.fields.iter().any(|f| f.get_ref() == name) {
-            diagnostics.error_at(source, spanned.span(), format!("rounding for `{name}`, which is not an output field"), Some("add it to output.fields or remove the rounding".into()));
+            diagnostics.error_at(
+                source,
+                spanned.span(),
+                format!("rounding for `{name}`, which is not an output field"),
+                Some("add it to output.fields or remove the rounding".into()),
+            );
         }
         if !(*step > 0.0) {
-            diagnostics.error_at(source, spanned.span(), format!("rounding step for `{name}` must be positive"), None);
+            diagnostics.error_at(
+                source,
+                spanned.span(),
+                format!("rounding step for `{name}` must be positive"),
+                None,
+            );
         }
     }
     let mut output_fields = Vec::new();
     let mut seen = HashSet::new();
     for field in &spec.output.fields {
         if !seen.insert(field.get_ref().clone()) {
-            diagnostics.error_at(source, field.span(), format!("output field `{}` is listed twice", field.get_ref()), None);
+            diagnostics.error_at(
+                source,
+                field.span(),
+                format!("output field `{}` is listed twice", field.get_ref()),
+                None,
+            );
         }
-        let round_to = rounding.get(field.get_ref().as_str()).map(|(step, _)| *step);
-        if let Some(source_ref) = scope.resolve(&mut diagnostics, source, field, "output field", round_to.is_some()) {
-            output_fields.push(OutputField { name: field.get_ref().clone(), source: source_ref, round_to });
+        let round_to = rounding
+            .get(field.get_ref().as_str())
+            .map(|(step, _)| *step);
+        if let Some(source_ref) = scope.resolve(
+            &mut diagnostics,
+            source,
+            field,
+            "output field",
+            round_to.is_some(),
+        ) {
+            output_fields.push(OutputField {
+                name: field.get_ref().clone(),
+                source: source_ref,
+                round_to,
+            });
         }
     }
-    for (label, name) in [("output", &spec.output.binding), ("dead_letters", &spec.output.dead_letters), ("input", &spec.input.binding)] {
+    for (label, name) in [
+        ("output", &spec.output.binding),
+        ("dead_letters", &spec.output.dead_letters),
+        ("input", &spec.input.binding),
+    ] {
         if name.get_ref().trim().is_empty() {
-            diagnostics.error_at(source, name.span(), format!("the {label} binding name is empty"), None);
+            diagnostics.error_at(
+                source,
+                name.span(),
+                format!("the {label} binding name is empty"),
+                None,
+            );
         }
     }
 
@@ -561,18 +899,43 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
     diagnostics.into_result(plan)
 }
 
-fn compile_lookups(spec: &TopologySpec, scope: &mut Scope, fields: &[Field], base_dir: &Path, diagnostics: &mut Diagnostics, source: &SourceText) -> Vec<Lookup> {
+fn compile_lookups(
+    spec: &TopologySpec,
+    scope: &mut Scope,
+    fields: &[Field],
+    base_dir: &Path,
+    diagnostics: &mut Diagnostics,
+    source: &SourceText,
+) -> Vec<Lookup> {
     let mut lookups = Vec::new();
     for lookup in &spec.lookups {
         let index = lookups.len();
         let key = match scope.names.get(lookup.key.get_ref()) {
             Some((value @ (ValueRef::Field(_) | ValueRef::Lookup(_)), _)) => Some(*value),
             Some(_) => {
-                diagnostics.error_at(source, lookup.key.span(), format!("lookup `{}`: key `{}` is not an input field or an earlier lookup", lookup.name.get_ref(), lookup.key.get_ref()), None);
+                diagnostics.error_at(
+                    source,
+                    lookup.key.span(),
+                    format!(
+                        "lookup `{}`: key `{}` is not an input field or an earlier lookup",
+                        lookup.name.get_ref(),
+                        lookup.key.get_ref()
+                    ),
+                    None,
+                );
                 None
             }
             None => {
-                diagnostics.error_at(source, lookup.key.span(), format!("lookup `{}`: key `{}` is not defined before this point", lookup.name.get_ref(), lookup.key.get_ref()), Some(scope.suggest(lookup.key.get_ref())));
+                diagnostics.error_at(
+                    source,
+                    lookup.key.span(),
+                    format!(
+                        "lookup `{}`: key `{}` is not defined before this point",
+                        lookup.name.get_ref(),
+                        lookup.key.get_ref()
+                    ),
+                    Some(scope.suggest(lookup.key.get_ref())),
+                );
                 None
             }
         };
@@ -583,15 +946,41 @@ fn compile_lookups(spec: &TopologySpec, scope: &mut Scope, fields: &[Field], bas
             Some(toml::Value::Integer(i)) if numeric => Some(Value::Int(*i)),
             Some(toml::Value::Float(f)) if numeric => Some(Value::Num(*f)),
             Some(other) => {
-                diagnostics.error_at(source, lookup.name.span(), format!("lookup `{}`: default {other} does not match type {:?}", lookup.name.get_ref(), lookup.value_type).to_lowercase(),
-                    Some(if numeric { "use a number".into() } else { "use a quoted string".into() }));
+                diagnostics.error_at(
+                    source,
+                    lookup.name.span(),
+                    format!(
+                        "lookup `{}`: default {other} does not match type {:?}",
+                        lookup.name.get_ref(),
+                        lookup.value_type
+                    )
+                    .to_lowercase(),
+                    Some(if numeric {
+                        "use a number".into()
+                    } else {
+                        "use a quoted string".into()
+                    }),
+                );
                 None
             }
         };
         let path = base_dir.join(lookup.file.get_ref());
-        let key_column = lookup.key_column.as_ref().map(|c| c.get_ref().clone()).unwrap_or_else(|| lookup.key.get_ref().clone());
-        let value_column = lookup.value_column.as_ref().map(|c| c.get_ref().clone()).unwrap_or_else(|| lookup.name.get_ref().clone());
-        let table = match crate::topology::lookup_table::load(&path, &key_column, &value_column, numeric) {
+        let key_column = lookup
+            .key_column
+            .as_ref()
+            .map(|c| c.get_ref().clone())
+            .unwrap_or_else(|| lookup.key.get_ref().clone());
+        let value_column = lookup
+            .value_column
+            .as_ref()
+            .map(|c| c.get_ref().clone())
+            .unwrap_or_else(|| lookup.name.get_ref().clone());
+        let table = match crate::topology::lookup_table::load(
+            &path,
+            &key_column,
+            &value_column,
+            numeric,
+        ) {
             Ok(table) => table,
             Err(message) => {
                 diagnostics.error_at(source, lookup.file.span(), format!("lookup `{}`: {message}", lookup.name.get_ref()),
@@ -600,15 +989,35 @@ fn compile_lookups(spec: &TopologySpec, scope: &mut Scope, fields: &[Field], bas
             }
         };
         let _ = fields;
-        scope.define(diagnostics, source, &lookup.name, ValueRef::Lookup(index), numeric);
+        scope.define(
+            diagnostics,
+            source,
+            &lookup.name,
+            ValueRef::Lookup(index),
+            numeric,
+        );
         if let Some(key) = key {
-            lookups.push(Lookup { name: lookup.name.get_ref().clone(), path, key, table, default, numeric });
+            lookups.push(Lookup {
+                name: lookup.name.get_ref().clone(),
+                path,
+                key,
+                table,
+                default,
+                numeric,
+            });
         }
     }
     lookups
 }
 
-fn compile_aggregates(spec: &TopologySpec, scope: &mut Scope, fields: &[Field], lookups: &[Lookup], diagnostics: &mut Diagnostics, source: &SourceText) -> Vec<Aggregate> {
+fn compile_aggregates(
+    spec: &TopologySpec,
+    scope: &mut Scope,
+    fields: &[Field],
+    lookups: &[Lookup],
+    diagnostics: &mut Diagnostics,
+    source: &SourceText,
+) -> Vec<Aggregate> {
     let mut aggregates = Vec::new();
     for (aggregate_index, aggregate) in spec.aggregates.iter().enumerate() {
         let name = aggregate.name.get_ref();
@@ -617,7 +1026,11 @@ fn compile_aggregates(spec: &TopologySpec, scope: &mut Scope, fields: &[Field], 
         }
         let mut group_by = Vec::new();
         for key in &aggregate.group_by {
-            let bucket = aggregate.bucket.iter().find(|(k, _)| k.get_ref() == key.get_ref()).map(|(_, w)| *w);
+            let bucket = aggregate
+                .bucket
+                .iter()
+                .find(|(k, _)| k.get_ref() == key.get_ref())
+                .map(|(_, w)| *w);
             match scope.names.get(key.get_ref()) {
                 Some((value @ (ValueRef::Field(_) | ValueRef::Lookup(_)), numeric)) => {
                     if bucket.is_some() && !numeric {
@@ -631,52 +1044,145 @@ fn compile_aggregates(spec: &TopologySpec, scope: &mut Scope, fields: &[Field], 
             }
         }
         for (key, width) in &aggregate.bucket {
-            if !aggregate.group_by.iter().any(|g| g.get_ref() == key.get_ref()) {
-                diagnostics.error_at(source, key.span(), format!("aggregate `{name}`: bucket for `{}`, which is not in group_by", key.get_ref()), None);
+            if !aggregate
+                .group_by
+                .iter()
+                .any(|g| g.get_ref() == key.get_ref())
+            {
+                diagnostics.error_at(
+                    source,
+                    key.span(),
+                    format!(
+                        "aggregate `{name}`: bucket for `{}`, which is not in group_by",
+                        key.get_ref()
+                    ),
+                    None,
+                );
             }
             if !(*width > 0.0) {
-                diagnostics.error_at(source, key.span(), format!("aggregate `{name}`: bucket width for `{}` must be positive", key.get_ref()), None);
+                diagnostics.error_at(
+                    source,
+                    key.span(),
+                    format!(
+                        "aggregate `{name}`: bucket width for `{}` must be positive",
+                        key.get_ref()
+                    ),
+                    None,
+                );
             }
         }
         let mut measures = Vec::new();
         for measure in &aggregate.measures {
             match fields.iter().position(|f| &f.name == measure.get_ref()) {
-                Some(index) if fields[index].field_type != FieldType::String => measures.push(index),
-                Some(_) => diagnostics.error_at(source, measure.span(), format!("aggregate `{name}`: measure `{}` is a string", measure.get_ref()), Some("measures are numeric input fields".into())),
-                None => diagnostics.error_at(source, measure.span(), format!("aggregate `{name}`: measure `{}` is not an input field", measure.get_ref()), Some(scope.suggest(measure.get_ref()))),
+                Some(index) if fields[index].field_type != FieldType::String => {
+                    measures.push(index)
+                }
+                Some(_) => diagnostics.error_at(
+                    source,
+                    measure.span(),
+                    format!(
+                        "aggregate `{name}`: measure `{}` is a string",
+                        measure.get_ref()
+                    ),
+                    Some("measures are numeric input fields".into()),
+                ),
+                None => diagnostics.error_at(
+                    source,
+                    measure.span(),
+                    format!(
+                        "aggregate `{name}`: measure `{}` is not an input field",
+                        measure.get_ref()
+                    ),
+                    Some(scope.suggest(measure.get_ref())),
+                ),
             }
         }
         if !(1..=15).contains(&aggregate.significant_digits) {
-            diagnostics.error_at(source, aggregate.name.span(), format!("aggregate `{name}`: significant_digits must be between 1 and 15"), None);
+            diagnostics.error_at(
+                source,
+                aggregate.name.span(),
+                format!("aggregate `{name}`: significant_digits must be between 1 and 15"),
+                None,
+            );
         }
-        let compiled = Aggregate { name: name.clone(), group_by, measures, significant_digits: aggregate.significant_digits };
+        let compiled = Aggregate {
+            name: name.clone(),
+            group_by,
+            measures,
+            significant_digits: aggregate.significant_digits,
+        };
         for statistic in 0..compiled.statistic_count() {
-            let spanned = Spanned::new(aggregate.name.span(), compiled.statistic_name(fields, statistic));
-            scope.define(diagnostics, source, &spanned, ValueRef::Statistic { aggregate: aggregate_index, statistic }, true);
+            let spanned = Spanned::new(
+                aggregate.name.span(),
+                compiled.statistic_name(fields, statistic),
+            );
+            scope.define(
+                diagnostics,
+                source,
+                &spanned,
+                ValueRef::Statistic {
+                    aggregate: aggregate_index,
+                    statistic,
+                },
+                true,
+            );
         }
         aggregates.push(compiled);
     }
     let _ = lookups;
     if aggregates.len() > 255 {
-        diagnostics.error_at(source, spec.aggregates[255].name.span(), "at most 255 aggregates", None);
+        diagnostics.error_at(
+            source,
+            spec.aggregates[255].name.span(),
+            "at most 255 aggregates",
+            None,
+        );
     }
     aggregates
 }
 
-fn compile_function(spec: &FeatureSpec, scope: &Scope, has_price: bool, diagnostics: &mut Diagnostics, source: &SourceText) -> Option<Function> {
+fn compile_function(
+    spec: &FeatureSpec,
+    scope: &Scope,
+    has_price: bool,
+    diagnostics: &mut Diagnostics,
+    source: &SourceText,
+) -> Option<Function> {
     let name = spec.name.get_ref();
-    let needs = |what: &Option<Spanned<String>>, key: &str, diagnostics: &mut Diagnostics| -> Option<ValueRef> {
+    let needs = |what: &Option<Spanned<String>>,
+                 key: &str,
+                 diagnostics: &mut Diagnostics|
+     -> Option<ValueRef> {
         match what {
             Some(reference) => scope.resolve(diagnostics, source, reference, key, true),
             None => {
-                diagnostics.error_at(source, spec.function.span(), format!("`{name}`: function `{:?}` needs `{key}`", spec.function.get_ref()).to_lowercase(), Some(format!("add `{key} = \"<name>\"`")));
+                diagnostics.error_at(
+                    source,
+                    spec.function.span(),
+                    format!(
+                        "`{name}`: function `{:?}` needs `{key}`",
+                        spec.function.get_ref()
+                    )
+                    .to_lowercase(),
+                    Some(format!("add `{key} = \"<name>\"`")),
+                );
                 None
             }
         }
     };
-    let price_function = matches!(spec.function.get_ref(), FeatureFunctionName::PriceChangeCount | FeatureFunctionName::PriceDropPercent | FeatureFunctionName::DaysSincePriceChange);
+    let price_function = matches!(
+        spec.function.get_ref(),
+        FeatureFunctionName::PriceChangeCount
+            | FeatureFunctionName::PriceDropPercent
+            | FeatureFunctionName::DaysSincePriceChange
+    );
     if price_function && !has_price {
-        diagnostics.error_at(source, spec.function.span(), format!("`{name}` needs a price history"), Some("set [state] price_field".into()));
+        diagnostics.error_at(
+            source,
+            spec.function.span(),
+            format!("`{name}` needs a price history"),
+            Some("set [state] price_field".into()),
+        );
         return None;
     }
     Some(match spec.function.get_ref() {
@@ -684,78 +1190,223 @@ fn compile_function(spec: &FeatureSpec, scope: &Scope, has_price: bool, diagnost
         FeatureFunctionName::PriceChangeCount => Function::PriceChangeCount,
         FeatureFunctionName::PriceDropPercent => Function::PriceDropPercent,
         FeatureFunctionName::DaysSincePriceChange => Function::DaysSincePriceChange,
-        FeatureFunctionName::YearsSince => Function::YearsSince { field: needs(&spec.field, "field", diagnostics)? },
+        FeatureFunctionName::YearsSince => Function::YearsSince {
+            field: needs(&spec.field, "field", diagnostics)?,
+        },
         FeatureFunctionName::Ratio => {
             let numerator = needs(&spec.numerator, "numerator", diagnostics);
             let denominator = needs(&spec.denominator, "denominator", diagnostics);
-            Function::Ratio { numerator: numerator?, denominator: denominator?, min_denominator: spec.min_denominator }
+            Function::Ratio {
+                numerator: numerator?,
+                denominator: denominator?,
+                min_denominator: spec.min_denominator,
+            }
         }
     })
 }
 
 /// The compiled plan as an operator reads it (`assay explain`).
 pub fn explain(plan: &Plan, workers: usize, partitions: Option<u32>) -> String {
-    let partitions = partitions.map(|p| p.to_string()).unwrap_or_else(|| "(the topic's)".into());
+    let partitions = partitions
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "(the topic's)".into());
     let mut out = String::new();
     let _ = writeln!(out, "topology {} ({})", plan.name, plan.path.display());
     if !plan.description.is_empty() {
         let _ = writeln!(out, "  {}", plan.description);
     }
-    let _ = writeln!(out, "\nstages (each worker runs all of them on the partitions it owns):");
-    let _ = writeln!(out, "  1. source       binding `{}`: {} partitions over {} worker(s); partition = hash(`{}`) mod {}, owner = partition mod workers",
-        plan.input_binding, partitions, workers, plan.key_field, partitions);
-    let _ = writeln!(out, "  2. decode       JSON object; envelope `{}` (key), `{}` (version), `{}` (event time, s), `{}` (kind); {} fields; bad records -> `{}`",
-        plan.key_field, plan.version_field, plan.event_time_field, plan.kind_field, plan.fields.len(), plan.dead_letter_binding);
+    let _ = writeln!(
+        out,
+        "\nstages (each worker runs all of them on the partitions it owns):"
+    );
+    let _ = writeln!(
+        out,
+        "  1. source       binding `{}`: {} partitions over {} worker(s); partition = hash(`{}`) mod {}, owner = partition mod workers",
+        plan.input_binding, partitions, workers, plan.key_field, partitions
+    );
+    let _ = writeln!(
+        out,
+        "  2. decode       JSON object; envelope `{}` (key), `{}` (version), `{}` (event time, s), `{}` (kind); {} fields; bad records -> `{}`",
+        plan.key_field,
+        plan.version_field,
+        plan.event_time_field,
+        plan.kind_field,
+        plan.fields.len(),
+        plan.dead_letter_binding
+    );
     for kind in &plan.kinds {
-        let requires: Vec<&str> = kind.requires.iter().map(|i| plan.fields[*i].name.as_str()).collect();
-        let _ = writeln!(out, "                   kind `{}`: {:?}{}{}", kind.name, kind.action,
-            if kind.complete { ", complete (all required fields)" } else { "" },
-            if requires.is_empty() { String::new() } else { format!(", requires {}", requires.join(", ")) });
+        let requires: Vec<&str> = kind
+            .requires
+            .iter()
+            .map(|i| plan.fields[*i].name.as_str())
+            .collect();
+        let _ = writeln!(
+            out,
+            "                   kind `{}`: {:?}{}{}",
+            kind.name,
+            kind.action,
+            if kind.complete {
+                ", complete (all required fields)"
+            } else {
+                ""
+            },
+            if requires.is_empty() {
+                String::new()
+            } else {
+                format!(", requires {}", requires.join(", "))
+            }
+        );
     }
-    let _ = writeln!(out, "  3. state        RocksDB column family `listings`, key = (partition, `{}`); version gate drops stale and duplicate events; price history of `{}`",
-        plan.key_field, plan.price_field.map(|i| plan.fields[i].name.as_str()).unwrap_or("(none)"));
+    let _ = writeln!(
+        out,
+        "  3. state        RocksDB column family `listings`, key = (partition, `{}`); version gate drops stale and duplicate events; price history of `{}`",
+        plan.key_field,
+        plan.price_field
+            .map(|i| plan.fields[i].name.as_str())
+            .unwrap_or("(none)")
+    );
     for lookup in &plan.lookups {
-        let _ = writeln!(out, "                   lookup {} = {}[{}] ({} rows, broadcast to every worker; missing key -> {})", lookup.name, lookup.path.display(),
-            name_of(plan, lookup.key), lookup.table.len(), lookup.default.as_ref().map(|d| format!("{d:?}")).unwrap_or("no value".into()));
+        let _ = writeln!(
+            out,
+            "                   lookup {} = {}[{}] ({} rows, broadcast to every worker; missing key -> {})",
+            lookup.name,
+            lookup.path.display(),
+            name_of(plan, lookup.key),
+            lookup.table.len(),
+            lookup
+                .default
+                .as_ref()
+                .map(|d| format!("{d:?}"))
+                .unwrap_or("no value".into())
+        );
     }
     if !plan.aggregates.is_empty() {
-        let _ = writeln!(out, "  3b. market      differential dataflow on the same workers; members (+1/-1 per event) exchanged by segment id:");
+        let _ = writeln!(
+            out,
+            "  3b. market      differential dataflow on the same workers; members (+1/-1 per event) exchanged by segment id:"
+        );
         for aggregate in &plan.aggregates {
-            let keys: Vec<String> = aggregate.group_by.iter().map(|(r, bucket)| match bucket {
-                Some(width) => format!("floor({} / {width})", name_of(plan, *r)),
-                None => name_of(plan, *r),
-            }).collect();
-            let measures: Vec<&str> = aggregate.measures.iter().map(|m| plan.fields[*m].name.as_str()).collect();
-            let _ = writeln!(out, "                   aggregate {}: key ({}) -> arrange members -> reduce [count; mean, p25, median, p75 of {}] -> round to {} significant digits -> join members -> exchange to owner",
-                aggregate.name, keys.join(", "), if measures.is_empty() { "(none)".into() } else { measures.join(", ") }, aggregate.significant_digits);
-            let names: Vec<String> = (0..aggregate.statistic_count()).map(|i| aggregate.statistic_name(&plan.fields, i)).collect();
+            let keys: Vec<String> = aggregate
+                .group_by
+                .iter()
+                .map(|(r, bucket)| match bucket {
+                    Some(width) => format!("floor({} / {width})", name_of(plan, *r)),
+                    None => name_of(plan, *r),
+                })
+                .collect();
+            let measures: Vec<&str> = aggregate
+                .measures
+                .iter()
+                .map(|m| plan.fields[*m].name.as_str())
+                .collect();
+            let _ = writeln!(
+                out,
+                "                   aggregate {}: key ({}) -> arrange members -> reduce [count; mean, p25, median, p75 of {}] -> round to {} significant digits -> join members -> exchange to owner",
+                aggregate.name,
+                keys.join(", "),
+                if measures.is_empty() {
+                    "(none)".into()
+                } else {
+                    measures.join(", ")
+                },
+                aggregate.significant_digits
+            );
+            let names: Vec<String> = (0..aggregate.statistic_count())
+                .map(|i| aggregate.statistic_name(&plan.fields, i))
+                .collect();
             let _ = writeln!(out, "                     statistics: {}", names.join(", "));
         }
-        let _ = writeln!(out, "                   the state stage waits for epoch e-1 to be evaluated before applying epoch e (a neighbour is evaluated as of its epoch)");
+        let _ = writeln!(
+            out,
+            "                   the state stage waits for epoch e-1 to be evaluated before applying epoch e (a neighbour is evaluated as of its epoch)"
+        );
     }
-    let _ = writeln!(out, "                   features: {}", plan.features.iter().map(|f| format!("{} = {}", f.name, describe_function(plan, &f.function))).collect::<Vec<_>>().join("; "));
-    let _ = writeln!(out, "  4. score        batched per epoch, one run per model per batch, in order:");
+    let _ = writeln!(
+        out,
+        "                   features: {}",
+        plan.features
+            .iter()
+            .map(|f| format!("{} = {}", f.name, describe_function(plan, &f.function)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let _ = writeln!(
+        out,
+        "  4. score        batched per epoch, one run per model per batch, in order:"
+    );
     for model in &plan.models {
-        let inputs: Vec<String> = model.sidecar.inputs.iter().map(|i| match i {
-            SidecarInput::Numeric { name, .. } => name.clone(),
-            SidecarInput::OneHot { name, categories } => format!("{name}[one-hot {}]", categories.len()),
-        }).collect();
-        let _ = writeln!(out, "                   {} (version {}, {}): [{}] -> {}", model.name, model.sidecar.version, model.onnx_path.display(), inputs.join(", "), model.sidecar.outputs.join(", "));
+        let inputs: Vec<String> = model
+            .sidecar
+            .inputs
+            .iter()
+            .map(|i| match i {
+                SidecarInput::Numeric { name, .. } => name.clone(),
+                SidecarInput::OneHot { name, categories } => {
+                    format!("{name}[one-hot {}]", categories.len())
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "                   {} (version {}, {}): [{}] -> {}",
+            model.name,
+            model.sidecar.version,
+            model.onnx_path.display(),
+            inputs.join(", "),
+            model.sidecar.outputs.join(", ")
+        );
     }
-    let _ = writeln!(out, "  5. shape        derived: {}; bands: {}",
-        plan.derived.iter().map(|d| format!("{} = {}", d.name, describe_function(plan, &d.function))).collect::<Vec<_>>().join("; "),
-        plan.bands.iter().map(|b| format!("{} from {} ({} steps, else {})", b.name, name_of(plan, b.source), b.steps.len(), b.otherwise)).collect::<Vec<_>>().join("; "));
-    let _ = writeln!(out, "                   document fields: {}", plan.output_fields.iter().map(|f| match f.round_to {
-        Some(step) => format!("{} (round {step})", f.name),
-        None => f.name.clone(),
-    }).collect::<Vec<_>>().join(", "));
-    let _ = writeln!(out, "  5b. gate        a document is emitted only when its output fields changed (hash in the listing's state); tombstones always; version = listing version << 32 | revision (incarnation << 16 | market re-emissions)");
+    let _ = writeln!(
+        out,
+        "  5. shape        derived: {}; bands: {}",
+        plan.derived
+            .iter()
+            .map(|d| format!("{} = {}", d.name, describe_function(plan, &d.function)))
+            .collect::<Vec<_>>()
+            .join("; "),
+        plan.bands
+            .iter()
+            .map(|b| format!(
+                "{} from {} ({} steps, else {})",
+                b.name,
+                name_of(plan, b.source),
+                b.steps.len(),
+                b.otherwise
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let _ = writeln!(
+        out,
+        "                   document fields: {}",
+        plan.output_fields
+            .iter()
+            .map(|f| match f.round_to {
+                Some(step) => format!("{} (round {step})", f.name),
+                None => f.name.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "  5b. gate        a document is emitted only when its output fields changed (hash in the listing's state); tombstones always; version = listing version << 32 | revision (incarnation << 16 | market re-emissions)"
+    );
     if let Some(statistics) = &plan.statistics_binding {
-        let _ = writeln!(out, "                   statistics changelog -> `{statistics}` (when the config binds it)");
+        let _ = writeln!(
+            out,
+            "                   statistics changelog -> `{statistics}` (when the config binds it)"
+        );
     }
-    let _ = writeln!(out, "  6. sink         exchange to worker 0, epoch order; binding `{}` (upserts and tombstones keyed by `{}`), dead letters `{}`",
-        plan.output_binding, plan.key_field, plan.dead_letter_binding);
-    let _ = writeln!(out, "\nstate: column families `listings` (per-listing state), `meta` (source positions, schema fingerprint), written in one batch per checkpoint");
+    let _ = writeln!(
+        out,
+        "  6. sink         exchange to worker 0, epoch order; binding `{}` (upserts and tombstones keyed by `{}`), dead letters `{}`",
+        plan.output_binding, plan.key_field, plan.dead_letter_binding
+    );
+    let _ = writeln!(
+        out,
+        "\nstate: column families `listings` (per-listing state), `meta` (source positions, schema fingerprint), written in one batch per checkpoint"
+    );
     out
 }
 
@@ -766,9 +1417,21 @@ fn describe_function(plan: &Plan, function: &Function) -> String {
         Function::PriceDropPercent => "price_drop_percent()".into(),
         Function::DaysSincePriceChange => "days_since_price_change()".into(),
         Function::YearsSince { field } => format!("years_since({})", name_of(plan, *field)),
-        Function::Ratio { numerator, denominator, min_denominator } => match min_denominator {
-            Some(floor) => format!("{} / max({}, {floor})", name_of(plan, *numerator), name_of(plan, *denominator)),
-            None => format!("{} / {}", name_of(plan, *numerator), name_of(plan, *denominator)),
+        Function::Ratio {
+            numerator,
+            denominator,
+            min_denominator,
+        } => match min_denominator {
+            Some(floor) => format!(
+                "{} / max({}, {floor})",
+                name_of(plan, *numerator),
+                name_of(plan, *denominator)
+            ),
+            None => format!(
+                "{} / {}",
+                name_of(plan, *numerator),
+                name_of(plan, *denominator)
+            ),
         },
     }
 }
@@ -776,11 +1439,20 @@ fn describe_function(plan: &Plan, function: &Function) -> String {
 pub fn name_of(plan: &Plan, value: ValueRef) -> String {
     match value {
         ValueRef::Field(i) => plan.fields[i].name.clone(),
-        ValueRef::Feature(i) => plan.features.get(i).map(|f| f.name.clone()).unwrap_or_default(),
-        ValueRef::ModelOutput { model, output } => plan.models[model].sidecar.outputs[output].clone(),
+        ValueRef::Feature(i) => plan
+            .features
+            .get(i)
+            .map(|f| f.name.clone())
+            .unwrap_or_default(),
+        ValueRef::ModelOutput { model, output } => {
+            plan.models[model].sidecar.outputs[output].clone()
+        }
         ValueRef::Derived(i) => plan.derived[i].name.clone(),
         ValueRef::Band(i) => plan.bands[i].name.clone(),
         ValueRef::Lookup(i) => plan.lookups[i].name.clone(),
-        ValueRef::Statistic { aggregate, statistic } => plan.aggregates[aggregate].statistic_name(&plan.fields, statistic),
+        ValueRef::Statistic {
+            aggregate,
+            statistic,
+        } => plan.aggregates[aggregate].statistic_name(&plan.fields, statistic),
     }
 }

@@ -16,13 +16,23 @@ pub struct Broker {
 }
 
 fn tansu() -> PathBuf {
-    let path = std::env::var_os("ASSAY_TANSU").map(PathBuf::from).unwrap_or_else(|| super::repo().join(".tools/tansu/bin/tansu"));
-    assert!(path.is_file(), "tansu is not installed at {}: run scripts/install-tansu.sh (scripts/test.sh does)", path.display());
+    let path = std::env::var_os("ASSAY_TANSU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| super::repo().join(".tools/tansu/bin/tansu"));
+    assert!(
+        path.is_file(),
+        "tansu is not installed at {}: run scripts/install-tansu.sh (scripts/test.sh does)",
+        path.display()
+    );
     path
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Broker {
@@ -38,17 +48,35 @@ impl Broker {
     }
 
     fn start(port: u16, storage: String, dir: &std::path::Path) -> Broker {
-        let mut broker = Broker { child: None, port, storage, log: dir.join("tansu.log"), dir: dir.to_path_buf() };
+        let mut broker = Broker {
+            child: None,
+            port,
+            storage,
+            log: dir.join("tansu.log"),
+            dir: dir.to_path_buf(),
+        };
         broker.spawn();
         broker
     }
 
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(tansu())
             .current_dir(&self.dir)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &self.storage])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                &self.storage,
+            ])
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -56,7 +84,12 @@ impl Broker {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {} (log: {})", self.port, self.log.display());
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {} (log: {})",
+                self.port,
+                self.log.display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -85,8 +118,16 @@ impl Broker {
     }
 
     fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("the broker runs").id().to_string();
-        let status = Command::new("kill").args([signal, &pid]).status().expect("kill");
+        let pid = self
+            .child
+            .as_ref()
+            .expect("the broker runs")
+            .id()
+            .to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
         assert!(status.success(), "kill {signal} {pid}");
     }
 

@@ -25,7 +25,13 @@ pub struct TestConfig {
     pub state: PathBuf,
 }
 
-pub fn write_config(dir: &Path, input: &Path, workers: usize, epoch_records: u64, extra_input: &str) -> TestConfig {
+pub fn write_config(
+    dir: &Path,
+    input: &Path,
+    workers: usize,
+    epoch_records: u64,
+    extra_input: &str,
+) -> TestConfig {
     let documents = dir.join("out/search_documents.jsonl");
     let dead_letters = dir.join("out/dead_letters.jsonl");
     let state = dir.join("state");
@@ -56,18 +62,37 @@ path = {dead_letters:?}
     );
     let path = dir.join("config.toml");
     std::fs::write(&path, text).expect("write config");
-    TestConfig { path, documents, dead_letters, state }
+    TestConfig {
+        path,
+        documents,
+        dead_letters,
+        state,
+    }
 }
 
 /// Runs the listings topology in-process with the given config.
-pub fn run_in_process(topology: &Path, config: &TestConfig, from_scratch: bool) -> assay::observe::RunSummary {
-    let prepared = assay::prepare(topology, Some(&config.path), &[]).unwrap_or_else(|e| panic!("prepare failed: {e}"));
-    let options = assay::dataflow::RunOptions { from_scratch, progress: Some(false), pass_through: false };
-    assay::dataflow::run(prepared.plan, &prepared.config, prepared.models, &options).unwrap_or_else(|e| panic!("run failed: {e}"))
+pub fn run_in_process(
+    topology: &Path,
+    config: &TestConfig,
+    from_scratch: bool,
+) -> assay::observe::RunSummary {
+    let prepared = assay::prepare(topology, Some(&config.path), &[])
+        .unwrap_or_else(|e| panic!("prepare failed: {e}"));
+    let options = assay::dataflow::RunOptions {
+        from_scratch,
+        progress: Some(false),
+        pass_through: false,
+    };
+    assay::dataflow::run(prepared.plan, &prepared.config, prepared.models, &options)
+        .unwrap_or_else(|e| panic!("run failed: {e}"))
 }
 
 pub fn read_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())).lines().map(str::to_string).collect()
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// The first `n` lines of the committed sample, as a file in `dir`.

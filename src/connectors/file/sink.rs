@@ -34,16 +34,30 @@ pub struct FileSink {
 impl FileSink {
     /// Opens for appending; `truncate` starts the file afresh.
     pub fn open(path: &Path, truncate: bool) -> Result<FileSink, FileSinkError> {
-        let error = |detail: String| FileSinkError { path: path.display().to_string(), detail };
+        let error = |detail: String| FileSinkError {
+            path: path.display().to_string(),
+            detail,
+        };
         if let Some(parent) = path.parent() {
             if !parent.as_os_str().is_empty() {
                 std::fs::create_dir_all(parent).map_err(|e| error(e.to_string()))?;
             }
         }
-        let mut file = OpenOptions::new().create(true).read(true).write(true).truncate(truncate).open(path).map_err(|e| error(e.to_string()))?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(truncate)
+            .open(path)
+            .map_err(|e| error(e.to_string()))?;
         cut_partial_last_line(&mut file).map_err(|e| error(e.to_string()))?;
-        file.seek(SeekFrom::End(0)).map_err(|e| error(e.to_string()))?;
-        Ok(FileSink { writer: BufWriter::with_capacity(1 << 20, file), path: path.display().to_string(), buffer: Vec::with_capacity(4096) })
+        file.seek(SeekFrom::End(0))
+            .map_err(|e| error(e.to_string()))?;
+        Ok(FileSink {
+            writer: BufWriter::with_capacity(1 << 20, file),
+            path: path.display().to_string(),
+            buffer: Vec::with_capacity(4096),
+        })
     }
 
     pub fn write_document(&mut self, document: &OutputDocument) -> Result<(), FileSinkError> {
@@ -51,24 +65,37 @@ impl FileSink {
         self.buffer.extend_from_slice(b"{\"key\":");
         serde_json::to_writer(&mut self.buffer, &document.key).expect("a string serializes");
         self.buffer.extend_from_slice(b",\"version\":");
-        self.buffer.extend_from_slice(itoa::Buffer::new().format(document.version).as_bytes());
+        self.buffer
+            .extend_from_slice(itoa::Buffer::new().format(document.version).as_bytes());
         match &document.body {
             Some(body) => {
-                self.buffer.extend_from_slice(b",\"op\":\"upsert\",\"doc\":");
+                self.buffer
+                    .extend_from_slice(b",\"op\":\"upsert\",\"doc\":");
                 self.buffer.extend_from_slice(body.as_bytes());
             }
-            None => self.buffer.extend_from_slice(b",\"op\":\"delete\",\"doc\":null"),
+            None => self
+                .buffer
+                .extend_from_slice(b",\"op\":\"delete\",\"doc\":null"),
         }
         self.buffer.extend_from_slice(b"}\n");
         self.write_buffer()
     }
 
-    pub fn write_dead_letter(&mut self, letter: &DeadLetter, binding: &str) -> Result<(), FileSinkError> {
+    pub fn write_dead_letter(
+        &mut self,
+        letter: &DeadLetter,
+        binding: &str,
+    ) -> Result<(), FileSinkError> {
         let line = DeadLetterLine {
             reason: &letter.reason,
             stage: &letter.stage,
             detail: &letter.detail,
-            source: SourceLine { binding, partition: letter.position.partition, offset: letter.position.offset, byte_offset: letter.position.byte_offset },
+            source: SourceLine {
+                binding,
+                partition: letter.position.partition,
+                offset: letter.position.offset,
+                byte_offset: letter.position.byte_offset,
+            },
             bytes_base64: base64::engine::general_purpose::STANDARD.encode(&letter.bytes),
         };
         self.buffer.clear();
@@ -78,12 +105,20 @@ impl FileSink {
     }
 
     fn write_buffer(&mut self) -> Result<(), FileSinkError> {
-        self.writer.write_all(&self.buffer).map_err(|e| FileSinkError { path: self.path.clone(), detail: e.to_string() })
+        self.writer
+            .write_all(&self.buffer)
+            .map_err(|e| FileSinkError {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            })
     }
 
     /// Hands everything written so far to the OS.
     pub fn flush(&mut self) -> Result<(), FileSinkError> {
-        self.writer.flush().map_err(|e| FileSinkError { path: self.path.clone(), detail: e.to_string() })
+        self.writer.flush().map_err(|e| FileSinkError {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })
     }
 }
 
@@ -144,7 +179,10 @@ mod tests {
         std::fs::write(&path, "{\"a\":1}\n{\"b\":2}\n{\"c\":").unwrap();
         let mut sink = FileSink::open(&path, false).unwrap();
         sink.flush().unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"b\":2}\n"
+        );
         std::fs::write(&path, "no newline at all").unwrap();
         FileSink::open(&path, false).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");

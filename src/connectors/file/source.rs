@@ -47,8 +47,19 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    pub fn open(path: &Path, key_field: &str, partitions: u32, owned: &[u32], checkpointed: &HashMap<u32, CheckpointedPosition>, records_per_second: u64, started: Instant) -> Result<FileSource, FileSourceError> {
-        let error = |detail: String| FileSourceError { path: path.display().to_string(), detail };
+    pub fn open(
+        path: &Path,
+        key_field: &str,
+        partitions: u32,
+        owned: &[u32],
+        checkpointed: &HashMap<u32, CheckpointedPosition>,
+        records_per_second: u64,
+        started: Instant,
+    ) -> Result<FileSource, FileSourceError> {
+        let error = |detail: String| FileSourceError {
+            path: path.display().to_string(),
+            detail,
+        };
         let file = File::open(path).map_err(|e| error(e.to_string()))?;
         let total_bytes = file.metadata().map_err(|e| error(e.to_string()))?.len();
         let mut owned_flags = vec![false; partitions as usize];
@@ -56,10 +67,19 @@ impl FileSource {
             owned_flags[*p as usize] = true;
         }
         // start at the least advanced owned partition
-        let start = owned.iter().map(|p| checkpointed.get(p).copied().unwrap_or_default()).min_by_key(|p| p.next_offset).unwrap_or_default();
+        let start = owned
+            .iter()
+            .map(|p| checkpointed.get(p).copied().unwrap_or_default())
+            .min_by_key(|p| p.next_offset)
+            .unwrap_or_default();
         let mut reader = BufReader::with_capacity(1 << 20, file);
-        reader.seek(SeekFrom::Start(start.next_byte)).map_err(|e| error(e.to_string()))?;
-        let resume_at = owned.iter().map(|p| (*p, checkpointed.get(p).map(|c| c.next_offset).unwrap_or(0))).collect();
+        reader
+            .seek(SeekFrom::Start(start.next_byte))
+            .map_err(|e| error(e.to_string()))?;
+        let resume_at = owned
+            .iter()
+            .map(|p| (*p, checkpointed.get(p).map(|c| c.next_offset).unwrap_or(0)))
+            .collect();
         Ok(FileSource {
             reader,
             path: path.display().to_string(),
@@ -94,14 +114,35 @@ impl FileSource {
 
     /// The position every owned partition has reached.
     pub fn positions(&self) -> Vec<(u32, CheckpointedPosition)> {
-        self.resume_at.keys().map(|p| (*p, CheckpointedPosition { next_offset: self.next_line.max(self.resume_at[p]), next_byte: self.next_byte })).collect()
+        self.resume_at
+            .keys()
+            .map(|p| {
+                (
+                    *p,
+                    CheckpointedPosition {
+                        next_offset: self.next_line.max(self.resume_at[p]),
+                        next_byte: self.next_byte,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// Reads up to (not including) line `until_line`, appending owned records.
-    pub fn read_until(&mut self, until_line: u64, out: &mut Vec<RawRecord>) -> Result<(), FileSourceError> {
+    pub fn read_until(
+        &mut self,
+        until_line: u64,
+        out: &mut Vec<RawRecord>,
+    ) -> Result<(), FileSourceError> {
         while !self.finished && self.next_line < until_line {
             self.line.clear();
-            let read = self.reader.read_until(b'\n', &mut self.line).map_err(|e| FileSourceError { path: self.path.clone(), detail: e.to_string() })?;
+            let read =
+                self.reader
+                    .read_until(b'\n', &mut self.line)
+                    .map_err(|e| FileSourceError {
+                        path: self.path.clone(),
+                        detail: e.to_string(),
+                    })?;
             if read == 0 {
                 self.finished = true;
                 break;
@@ -130,7 +171,12 @@ impl FileSource {
             self.throttle();
             out.push(RawRecord {
                 bytes: bytes.to_vec(),
-                position: SourcePosition { partition, offset: line_number, byte_offset, timestamp_ms: 0 },
+                position: SourcePosition {
+                    partition,
+                    offset: line_number,
+                    byte_offset,
+                    timestamp_ms: 0,
+                },
                 read_at_nanos: self.started.elapsed().as_nanos() as u64,
             });
             self.records_emitted += 1;
@@ -142,7 +188,9 @@ impl FileSource {
         if self.records_per_second == 0 {
             return;
         }
-        let due = std::time::Duration::from_secs_f64(self.records_emitted as f64 / self.records_per_second as f64);
+        let due = std::time::Duration::from_secs_f64(
+            self.records_emitted as f64 / self.records_per_second as f64,
+        );
         let elapsed = self.started.elapsed();
         if due > elapsed {
             std::thread::sleep(due - elapsed);
@@ -233,7 +281,10 @@ pub fn find_top_level_key<'a>(text: &'a [u8], quoted_key: &[u8]) -> Option<&'a [
                 }
             }
             _ => {
-                while i < text.len() && !matches!(text[i], b',' | b'}') && !text[i].is_ascii_whitespace() {
+                while i < text.len()
+                    && !matches!(text[i], b',' | b'}')
+                    && !text[i].is_ascii_whitespace()
+                {
                     i += 1;
                 }
                 if is_wanted {
@@ -256,9 +307,18 @@ mod tests {
     #[test]
     fn finds_only_top_level_keys() {
         let key = b"\"id\"";
-        assert_eq!(find_top_level_key(br#"{"id":"a1","x":2}"#, key), Some(&b"a1"[..]));
-        assert_eq!(find_top_level_key(br#"{"x":{"id":"inner"},"id":"outer"}"#, key), Some(&b"outer"[..]));
-        assert_eq!(find_top_level_key(br#"{"x":"say \"id\":\"no\"","id":7}"#, key), Some(&b"7"[..]));
+        assert_eq!(
+            find_top_level_key(br#"{"id":"a1","x":2}"#, key),
+            Some(&b"a1"[..])
+        );
+        assert_eq!(
+            find_top_level_key(br#"{"x":{"id":"inner"},"id":"outer"}"#, key),
+            Some(&b"outer"[..])
+        );
+        assert_eq!(
+            find_top_level_key(br#"{"x":"say \"id\":\"no\"","id":7}"#, key),
+            Some(&b"7"[..])
+        );
         assert_eq!(find_top_level_key(br#"{"x":[1,{"id":2}]}"#, key), None);
         assert_eq!(find_top_level_key(br#"{"id":"trunc"#, key), None);
         assert_eq!(find_top_level_key(b"[1,2]", key), None);
@@ -268,11 +328,18 @@ mod tests {
     #[test]
     fn the_scanner_agrees_with_a_json_parser() {
         // keys extracted by the scanner equal the parsed key, on the committed sample
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/topologies/listings/data/listing_changes.jsonl")).unwrap();
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/topologies/listings/data/listing_changes.jsonl"
+        ))
+        .unwrap();
         for line in text.lines().take(2000) {
             let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
             let found = find_top_level_key(line.as_bytes(), b"\"listing_id\"").unwrap();
-            assert_eq!(std::str::from_utf8(found).unwrap(), parsed["listing_id"].as_str().unwrap());
+            assert_eq!(
+                std::str::from_utf8(found).unwrap(),
+                parsed["listing_id"].as_str().unwrap()
+            );
         }
     }
 }

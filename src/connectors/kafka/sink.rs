@@ -35,8 +35,14 @@ impl ProducerContext for DeliveryErrors {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((error, message)) = result {
-            let key = message.key().map(|k| String::from_utf8_lossy(k).to_string()).unwrap_or_default();
-            self.0.lock().unwrap().push(format!("{error} (key {key:?}, topic {})", message.topic()));
+            let key = message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).to_string())
+                .unwrap_or_default();
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{error} (key {key:?}, topic {})", message.topic()));
         }
     }
 }
@@ -58,21 +64,47 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     /// `source_topic` and `model_versions` are stamped on every record's headers.
-    pub fn open(kafka: &KafkaConfig, binding: &KafkaBinding, source_topic: &str, model_versions: Vec<(String, String)>) -> Result<KafkaSink, KafkaSinkError> {
+    pub fn open(
+        kafka: &KafkaConfig,
+        binding: &KafkaBinding,
+        source_topic: &str,
+        model_versions: Vec<(String, String)>,
+    ) -> Result<KafkaSink, KafkaSinkError> {
         let mut config = client_config(kafka, binding);
-        config.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("message.timeout.ms", "0");
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "0");
         for (key, value) in &binding.properties {
             config.set(key, value);
         }
         let errors = DeliveryErrors::default();
         let producer: ThreadedProducer<DeliveryErrors> = config
             .create_with_context(errors.clone())
-            .map_err(|e| KafkaSinkError { topic: binding.topic.clone(), detail: e.to_string() })?;
-        let model_headers = model_versions.into_iter().map(|(name, version)| (format!("assay.model.{name}"), version)).collect();
-        Ok(KafkaSink { producer, errors, topic: binding.topic.clone(), source_topic: source_topic.to_string(), model_headers })
+            .map_err(|e| KafkaSinkError {
+                topic: binding.topic.clone(),
+                detail: e.to_string(),
+            })?;
+        let model_headers = model_versions
+            .into_iter()
+            .map(|(name, version)| (format!("assay.model.{name}"), version))
+            .collect();
+        Ok(KafkaSink {
+            producer,
+            errors,
+            topic: binding.topic.clone(),
+            source_topic: source_topic.to_string(),
+            model_headers,
+        })
     }
 
-    fn send(&self, key: Option<&[u8]>, payload: Option<&[u8]>, headers: OwnedHeaders) -> Result<(), KafkaSinkError> {
+    fn send(
+        &self,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: OwnedHeaders,
+    ) -> Result<(), KafkaSinkError> {
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic).headers(headers);
         record.key = key;
         record.payload = payload;
@@ -84,7 +116,12 @@ impl KafkaSink {
                     record = returned;
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err((error, _)) => return Err(KafkaSinkError { topic: self.topic.clone(), detail: error.to_string() }),
+                Err((error, _)) => {
+                    return Err(KafkaSinkError {
+                        topic: self.topic.clone(),
+                        detail: error.to_string(),
+                    });
+                }
             }
         }
     }
@@ -94,32 +131,72 @@ impl KafkaSink {
         let partition = document.position.partition.to_string();
         let offset = document.position.offset.to_string();
         let mut headers = OwnedHeaders::new()
-            .insert(Header { key: "assay.version", value: Some(version.as_str()) })
-            .insert(Header { key: "assay.source.topic", value: Some(self.source_topic.as_str()) })
-            .insert(Header { key: "assay.source.partition", value: Some(partition.as_str()) })
-            .insert(Header { key: "assay.source.offset", value: Some(offset.as_str()) });
+            .insert(Header {
+                key: "assay.version",
+                value: Some(version.as_str()),
+            })
+            .insert(Header {
+                key: "assay.source.topic",
+                value: Some(self.source_topic.as_str()),
+            })
+            .insert(Header {
+                key: "assay.source.partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "assay.source.offset",
+                value: Some(offset.as_str()),
+            });
         if document.position.timestamp_ms > 0 {
             let timestamp = document.position.timestamp_ms.to_string();
-            headers = headers.insert(Header { key: "assay.source.timestamp", value: Some(timestamp.as_str()) });
+            headers = headers.insert(Header {
+                key: "assay.source.timestamp",
+                value: Some(timestamp.as_str()),
+            });
         }
         if document.body.is_some() {
             for (key, value) in &self.model_headers {
-                headers = headers.insert(Header { key: key.as_str(), value: Some(value.as_str()) });
+                headers = headers.insert(Header {
+                    key: key.as_str(),
+                    value: Some(value.as_str()),
+                });
             }
         }
-        self.send(Some(document.key.as_bytes()), document.body.as_deref().map(str::as_bytes), headers)
+        self.send(
+            Some(document.key.as_bytes()),
+            document.body.as_deref().map(str::as_bytes),
+            headers,
+        )
     }
 
     pub fn write_dead_letter(&mut self, letter: &DeadLetter) -> Result<(), KafkaSinkError> {
         let partition = letter.position.partition.to_string();
         let offset = letter.position.offset.to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "assay.reason", value: Some(letter.reason.as_str()) })
-            .insert(Header { key: "assay.stage", value: Some(letter.stage.as_str()) })
-            .insert(Header { key: "assay.detail", value: Some(letter.detail.as_str()) })
-            .insert(Header { key: "assay.source.topic", value: Some(self.source_topic.as_str()) })
-            .insert(Header { key: "assay.source.partition", value: Some(partition.as_str()) })
-            .insert(Header { key: "assay.source.offset", value: Some(offset.as_str()) });
+            .insert(Header {
+                key: "assay.reason",
+                value: Some(letter.reason.as_str()),
+            })
+            .insert(Header {
+                key: "assay.stage",
+                value: Some(letter.stage.as_str()),
+            })
+            .insert(Header {
+                key: "assay.detail",
+                value: Some(letter.detail.as_str()),
+            })
+            .insert(Header {
+                key: "assay.source.topic",
+                value: Some(self.source_topic.as_str()),
+            })
+            .insert(Header {
+                key: "assay.source.partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "assay.source.offset",
+                value: Some(offset.as_str()),
+            });
         self.send(None, Some(&letter.bytes), headers)
     }
 
@@ -129,16 +206,32 @@ impl KafkaSink {
             match self.producer.flush(Duration::from_secs(5)) {
                 Ok(()) => break,
                 Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
-                    eprintln!("warning: kafka sink `{}`: {} record(s) not yet delivered, still trying", self.topic, self.producer.in_flight_count());
+                    eprintln!(
+                        "warning: kafka sink `{}`: {} record(s) not yet delivered, still trying",
+                        self.topic,
+                        self.producer.in_flight_count()
+                    );
                 }
-                Err(error) => return Err(KafkaSinkError { topic: self.topic.clone(), detail: error.to_string() }),
+                Err(error) => {
+                    return Err(KafkaSinkError {
+                        topic: self.topic.clone(),
+                        detail: error.to_string(),
+                    });
+                }
             }
         }
         let mut errors = self.errors.0.lock().unwrap();
         if !errors.is_empty() {
-            let detail = format!("{} record(s) could not be delivered; first: {}", errors.len(), errors[0]);
+            let detail = format!(
+                "{} record(s) could not be delivered; first: {}",
+                errors.len(),
+                errors[0]
+            );
             errors.clear();
-            return Err(KafkaSinkError { topic: self.topic.clone(), detail });
+            return Err(KafkaSinkError {
+                topic: self.topic.clone(),
+                detail,
+            });
         }
         Ok(())
     }

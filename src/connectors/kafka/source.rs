@@ -44,21 +44,34 @@ pub struct KafkaSource {
 
 impl KafkaSource {
     #[allow(clippy::too_many_arguments)]
-    pub fn open(kafka: &KafkaConfig, binding: &KafkaBinding, group_id: &str, owned: &[u32], checkpointed: &std::collections::HashMap<u32, CheckpointedPosition>, epoch_records: usize, started: Instant) -> Result<KafkaSource, String> {
+    pub fn open(
+        kafka: &KafkaConfig,
+        binding: &KafkaBinding,
+        group_id: &str,
+        owned: &[u32],
+        checkpointed: &std::collections::HashMap<u32, CheckpointedPosition>,
+        epoch_records: usize,
+        started: Instant,
+    ) -> Result<KafkaSource, String> {
         let mut config = client_config(kafka, binding);
         config
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest");
-        if !binding.properties.contains_key("queued.max.messages.kbytes") {
+        if !binding
+            .properties
+            .contains_key("queued.max.messages.kbytes")
+        {
             config.set("queued.max.messages.kbytes", "16384");
         }
         // the binding's own properties win over ours
         for (key, value) in &binding.properties {
             config.set(key, value);
         }
-        let consumer: BaseConsumer = config.create().map_err(|e| format!("cannot create a consumer for `{}`: {e}", binding.topic))?;
+        let consumer: BaseConsumer = config
+            .create()
+            .map_err(|e| format!("cannot create a consumer for `{}`: {e}", binding.topic))?;
         let mut assignment = TopicPartitionList::new();
         let mut next_offsets = BTreeMap::new();
         for partition in owned {
@@ -66,23 +79,38 @@ impl KafkaSource {
                 Some(position) => Offset::Offset(position.next_offset as i64),
                 None => Offset::Beginning,
             };
-            assignment.add_partition_offset(&binding.topic, *partition as i32, offset).map_err(|e| e.to_string())?;
-            next_offsets.insert(*partition, checkpointed.get(partition).map(|p| p.next_offset as i64).unwrap_or(0));
+            assignment
+                .add_partition_offset(&binding.topic, *partition as i32, offset)
+                .map_err(|e| e.to_string())?;
+            next_offsets.insert(
+                *partition,
+                checkpointed
+                    .get(partition)
+                    .map(|p| p.next_offset as i64)
+                    .unwrap_or(0),
+            );
         }
-        consumer.assign(&assignment).map_err(|e| format!("cannot assign partitions of `{}`: {e}", binding.topic))?;
+        consumer
+            .assign(&assignment)
+            .map_err(|e| format!("cannot assign partitions of `{}`: {e}", binding.topic))?;
         Ok(KafkaSource {
             consumer,
             topic: binding.topic.clone(),
             next_offsets,
             epoch_ms: binding.epoch_ms.max(1),
             epoch_records,
-            stop_when_idle: (binding.stop_when_idle_ms > 0).then(|| Duration::from_millis(binding.stop_when_idle_ms)),
+            stop_when_idle: (binding.stop_when_idle_ms > 0)
+                .then(|| Duration::from_millis(binding.stop_when_idle_ms)),
             last_record_at: Instant::now(),
             started,
             finished: owned.is_empty() && binding.stop_when_idle_ms > 0,
             last_error_report: None,
             redelivered: 0,
-            just_seeked: owned.iter().copied().filter(|p| checkpointed.get(p).is_some_and(|c| c.next_offset > 0)).collect(),
+            just_seeked: owned
+                .iter()
+                .copied()
+                .filter(|p| checkpointed.get(p).is_some_and(|c| c.next_offset > 0))
+                .collect(),
         })
     }
 
@@ -118,9 +146,20 @@ impl KafkaSource {
                         // does this when a fetch starts inside a batch; Kafka returns the whole
                         // batch.) Re-read the partition from its start once; the check above
                         // skips what was already processed.
-                        eprintln!("warning: kafka source `{}`: partition {partition}: asked for offset {expected}, the broker answered from {offset}; re-reading the partition from its start so that nothing is skipped", self.topic);
-                        if let Err(error) = self.consumer.seek(&self.topic, partition as i32, Offset::Beginning, Duration::from_secs(10)) {
-                            eprintln!("warning: kafka source `{}`: seek failed: {error}", self.topic);
+                        eprintln!(
+                            "warning: kafka source `{}`: partition {partition}: asked for offset {expected}, the broker answered from {offset}; re-reading the partition from its start so that nothing is skipped",
+                            self.topic
+                        );
+                        if let Err(error) = self.consumer.seek(
+                            &self.topic,
+                            partition as i32,
+                            Offset::Beginning,
+                            Duration::from_secs(10),
+                        ) {
+                            eprintln!(
+                                "warning: kafka source `{}`: seek failed: {error}",
+                                self.topic
+                            );
                         }
                         continue;
                     }
@@ -128,14 +167,23 @@ impl KafkaSource {
                     self.next_offsets.insert(partition, offset + 1);
                     out.push(RawRecord {
                         bytes: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                        position: SourcePosition { partition, offset: offset as u64, byte_offset: 0, timestamp_ms: message.timestamp().to_millis().unwrap_or(0) },
+                        position: SourcePosition {
+                            partition,
+                            offset: offset as u64,
+                            byte_offset: 0,
+                            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+                        },
                         read_at_nanos: self.started.elapsed().as_nanos() as u64,
                     });
                     self.last_record_at = Instant::now();
                 }
                 Some(Err(error)) => {
                     // broker trouble: librdkafka reconnects by itself; say so, at most every 5 s
-                    if self.last_error_report.map(|t| t.elapsed() > Duration::from_secs(5)).unwrap_or(true) {
+                    if self
+                        .last_error_report
+                        .map(|t| t.elapsed() > Duration::from_secs(5))
+                        .unwrap_or(true)
+                    {
                         eprintln!("warning: kafka source `{}`: {error} (retrying)", self.topic);
                         self.last_error_report = Some(Instant::now());
                     }
@@ -143,8 +191,16 @@ impl KafkaSource {
                 None => break,
             }
         }
-        if self.redelivered > 0 && self.last_error_report.map(|t| t.elapsed() > Duration::from_secs(5)).unwrap_or(true) {
-            eprintln!("warning: kafka source `{}`: skipped {} re-delivered record(s) below the consumed position", self.topic, self.redelivered);
+        if self.redelivered > 0
+            && self
+                .last_error_report
+                .map(|t| t.elapsed() > Duration::from_secs(5))
+                .unwrap_or(true)
+        {
+            eprintln!(
+                "warning: kafka source `{}`: skipped {} re-delivered record(s) below the consumed position",
+                self.topic, self.redelivered
+            );
             self.last_error_report = Some(Instant::now());
         }
         if let Some(idle) = self.stop_when_idle {
@@ -157,7 +213,18 @@ impl KafkaSource {
     }
 
     pub fn positions(&self) -> Vec<(u32, CheckpointedPosition)> {
-        self.next_offsets.iter().map(|(p, o)| (*p, CheckpointedPosition { next_offset: *o as u64, next_byte: 0 })).collect()
+        self.next_offsets
+            .iter()
+            .map(|(p, o)| {
+                (
+                    *p,
+                    CheckpointedPosition {
+                        next_offset: *o as u64,
+                        next_byte: 0,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// After a checkpoint: tell the consumer group, for lag monitoring.
@@ -165,12 +232,19 @@ impl KafkaSource {
         let mut list = TopicPartitionList::new();
         for (partition, position) in positions {
             if position.next_offset > 0 {
-                let _ = list.add_partition_offset(&self.topic, *partition as i32, Offset::Offset(position.next_offset as i64));
+                let _ = list.add_partition_offset(
+                    &self.topic,
+                    *partition as i32,
+                    Offset::Offset(position.next_offset as i64),
+                );
             }
         }
         if list.count() > 0 {
             if let Err(error) = self.consumer.commit(&list, CommitMode::Async) {
-                eprintln!("warning: committing offsets of `{}` to the consumer group failed: {error} (recovery uses the checkpoint, not these)", self.topic);
+                eprintln!(
+                    "warning: committing offsets of `{}` to the consumer group failed: {error} (recovery uses the checkpoint, not these)",
+                    self.topic
+                );
             }
         }
     }

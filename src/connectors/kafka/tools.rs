@@ -14,14 +14,21 @@ use crate::connectors::file::source::find_top_level_key;
 /// Produces every line of `file` to `topic`, keyed by the line's top-level
 /// `key_field` so that one listing's events share a partition and keep their
 /// order. Returns the number of records.
-pub fn produce_file(brokers: &str, topic: &str, file: &Path, key_field: &str) -> Result<u64, String> {
+pub fn produce_file(
+    brokers: &str,
+    topic: &str,
+    file: &Path,
+    key_field: &str,
+) -> Result<u64, String> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "20")
         .create()
         .map_err(|e| e.to_string())?;
-    let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?);
+    let reader = std::io::BufReader::new(
+        std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?,
+    );
     let quoted_key = format!("\"{key_field}\"");
     let mut count = 0;
     for line in reader.split(b'\n') {
@@ -35,7 +42,12 @@ pub fn produce_file(brokers: &str, topic: &str, file: &Path, key_field: &str) ->
         loop {
             match producer.send(record) {
                 Ok(()) => break,
-                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), returned)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    returned,
+                )) => {
                     record = returned;
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -44,27 +56,52 @@ pub fn produce_file(brokers: &str, topic: &str, file: &Path, key_field: &str) ->
         }
         count += 1;
     }
-    producer.flush(Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    producer
+        .flush(Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
     Ok(count)
 }
 
 /// Prints a topic's records as JSON lines: partition, offset, key, headers, value.
 /// Stops after `count` records or when nothing arrived for `idle`.
-pub fn tail(brokers: &str, topic: &str, from_beginning: bool, count: Option<u64>, idle: Duration, out: &mut dyn Write) -> Result<u64, String> {
+pub fn tail(
+    brokers: &str,
+    topic: &str,
+    from_beginning: bool,
+    count: Option<u64>,
+    idle: Duration,
+    out: &mut dyn Write,
+) -> Result<u64, String> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "assay-tail")
         .set("enable.auto.commit", "false")
         .create()
         .map_err(|e| e.to_string())?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
     if partitions == 0 {
         return Err(format!("topic `{topic}` does not exist"));
     }
     let mut assignment = TopicPartitionList::new();
     for p in 0..partitions {
-        assignment.add_partition_offset(topic, p as i32, if from_beginning { Offset::Beginning } else { Offset::End }).map_err(|e| e.to_string())?;
+        assignment
+            .add_partition_offset(
+                topic,
+                p as i32,
+                if from_beginning {
+                    Offset::Beginning
+                } else {
+                    Offset::End
+                },
+            )
+            .map_err(|e| e.to_string())?;
     }
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
     let mut seen = 0;
@@ -74,9 +111,26 @@ pub fn tail(brokers: &str, topic: &str, from_beginning: bool, count: Option<u64>
             Some(Ok(message)) => {
                 let headers: serde_json::Map<String, serde_json::Value> = message
                     .headers()
-                    .map(|h| h.iter().map(|h| (h.key.to_string(), serde_json::Value::String(h.value.map(|v| String::from_utf8_lossy(v).to_string()).unwrap_or_default()))).collect())
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    serde_json::Value::String(
+                                        h.value
+                                            .map(|v| String::from_utf8_lossy(v).to_string())
+                                            .unwrap_or_default(),
+                                    ),
+                                )
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
-                let value = message.payload().map(|p| serde_json::from_slice::<serde_json::Value>(p).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(p).to_string())));
+                let value = message.payload().map(|p| {
+                    serde_json::from_slice::<serde_json::Value>(p).unwrap_or_else(|_| {
+                        serde_json::Value::String(String::from_utf8_lossy(p).to_string())
+                    })
+                });
                 let line = serde_json::json!({
                     "partition": message.partition(),
                     "offset": message.offset(),
