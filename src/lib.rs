@@ -7,6 +7,7 @@ pub mod connectors;
 pub mod dataflow;
 pub mod diagnostics;
 pub mod features;
+pub mod hash;
 pub mod model;
 pub mod observe;
 pub mod record;

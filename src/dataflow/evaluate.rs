@@ -76,13 +76,8 @@ pub fn next_market_revision(last: u32, incarnation: u32) -> u32 {
 
 /// FNV-1a over the output fields: stable across builds (it is persisted).
 pub fn gate_hash(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash ^= *byte as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
     // 0 means "nothing emitted yet"
-    hash.max(1)
+    crate::hash::fnv1a(bytes).max(1)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,11 +210,7 @@ impl Evaluator {
                 _ => vec![f64::NAN; self.statistics_width],
             };
             for (aggregate, statistics) in changes.get(listing).map(Vec::as_slice).unwrap_or(&[]) {
-                let offset = crate::dataflow::listing_state::statistic_offset(
-                    &self.plan,
-                    *aggregate as usize,
-                    0,
-                );
+                let offset = self.plan.statistic_offset(*aggregate as usize, 0);
                 let width = self.plan.aggregates[*aggregate as usize].statistic_count();
                 match statistics {
                     Some(bits) => {

@@ -364,15 +364,6 @@ fn merge(plan: &Plan, current: &ListingState, event: &ChangeEvent, complete: boo
     next
 }
 
-/// Where a statistic sits in a listing's flattened market view.
-pub fn statistic_offset(plan: &Plan, aggregate: usize, statistic: usize) -> usize {
-    plan.aggregates[..aggregate]
-        .iter()
-        .map(|a| a.statistic_count())
-        .sum::<usize>()
-        + statistic
-}
-
 /// The topology's features for a listing at an event, in declaration order.
 /// `market` is the listing's flattened statistics (NaN: none).
 pub fn compute_features(
@@ -394,7 +385,7 @@ pub fn compute_features(
                     aggregate,
                     statistic,
                 } => market
-                    .get(statistic_offset(plan, aggregate, statistic))
+                    .get(plan.statistic_offset(aggregate, statistic))
                     .copied()
                     .filter(|x| !x.is_nan()),
                 _ => None, // later stages; compile forbids it

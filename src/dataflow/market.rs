@@ -40,6 +40,7 @@ use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use differential_dataflow::{AsCollection, VecCollection};
 use timely::dataflow::StreamVec;
 
+use crate::hash::{FNV_OFFSET, fnv1a_extend as fnv};
 use crate::record::Value;
 use crate::topology::{Aggregate, MEASURE_STATISTICS, Plan, ValueRef};
 
@@ -110,17 +111,6 @@ fn bucketed(value: &Value, bucket: Option<f64>) -> Value {
             }
         }
     }
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
-    for byte in bytes {
-        hash ^= *byte as u64;
-        hash = hash.wrapping_mul(FNV_PRIME);
-    }
-    hash
 }
 
 /// The segment of a listing in an aggregate, or `None` when a group-by value is missing.
@@ -438,7 +428,7 @@ pub fn build<'scope>(
     let band_cuts = plan.statistics_band_cuts();
     let seen_per_aggregate: Vec<Vec<Seen>> = (0..plan.aggregates.len())
         .map(|a| {
-            let offset = crate::dataflow::listing_state::statistic_offset(&plan, a, 0);
+            let offset = plan.statistic_offset(a, 0);
             (offset..offset + plan.aggregates[a].statistic_count())
                 .map(|i| match (read[i], &band_cuts[i]) {
                     (false, _) => Seen::Not,

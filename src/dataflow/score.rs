@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::dataflow::listing_state::{Enriched, statistic_offset};
+use crate::dataflow::listing_state::Enriched;
 use crate::dataflow::market::lookup_value;
 use crate::dataflow::shape;
 use crate::model::{InputValue, LoadedModel, ModelError};
@@ -62,7 +62,7 @@ impl Scorer {
                         ValueRef::Statistic {
                             aggregate,
                             statistic,
-                        } => match row.market.get(statistic_offset(plan, aggregate, statistic)) {
+                        } => match row.market.get(plan.statistic_offset(aggregate, statistic)) {
                             Some(x) if !x.is_nan() => InputValue::Number(*x),
                             _ => InputValue::Missing,
                         },

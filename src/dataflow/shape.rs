@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::dataflow::listing_state::{Enriched, statistic_offset};
+use crate::dataflow::listing_state::Enriched;
 use crate::dataflow::market::lookup_value;
 use crate::features;
 use crate::model::LoadedModel;
@@ -148,7 +148,7 @@ fn numeric(
             statistic,
         } => row
             .market
-            .get(statistic_offset(plan, aggregate, statistic))
+            .get(plan.statistic_offset(aggregate, statistic))
             .copied()
             .filter(|x| !x.is_nan()),
         ValueRef::Feature(i) => row.features[i],

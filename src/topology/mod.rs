@@ -184,41 +184,39 @@ impl Plan {
         self.fields.iter().position(|f| f.name == name)
     }
 
-    /// Per market statistic (in namespace order, all aggregates), whether any
-    /// feature, model input, derived value, band or output field reads it. A
-    /// neighbour is re-evaluated only when a statistic it reads moved: the
-    /// changelog carries every statistic, the documents only some.
-    pub fn statistics_read(&self) -> Vec<bool> {
-        let offsets: Vec<usize> = self
-            .aggregates
+    /// Where a statistic sits in a listing's flattened market view (all
+    /// aggregates' statistics, in declaration order).
+    pub fn statistic_offset(&self, aggregate: usize, statistic: usize) -> usize {
+        self.aggregates[..aggregate]
             .iter()
-            .scan(0, |offset, aggregate| {
-                let start = *offset;
-                *offset += aggregate.statistic_count();
-                Some(start)
-            })
-            .collect();
-        let width = self.aggregates.iter().map(Aggregate::statistic_count).sum();
-        let mut read = vec![false; width];
-        let mut mark = |value: &ValueRef| {
-            if let ValueRef::Statistic {
+            .map(Aggregate::statistic_count)
+            .sum::<usize>()
+            + statistic
+    }
+
+    fn statistic_index(&self, value: &ValueRef) -> Option<usize> {
+        match value {
+            ValueRef::Statistic {
                 aggregate,
                 statistic,
-            } = value
-            {
-                read[offsets[*aggregate] + statistic] = true;
-            }
-        };
+            } => Some(self.statistic_offset(*aggregate, *statistic)),
+            _ => None,
+        }
+    }
+
+    /// Every value that features, derived values, model inputs and output
+    /// fields read (bands are the other readers).
+    fn for_each_value_read_outside_bands(&self, mut visit: impl FnMut(&ValueRef)) {
         for computed in self.features.iter().chain(&self.derived) {
             match &computed.function {
-                Function::YearsSince { field } => mark(field),
+                Function::YearsSince { field } => visit(field),
                 Function::Ratio {
                     numerator,
                     denominator,
                     ..
                 } => {
-                    mark(numerator);
-                    mark(denominator);
+                    visit(numerator);
+                    visit(denominator);
                 }
                 Function::DaysOnMarket
                 | Function::PriceChangeCount
@@ -229,11 +227,26 @@ impl Plan {
         self.models
             .iter()
             .flat_map(|m| &m.input_refs)
-            .for_each(&mut mark);
-        self.bands.iter().for_each(|band| mark(&band.source));
+            .for_each(&mut visit);
         self.output_fields
             .iter()
-            .for_each(|field| mark(&field.source));
+            .for_each(|field| visit(&field.source));
+    }
+
+    /// Per market statistic (in namespace order, all aggregates), whether any
+    /// feature, model input, derived value, band or output field reads it. A
+    /// neighbour is re-evaluated only when a statistic it reads moved: the
+    /// changelog carries every statistic, the documents only some.
+    pub fn statistics_read(&self) -> Vec<bool> {
+        let width = self.aggregates.iter().map(Aggregate::statistic_count).sum();
+        let mut read = vec![false; width];
+        let mut mark = |value: &ValueRef| {
+            if let Some(i) = self.statistic_index(value) {
+                read[i] = true;
+            }
+        };
+        self.for_each_value_read_outside_bands(&mut mark);
+        self.bands.iter().for_each(|band| mark(&band.source));
         read
     }
 
@@ -243,70 +256,28 @@ impl Plan {
     /// band gives that stand-in the label it gives the value, and a count that
     /// moves within a band re-evaluates no neighbour.
     pub fn statistics_band_cuts(&self) -> Vec<Option<Vec<f64>>> {
-        let read = self.statistics_read();
-        let mut cuts: Vec<Option<Vec<f64>>> = vec![Some(Vec::new()); read.len()];
-        let offsets: Vec<usize> = self
-            .aggregates
-            .iter()
-            .scan(0, |offset, aggregate| {
-                let start = *offset;
-                *offset += aggregate.statistic_count();
-                Some(start)
-            })
+        let mut cuts: Vec<Option<Vec<f64>>> = self
+            .statistics_read()
+            .into_iter()
+            .map(|read| read.then(Vec::new))
             .collect();
-        let index = |value: &ValueRef| match value {
-            ValueRef::Statistic {
-                aggregate,
-                statistic,
-            } => Some(offsets[*aggregate] + statistic),
-            _ => None,
-        };
         for band in &self.bands {
-            if let Some(Some(thresholds)) = index(&band.source).map(|i| &mut cuts[i]) {
+            if let Some(Some(thresholds)) = self.statistic_index(&band.source).map(|i| &mut cuts[i])
+            {
                 thresholds.extend(band.steps.iter().map(|(below, _)| *below));
             }
         }
         // any other reader needs the value itself
-        let mut by_bands_only = read.clone();
-        let mut mark = |value: &ValueRef| {
-            if let Some(i) = index(value) {
-                by_bands_only[i] = false;
+        self.for_each_value_read_outside_bands(|value| {
+            if let Some(i) = self.statistic_index(value) {
+                cuts[i] = None;
             }
-        };
-        for computed in self.features.iter().chain(&self.derived) {
-            match &computed.function {
-                Function::YearsSince { field } => mark(field),
-                Function::Ratio {
-                    numerator,
-                    denominator,
-                    ..
-                } => {
-                    mark(numerator);
-                    mark(denominator);
-                }
-                Function::DaysOnMarket
-                | Function::PriceChangeCount
-                | Function::PriceDropPercent
-                | Function::DaysSincePriceChange => {}
-            }
+        });
+        for thresholds in cuts.iter_mut().flatten() {
+            thresholds.sort_by(f64::total_cmp);
+            thresholds.dedup();
         }
-        self.models
-            .iter()
-            .flat_map(|m| &m.input_refs)
-            .for_each(&mut mark);
-        self.output_fields
-            .iter()
-            .for_each(|field| mark(&field.source));
-        cuts.into_iter()
-            .zip(by_bands_only)
-            .map(|(cuts, only)| {
-                cuts.filter(|_| only).map(|mut cuts| {
-                    cuts.sort_by(f64::total_cmp);
-                    cuts.dedup();
-                    cuts
-                })
-            })
-            .collect()
+        cuts
     }
 
     /// What the market view of a listing depends on: aggregates, what is read
@@ -315,13 +286,8 @@ impl Plan {
     /// listings' states hold are the ones the rebuilt join gives, and the
     /// rebuild needs no re-evaluation.
     pub fn market_fingerprint(&self) -> String {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut feed = |text: &str| {
-            for byte in text.as_bytes() {
-                hash ^= *byte as u64;
-                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
+        let mut hash = crate::hash::FNV_OFFSET;
+        let mut feed = |text: &str| hash = crate::hash::fnv1a_extend(hash, text.as_bytes());
         feed(&format!(
             "{:?}|{:?}|{:?}",
             self.aggregates,

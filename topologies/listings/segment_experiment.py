@@ -41,15 +41,7 @@ def main():
         region = {r["state"]: r["region"] for r in csv.DictReader(f)}
     rows = simulate.load_rows(os.path.join(HERE, "data", "raw", "mercedes.csv"))
     simulate.simulate(rows, generate_events.SEED)
-    usable = [i for i, r in enumerate(rows)
-              if simulate.valid_price(r["price"]) and r["year"] >= 1950
-              and r.get("odometer", 0) <= 1_000_000 and not isinstance(r.get("cylinders"), str)]
-    # the same split as train.py
-    rng = np.random.default_rng(7)
-    order = rng.permutation(len(usable))
-    split = int(len(order) * 0.8)
-    train_idx = [usable[i] for i in order[:split]]
-    test_idx = [usable[i] for i in order[split:]]
+    usable, train_idx, test_idx = train.split_rows(rows)
 
     segments = {}
     for i in train_idx:
@@ -74,11 +66,6 @@ def main():
     y_test = np.array([rows[i]["price"] for i in test_idx], dtype=float)
     price_range = (float(np.log(simulate.VALID_PRICE[0])), float(np.log(simulate.VALID_PRICE[1])))
 
-    def errors(p, y):
-        ape = np.abs(p - y) / y
-        return {"mae_usd": round(float(np.mean(np.abs(p - y))), 1),
-                "median_ape": round(float(np.median(ape)), 4), "mape": round(float(np.mean(ape)), 4)}
-
     sizes = [len(segments.get(segment_of(rows[i], region), [])) for i in test_idx]
     results = {"held_out_rows": len(test_idx), "segments": len(segments),
                "held_out_segment_size_median": float(np.median(sizes))}
@@ -93,7 +80,7 @@ def main():
     }
     for name, (x_train, x_test) in variants.items():
         mlp, mean, scale = train.fit_mlp(x_train, y_train, (64, 32), seed=11)
-        results[name] = errors(train.predict(mlp, mean, scale, x_test, price_range), y_test)
+        results[name] = train.errors(train.predict(mlp, mean, scale, x_test, price_range), y_test)
     print("valuation with segment statistics, held-out:", json.dumps(results, indent=2))
 
 

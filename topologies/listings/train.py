@@ -92,6 +92,23 @@ class Encoder:
         return out
 
 
+def split_rows(rows):
+    """The ads with a usable price, and their fixed 80/20 train/held-out split."""
+    usable = [i for i, r in enumerate(rows)
+              if simulate.valid_price(r["price"]) and r["year"] >= 1950
+              and r.get("odometer", 0) <= 1_000_000 and not isinstance(r.get("cylinders"), str)]
+    rng = np.random.default_rng(7)
+    order = rng.permutation(len(usable))
+    split = int(len(order) * 0.8)
+    return usable, [usable[i] for i in order[:split]], [usable[i] for i in order[split:]]
+
+
+def errors(p, y):
+    ape = np.abs(p - y) / y
+    return {"mae_usd": round(float(np.mean(np.abs(p - y))), 1),
+            "median_ape": round(float(np.median(ape)), 4), "mape": round(float(np.mean(ape)), 4)}
+
+
 def fit_mlp(x, y, hidden, seed):
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
@@ -170,14 +187,7 @@ def main():
     csv_path = os.path.join(HERE, "data", "raw", "mercedes.csv")
     rows = simulate.load_rows(csv_path)
     _, days_to_sell = simulate.simulate(rows, generate_events.SEED)
-    usable = [i for i, r in enumerate(rows)
-              if simulate.valid_price(r["price"]) and r["year"] >= 1950
-              and r.get("odometer", 0) <= 1_000_000 and not isinstance(r.get("cylinders"), str)]
-    rng = np.random.default_rng(7)
-    order = rng.permutation(len(usable))
-    split = int(len(order) * 0.8)
-    train_idx = [usable[i] for i in order[:split]]
-    test_idx = [usable[i] for i in order[split:]]
+    usable, train_idx, test_idx = split_rows(rows)
 
     # valuation
     raw = {i: raw_inputs(rows[i]) for i in usable}
@@ -201,11 +211,6 @@ def main():
         float(np.median(groups.get((rows[i]["model"], rows[i]["year"]))
                         or by_model.get(rows[i]["model"]) or [overall]))
         for i in test_idx])
-
-    def errors(p, y):
-        ape = np.abs(p - y) / y
-        return {"mae_usd": round(float(np.mean(np.abs(p - y))), 1),
-                "median_ape": round(float(np.median(ape)), 4), "mape": round(float(np.mean(ape)), 4)}
 
     valuation_metrics = {"held_out_rows": len(test_idx), "mlp": errors(pred, y_test),
                          "baseline_median_by_model_year": errors(baseline, y_test)}

@@ -198,15 +198,7 @@ impl FileSource {
     }
 }
 
-/// 64-bit FNV-1a: stable across runs, platforms and Rust versions.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        hash ^= *b as u64;
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
+pub use crate::hash::fnv1a;
 
 /// The raw bytes of the value of `"key"` at the top level of a JSON object:
 /// a string's contents (without quotes; escapes left as written) or a
