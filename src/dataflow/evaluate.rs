@@ -36,7 +36,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::dataflow::listing_state::{Cause, Enriched, ListingStateStage, compute_features};
-use crate::dataflow::market::{self, MarketUpdate, StatisticBits};
+use crate::dataflow::market::{self, MarketInput, StatisticBits};
 use crate::dataflow::score::Scorer;
 use crate::model::{LoadedModel, ModelError};
 use crate::record::{OutputDocument, SourcePosition};
@@ -115,6 +115,9 @@ pub struct Evaluator {
     /// The rebuild's time, when the market fingerprint says the stored views
     /// are what the rebuilt join gives: nothing to evaluate then.
     skip_epoch: Option<u64>,
+    /// Every segment's statistics as documents see them, as of the epoch
+    /// being evaluated (see "Statistics as documents see them" in market.rs).
+    statistics: FxHashMap<u64, StatisticBits>,
 }
 
 impl Evaluator {
@@ -140,7 +143,48 @@ impl Evaluator {
             statistics_read,
             incarnation,
             skip_epoch,
+            statistics: FxHashMap::default(),
         }
+    }
+
+    /// Applies one epoch's moves of the seen statistics (every worker gets every segment's).
+    fn apply_statistics(&mut self, moves: Vec<(u64, StatisticBits, isize)>) {
+        let mut net: FxHashMap<(u64, StatisticBits), isize> = FxHashMap::default();
+        for (segment, statistics, diff) in moves {
+            *net.entry((segment, statistics)).or_default() += diff;
+        }
+        let mut net: Vec<((u64, StatisticBits), isize)> = net.into_iter().collect();
+        // retractions first, so that a segment's new statistics replace its old ones
+        net.sort_by_key(|(_, diff)| *diff);
+        for ((segment, statistics), diff) in net {
+            if diff < 0 {
+                if self.statistics.get(&segment) == Some(&statistics) {
+                    self.statistics.remove(&segment);
+                }
+            } else if diff > 0 {
+                self.statistics.insert(segment, statistics);
+            }
+        }
+    }
+
+    /// A listing's market view: its segments' seen statistics, NaN where it has none.
+    fn view_of(&self, fields: &[Option<crate::record::Value>]) -> Vec<f64> {
+        let mut view = vec![f64::NAN; self.statistics_width];
+        for aggregate in 0..self.plan.aggregates.len() {
+            let Some(segment) = market::segment_of(&self.plan, aggregate, fields) else {
+                continue;
+            };
+            if let Some(statistics) = self.statistics.get(&segment) {
+                let offset = self.plan.statistic_offset(aggregate, 0);
+                for (slot, bits) in view[offset..offset + statistics.len()]
+                    .iter_mut()
+                    .zip(statistics)
+                {
+                    *slot = f64::from_bits(*bits);
+                }
+            }
+        }
+        view
     }
 
     /// Evaluates one completed epoch; returns the documents that pass the gate.
@@ -148,53 +192,51 @@ impl Evaluator {
         &mut self,
         time: u64,
         mut own: Vec<Enriched>,
-        updates: Vec<(MarketUpdate, u64, isize)>,
+        market_inputs: Vec<(MarketInput, u64, isize)>,
     ) -> Result<Vec<OutputDocument>, EvaluateError> {
+        let mut moves = Vec::new();
+        let mut updates = Vec::with_capacity(market_inputs.len());
+        for (input, _time, diff) in market_inputs {
+            match input {
+                MarketInput::Member(update) => updates.push((update, diff)),
+                MarketInput::Statistics(segment, statistics) => {
+                    moves.push((segment, statistics, diff))
+                }
+            }
+        }
+        self.apply_statistics(moves);
         if self.skip_epoch == Some(time) {
             // the rebuild: every listing's stored view is the one the join gives
             debug_assert!(own.is_empty(), "no input shares the rebuild's time");
             return Ok(Vec::new());
         }
         own.sort_by_key(|row| (row.position.partition, row.position.offset));
-        // net change per (listing, aggregate): the inserted statistics, or none
-        // when the listing left the aggregate's segments. Hashed, not sorted: a
-        // moved segment brings two updates per member, millions in a busy epoch.
-        type Versions<'a> = Vec<(u64, &'a StatisticBits, isize)>;
-        let mut net: FxHashMap<(u32, &str, u8), Versions> = FxHashMap::default();
-        for (update, _time, diff) in &updates {
-            let versions = net
-                .entry((update.partition, update.key.as_str(), update.aggregate))
-                .or_default();
-            match versions.iter_mut().find(|(version, statistics, _)| {
-                *version == update.version && **statistics == update.statistics
-            }) {
-                Some(entry) => entry.2 += diff,
-                None => versions.push((update.version, &update.statistics, *diff)),
-            }
+        // a listing whose signature in some aggregate changed: its signatures
+        // before (retracted) and after (inserted) do not cancel. Hashed, not
+        // sorted: a moved segment brings two updates per member.
+        let mut net: FxHashMap<(u32, &str, u8, u64), isize> =
+            FxHashMap::with_capacity_and_hasher(updates.len(), Default::default());
+        for (update, diff) in &updates {
+            *net.entry((
+                update.partition,
+                update.key.as_str(),
+                update.aggregate,
+                update.signature,
+            ))
+            .or_default() += diff;
         }
-        let mut changes: FxHashMap<(u32, &str), Vec<(u8, Option<&StatisticBits>)>> =
-            FxHashMap::default();
-        for ((partition, key, aggregate), versions) in &net {
-            let inserted = versions.iter().find(|(_, _, diff)| *diff > 0);
-            if let Some((_, statistics, _)) = inserted {
-                changes
-                    .entry((*partition, *key))
-                    .or_default()
-                    .push((*aggregate, Some(*statistics)));
-            } else if versions.iter().any(|(_, _, diff)| *diff < 0) {
-                changes
-                    .entry((*partition, *key))
-                    .or_default()
-                    .push((*aggregate, None));
-            }
-        }
+        let changes: FxHashSet<(u32, &str)> = net
+            .iter()
+            .filter(|(_, diff)| **diff != 0)
+            .map(|((partition, key, _, _), _)| (*partition, *key))
+            .collect();
 
         // the listings involved, their current state (gate memory, market view)
         let mut listings: Vec<(u32, &str)> = own
             .iter()
             .map(|row| (row.position.partition, row.key.as_str()))
             .collect();
-        listings.extend(changes.keys().copied());
+        listings.extend(changes.iter().copied());
         listings.sort();
         listings.dedup();
         let state_keys: Vec<Vec<u8>> = listings
@@ -205,20 +247,10 @@ impl Evaluator {
         let mut views: FxHashMap<(u32, &str), Vec<f64>> =
             FxHashMap::with_capacity_and_hasher(listings.len(), Default::default());
         for (listing, state) in listings.iter().zip(&current) {
-            let mut view = match state {
-                Some(state) if state.market.len() == self.statistics_width => state.market.clone(),
+            let view = match state {
+                Some(state) if !state.deleted => self.view_of(&state.fields),
                 _ => vec![f64::NAN; self.statistics_width],
             };
-            for (aggregate, statistics) in changes.get(listing).map(Vec::as_slice).unwrap_or(&[]) {
-                let offset = self.plan.statistic_offset(*aggregate as usize, 0);
-                let width = self.plan.aggregates[*aggregate as usize].statistic_count();
-                match statistics {
-                    Some(bits) => {
-                        view[offset..offset + width].copy_from_slice(&market::from_bits(bits))
-                    }
-                    None => view[offset..offset + width].fill(f64::NAN),
-                }
-            }
             views.insert(*listing, view);
         }
 
@@ -229,7 +261,8 @@ impl Evaluator {
         let mut rows: Vec<Enriched> = Vec::with_capacity(own.len() + changes.len());
         for mut row in own.iter().cloned() {
             if !row.deleted {
-                row.market = views[&(row.position.partition, row.key.as_str())].clone();
+                // as of this event's fields (a listing may move segments twice in an epoch)
+                row.market = self.view_of(&row.state.fields);
                 row.features =
                     compute_features(&self.plan, &row.state, row.event_time, &row.market);
                 for (lookup, misses) in self.counts.lookup_misses.iter_mut().enumerate() {
@@ -241,7 +274,7 @@ impl Evaluator {
             rows.push(row);
         }
         for (listing, state) in listings.iter().zip(&current) {
-            if has_own.contains(listing) || !changes.contains_key(listing) {
+            if has_own.contains(listing) || !changes.contains(listing) {
                 continue;
             }
             let Some(state) = state.as_ref().filter(|s| !s.deleted) else {

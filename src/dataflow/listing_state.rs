@@ -123,10 +123,9 @@ impl ListingStateStage {
                 }
                 let member = market::encode_member(
                     &self.plan,
-                    &self.plan.aggregates[aggregate_index],
+                    aggregate_index,
                     &state.fields,
                     partition,
-                    state.version,
                     key,
                 );
                 out.push(StateOutput::Member(((segment, member), time, diff)));

@@ -3,28 +3,40 @@
 //!
 //! ```text
 //! listing_state ──(+member/-member per aggregate)──► arrange by segment ──► reduce: exact statistics
-//!                                                        │                         │ round to significant digits
-//!                                                        └──────── join ◄──────────┘
-//!                                                                   │ (listing, rounded statistics)
-//!                                                                   ▼ exchange to the listing's owner
-//!                                                                evaluate
+//!                                                        │                         │ as seen: rounded, banded, blanked
+//!                                                        └──────── join ◄──────────┤
+//!                                                                   │              │ broadcast to every worker
+//!                                                (listing, signature)              │
+//!                                          exchange to the owner ▼                 ▼
+//!                                                               evaluate (looks the statistics up by segment)
 //! ```
 //!
 //! # Members
 //! A listing is a member of at most one segment per aggregate. Its member
-//! value carries its measures, its partition, its version and its id. The
-//! version is there on purpose: every event of a listing retracts its old
-//! member and inserts a new one, so the join hands the evaluator the
-//! statistics for that listing in the very epoch of its event. A price change
-//! retracts the old price and inserts the new; a removal only retracts.
+//! value carries its measures, the values its projection needs (see below),
+//! its partition and its id. A price change retracts the old member and
+//! inserts the new; a removal only retracts.
 //!
-//! # Why the join sees rounded statistics
-//! The join re-evaluates every member of a segment whose statistics changed.
+//! # Statistics as documents see them
 //! Documents see the statistics rounded to the aggregate's significant
-//! digits, and the join is fed the rounded collection, so a change below that
-//! precision (a cent on a median) reaches no neighbour at all. Statistics the
-//! topology does not read are blanked (NaN) before the join for the same
-//! reason; the statistics changelog still carries them, exact.
+//! digits; statistics the topology does not read are blanked (NaN), and one
+//! that only bands read is replaced by its band's stand-in. The join and the
+//! evaluators are fed that collection, so a change below that precision (a
+//! cent on a median) reaches no neighbour at all. The statistics changelog
+//! still carries every statistic, exact. Every worker's evaluator keeps the
+//! seen statistics of every segment (a few thousand segments, not millions of
+//! listings), so a listing's market view is a lookup by its segments.
+//!
+//! # Which members are re-evaluated
+//! When a segment's seen statistics move, the join visits each member twice:
+//! with the old statistics (retracted) and the new (inserted). It computes a
+//! member's *signature*: a hash of the output fields those statistics decide,
+//! rounded and banded (`topology::MarketProjection`), from the values the
+//! member carries. The evaluator nets the two; a member is re-evaluated only
+//! when they differ. A median move in a segment of 100,000 listings changes
+//! the price position of the few priced near a band's edge, not all of them.
+//! Without a projection (a model reads the statistics, say) the signature is
+//! the statistics themselves: every member is re-evaluated.
 //!
 //! # Segment ids
 //! A segment is identified by a 64-bit id: the aggregate's index in the top
@@ -39,10 +51,13 @@ use differential_dataflow::trace::TraceReader;
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use differential_dataflow::{AsCollection, VecCollection};
 use timely::dataflow::StreamVec;
+use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::dataflow::operators::{Concat, Exchange};
 
+use crate::features;
 use crate::hash::{FNV_OFFSET, fnv1a_extend as fnv};
 use crate::record::Value;
-use crate::topology::{Aggregate, MEASURE_STATISTICS, Plan, ValueRef};
+use crate::topology::{Aggregate, Function, MEASURE_STATISTICS, Plan, ValueRef};
 
 /// A member of a segment: see `encode_member`.
 pub type Member = Box<[u8]>;
@@ -51,14 +66,24 @@ pub type StatisticBits = Vec<u64>;
 /// A differential update of the member collection.
 pub type MemberUpdate = ((u64, Member), u64, isize);
 
-/// What the join tells a listing's owner: a listing's (rounded) statistics in one aggregate.
+/// What the join tells a listing's owner: the signature of what one
+/// aggregate's statistics decide in the listing's document (see
+/// "Which members are re-evaluated").
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct MarketUpdate {
     pub partition: u32,
     pub key: String,
     pub aggregate: u8,
-    pub version: u64,
-    pub statistics: StatisticBits,
+    pub signature: u64,
+}
+
+/// What reaches the evaluator from the market: members' signatures (sent to
+/// the listing's owner) and the statistics as documents see them (sent to
+/// every worker: a listing's owner looks its segments' statistics up).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum MarketInput {
+    Member(MarketUpdate),
+    Statistics(u64, StatisticBits),
 }
 
 /// The value a field or lookup has for a listing; `missed` when a lookup fell back to its default.
@@ -149,26 +174,42 @@ pub fn segment_label(
     Some(serde_json::Value::Object(object).to_string())
 }
 
-/// `[measures: f64 bits BE, NaN when absent][partition u32 BE][version u64 BE][listing id]`.
+/// A field or lookup as a number, as features and shaping read it.
+fn number_of(plan: &Plan, value: ValueRef, fields: &[Option<Value>]) -> Option<f64> {
+    match value {
+        ValueRef::Field(i) => fields[i].as_ref().and_then(Value::as_f64),
+        ValueRef::Lookup(i) => lookup_value(plan, i, fields, &mut false).and_then(Value::as_f64),
+        _ => None,
+    }
+}
+
+/// The values a member of `aggregate` carries before its identity: measures, then the projection's inputs.
+fn carried_count(aggregate: &Aggregate) -> usize {
+    aggregate.measures.len() + aggregate.projection.as_ref().map_or(0, |p| p.carried.len())
+}
+
+/// `[measures, then the projection's carried values: f64 bits BE, NaN when
+/// absent][partition u32 BE][listing id]`. No version: an edit that changes
+/// none of these leaves the arrangement untouched.
 pub fn encode_member(
     plan: &Plan,
-    aggregate: &Aggregate,
+    aggregate_index: usize,
     fields: &[Option<Value>],
     partition: u32,
-    version: u64,
     key: &str,
 ) -> Member {
-    let mut bytes = Vec::with_capacity(aggregate.measures.len() * 8 + 12 + key.len());
-    for measure in &aggregate.measures {
-        let value = fields[*measure]
-            .as_ref()
-            .and_then(Value::as_f64)
-            .unwrap_or(f64::NAN);
-        bytes.extend_from_slice(&value.to_bits().to_be_bytes());
+    let aggregate = &plan.aggregates[aggregate_index];
+    let mut bytes = Vec::with_capacity(carried_count(aggregate) * 8 + 4 + key.len());
+    let carried = aggregate
+        .projection
+        .as_ref()
+        .map_or(&[][..], |p| &p.carried[..]);
+    let measures = aggregate.measures.iter().map(|i| ValueRef::Field(*i));
+    for value in measures.chain(carried.iter().copied()) {
+        let number = number_of(plan, value, fields).unwrap_or(f64::NAN);
+        bytes.extend_from_slice(&number.to_bits().to_be_bytes());
     }
-    let _ = plan;
     bytes.extend_from_slice(&partition.to_be_bytes());
-    bytes.extend_from_slice(&version.to_be_bytes());
     bytes.extend_from_slice(key.as_bytes());
     bytes.into_boxed_slice()
 }
@@ -179,16 +220,109 @@ fn member_measure(member: &[u8], index: usize) -> f64 {
     ))
 }
 
-/// (partition, version, listing id) of a member.
-pub fn member_identity(member: &[u8], measures: usize) -> (u32, u64, &str) {
-    let at = measures * 8;
+/// (partition, listing id) of a member that carries `carried` values.
+pub fn member_identity(member: &[u8], carried: usize) -> (u32, &str) {
+    let at = carried * 8;
     let partition = u32::from_be_bytes(member[at..at + 4].try_into().unwrap());
-    let version = u64::from_be_bytes(member[at + 4..at + 12].try_into().unwrap());
     (
         partition,
-        version,
-        std::str::from_utf8(&member[at + 12..]).unwrap_or(""),
+        std::str::from_utf8(&member[at + 4..]).unwrap_or(""),
     )
+}
+
+/// What `aggregate`'s statistics (as seen) decide in a member's document: a
+/// hash of its projected output fields, rounded and banded as shaping does;
+/// without a projection, a hash of the statistics themselves.
+pub fn member_signature(
+    plan: &Plan,
+    aggregate_index: usize,
+    member: &[u8],
+    statistics: &[u64],
+) -> u64 {
+    let aggregate = &plan.aggregates[aggregate_index];
+    let Some(projection) = &aggregate.projection else {
+        return statistics
+            .iter()
+            .fold(FNV_OFFSET, |hash, bits| fnv(hash, &bits.to_le_bytes()));
+    };
+    let context = Projecting {
+        plan,
+        aggregate: aggregate_index,
+        carried: &projection.carried,
+        measures: aggregate.measures.len(),
+        member,
+        statistics,
+    };
+    let mut hash = FNV_OFFSET;
+    for index in &projection.outputs {
+        let field = &plan.output_fields[*index];
+        hash = match field.source {
+            ValueRef::Band(band) => {
+                let band = &plan.bands[band];
+                match features::band(context.number(band.source), &band.steps, &band.otherwise) {
+                    Some(label) => fnv(fnv(hash, &[1]), label.as_bytes()),
+                    None => fnv(hash, &[0]),
+                }
+            }
+            source => match context.number(source) {
+                Some(value) => {
+                    let value = field
+                        .round_to
+                        .map_or(value, |step| features::round_to_step(value, step));
+                    fnv(fnv(hash, &[1]), &value.to_bits().to_le_bytes())
+                }
+                None => fnv(hash, &[0]),
+            },
+        };
+        hash = fnv(hash, &[0xff]);
+    }
+    hash
+}
+
+/// A member's values and its segment's statistics, for computing a projection.
+struct Projecting<'a> {
+    plan: &'a Plan,
+    aggregate: usize,
+    carried: &'a [ValueRef],
+    measures: usize,
+    member: &'a [u8],
+    statistics: &'a [u64],
+}
+
+impl Projecting<'_> {
+    /// A value as `compute_features` and shaping compute it (the projection
+    /// only admits fields, lookups, this aggregate's statistics and ratios).
+    fn number(&self, value: ValueRef) -> Option<f64> {
+        let ratio = |function: &Function| match function {
+            Function::Ratio {
+                numerator,
+                denominator,
+                min_denominator,
+            } => features::ratio(
+                self.number(*numerator),
+                self.number(*denominator),
+                *min_denominator,
+            ),
+            _ => None,
+        };
+        match value {
+            ValueRef::Field(_) | ValueRef::Lookup(_) => {
+                let index = self.carried.iter().position(|c| *c == value)?;
+                Some(member_measure(self.member, self.measures + index)).filter(|x| !x.is_nan())
+            }
+            ValueRef::Statistic {
+                aggregate,
+                statistic,
+            } if aggregate == self.aggregate => self
+                .statistics
+                .get(statistic)
+                .map(|bits| f64::from_bits(*bits))
+                .filter(|x| !x.is_nan()),
+            ValueRef::Feature(i) => ratio(&self.plan.features[i].function),
+            ValueRef::Derived(i) => ratio(&self.plan.derived[i].function),
+            _ => None,
+        }
+    }
 }
 
 /// Linear interpolation between closest ranks (numpy's default) on sorted values.
@@ -376,7 +510,7 @@ pub fn build<'scope>(
     plan: Arc<Plan>,
     members: StreamVec<'scope, u64, MemberUpdate>,
 ) -> (
-    StreamVec<'scope, u64, (MarketUpdate, u64, isize)>,
+    StreamVec<'scope, u64, (MarketInput, u64, isize)>,
     StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>,
     MarketTraces,
 ) {
@@ -420,8 +554,6 @@ pub fn build<'scope>(
         .as_collection(|segment: &u64, statistics: &StatisticBits| (*segment, statistics.clone()));
 
     // what the join sees: the statistics the topology reads, rounded; the others
-    // are blanked, so that their moves re-evaluate no neighbour
-    // what the join sees: the statistics the topology reads, rounded; the others
     // are blanked, so that their moves re-evaluate no neighbour; a statistic
     // only bands read is replaced by its band's stand-in (`Plan::statistics_band_cuts`)
     let read = plan.statistics_read();
@@ -449,29 +581,48 @@ pub fn build<'scope>(
             .collect();
         (segment, to_bits(&rounded))
     });
+    let seen_changes = rounded.clone();
     let rounded = rounded.arrange_by_key_named("ArrangeRoundedStatistics");
     let traces = MarketTraces {
         members: reader(arranged.trace.clone()),
         statistics: vec![reader(exact.trace.clone()), reader(rounded.trace.clone())],
     };
 
+    // Which members are re-evaluated: the join computes, for every member of a
+    // segment whose statistics moved, its signature under the old statistics
+    // (retracted) and the new (inserted). Where they are equal the two cancel
+    // in the evaluator, which re-evaluates only the members whose document can
+    // change: in a segment of 100,000 listings a move of the median changes
+    // the price position of the few whose price sits near a band's edge.
     let join_plan = plan.clone();
     let joined = arranged.join_core(
         rounded,
         move |segment: &u64, member: &Member, statistics: &StatisticBits| {
             let aggregate = (*segment >> 56) as usize;
-            let (partition, version, key) =
-                member_identity(member, join_plan.aggregates[aggregate].measures.len());
-            Some(MarketUpdate {
+            let carried = carried_count(&join_plan.aggregates[aggregate]);
+            let (partition, key) = member_identity(member, carried);
+            Some(MarketInput::Member(MarketUpdate {
                 partition,
                 key: key.to_string(),
                 aggregate: aggregate as u8,
-                version,
-                statistics: statistics.clone(),
-            })
+                signature: member_signature(&join_plan, aggregate, member, statistics),
+            }))
         },
     );
-    (joined.inner, exact_changes.inner, traces)
+    let to_owners =
+        joined
+            .inner
+            .exchange(|(input, _, _): &(MarketInput, u64, isize)| match input {
+                MarketInput::Member(update) => update.partition as u64,
+                MarketInput::Statistics(segment, _) => *segment,
+            });
+    let to_everyone = seen_changes
+        .inner
+        .map(|((segment, statistics), time, diff)| {
+            (MarketInput::Statistics(segment, statistics), time, diff)
+        })
+        .broadcast();
+    (to_owners.concat(to_everyone), exact_changes.inner, traces)
 }
 
 #[cfg(test)]
@@ -529,9 +680,8 @@ mod tests {
         let mut bytes = Vec::new();
         bytes.extend_from_slice(&12.5f64.to_bits().to_be_bytes());
         bytes.extend_from_slice(&7u32.to_be_bytes());
-        bytes.extend_from_slice(&42u64.to_be_bytes());
         bytes.extend_from_slice(b"cl-1");
-        assert_eq!(member_identity(&bytes, 1), (7, 42, "cl-1"));
+        assert_eq!(member_identity(&bytes, 1), (7, "cl-1"));
         assert_eq!(member_measure(&bytes, 0), 12.5);
     }
 }

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use std::cell::Cell;
 
-use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Map, Partition};
 use timely::dataflow::operators::{Capability, Concat, Input, OkErr, Probe};
@@ -350,10 +350,11 @@ pub fn run(
                 let documents = events.binary_frontier::<_, timely::container::CapacityContainerBuilder<Vec<OutputDocument>>, _, _, _, _>(
                     market_updates,
                     Pipeline,
-                    Exchange::new(|(update, _, _): &(market::MarketUpdate, u64, isize)| update.partition as u64),
+                    // market::build already sent signatures to owners and statistics to everyone
+                    Pipeline,
                     "Evaluate",
                     move |_, _| {
-                        type Pending = (Capability<u64>, Vec<listing_state::Enriched>, Vec<(market::MarketUpdate, u64, isize)>);
+                        type Pending = (Capability<u64>, Vec<listing_state::Enriched>, Vec<(market::MarketInput, u64, isize)>);
                         let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
                         move |(own_input, own_frontier), (market_input, market_frontier), output| {
                             own_input.for_each_stamp(|capability, containers| {

@@ -68,6 +68,8 @@ pub struct Aggregate {
     /// Numeric input fields.
     pub measures: Vec<usize>,
     pub significant_digits: u32,
+    /// Set once the plan is compiled: see [`MarketProjection`].
+    pub projection: Option<MarketProjection>,
 }
 
 /// Statistics per measure, in this order after the segment's count.
@@ -90,6 +92,23 @@ impl Aggregate {
             self.name, plan_fields[self.measures[measure]].name, statistic
         )
     }
+}
+
+/// The part of a listing's document that one aggregate's statistics decide,
+/// as a function of values the listing's member carries: the join computes
+/// it for every member whose segment's statistics moved, and only members
+/// whose part changed are re-evaluated (see `dataflow/market.rs`).
+///
+/// It exists when every output field that reads the aggregate's statistics
+/// is built from numeric fields, lookups and that aggregate's statistics by
+/// ratios and bands, and no model reads them. Otherwise the aggregate falls
+/// back to re-evaluating every member whose statistics (as seen) moved.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MarketProjection {
+    /// Values a member carries after its measures (fields and lookups, as numbers).
+    pub carried: Vec<ValueRef>,
+    /// The output fields (indices into `Plan::output_fields`) that read the statistics.
+    pub outputs: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +297,98 @@ impl Plan {
             thresholds.dedup();
         }
         cuts
+    }
+
+    /// The aggregates whose statistics `value` reads, directly or through
+    /// features, models, derived values and bands: a bit per aggregate.
+    pub fn aggregates_read_by(&self, value: ValueRef) -> u64 {
+        let of_function = |function: &Function| match function {
+            Function::YearsSince { field } => self.aggregates_read_by(*field),
+            Function::Ratio {
+                numerator,
+                denominator,
+                ..
+            } => self.aggregates_read_by(*numerator) | self.aggregates_read_by(*denominator),
+            Function::DaysOnMarket
+            | Function::PriceChangeCount
+            | Function::PriceDropPercent
+            | Function::DaysSincePriceChange => 0,
+        };
+        match value {
+            ValueRef::Field(_) | ValueRef::Lookup(_) => 0,
+            ValueRef::Statistic { aggregate, .. } => 1 << aggregate,
+            ValueRef::Feature(i) => of_function(&self.features[i].function),
+            ValueRef::Derived(i) => of_function(&self.derived[i].function),
+            ValueRef::ModelOutput { model, .. } => self.models[model]
+                .input_refs
+                .iter()
+                .fold(0, |bits, input| bits | self.aggregates_read_by(*input)),
+            ValueRef::Band(i) => self.aggregates_read_by(self.bands[i].source),
+        }
+    }
+
+    /// How a member of `aggregate` can tell, inside the join, whether a move of
+    /// its segment's statistics changes its document; `None` when it cannot
+    /// (see [`MarketProjection`]).
+    pub fn market_projection(&self, aggregate: usize) -> Option<MarketProjection> {
+        let bit = 1u64 << aggregate;
+        // a model that reads the statistics would have to run inside the join
+        if self
+            .models
+            .iter()
+            .flat_map(|m| &m.input_refs)
+            .any(|input| self.aggregates_read_by(*input) & bit != 0)
+        {
+            return None;
+        }
+        let mut projection = MarketProjection::default();
+        for (index, field) in self.output_fields.iter().enumerate() {
+            if self.aggregates_read_by(field.source) & bit == 0 {
+                continue;
+            }
+            if !self.collect_projection_inputs(field.source, aggregate, &mut projection.carried) {
+                return None;
+            }
+            projection.outputs.push(index);
+        }
+        Some(projection)
+    }
+
+    /// Whether `value` is computable from numeric fields and lookups (added to
+    /// `carried`) and the statistics of `aggregate` alone.
+    fn collect_projection_inputs(
+        &self,
+        value: ValueRef,
+        aggregate: usize,
+        carried: &mut Vec<ValueRef>,
+    ) -> bool {
+        let of_ratio = |function: &Function, carried: &mut Vec<ValueRef>| match function {
+            Function::Ratio {
+                numerator,
+                denominator,
+                ..
+            } => {
+                self.collect_projection_inputs(*numerator, aggregate, carried)
+                    && self.collect_projection_inputs(*denominator, aggregate, carried)
+            }
+            // functions of the listing's history or of event time: not carried by members
+            _ => false,
+        };
+        match value {
+            ValueRef::Field(_) | ValueRef::Lookup(_) => {
+                if !carried.contains(&value) {
+                    carried.push(value);
+                }
+                true
+            }
+            ValueRef::Statistic { aggregate: a, .. } => a == aggregate,
+            ValueRef::Feature(i) => of_ratio(&self.features[i].function, carried),
+            ValueRef::Derived(i) => of_ratio(&self.derived[i].function, carried),
+            ValueRef::Band(i) => {
+                self.collect_projection_inputs(self.bands[i].source, aggregate, carried)
+            }
+            ValueRef::ModelOutput { .. } => false,
+        }
     }
 
     /// What the market view of a listing depends on: aggregates, what is read
@@ -839,7 +950,7 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
         }
     }
 
-    let plan = Plan {
+    let mut plan = Plan {
         name: spec.name.clone(),
         description: spec.description.clone(),
         path: source.path.clone(),
@@ -862,6 +973,11 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
         statistics_binding: spec.output.statistics.as_ref().map(|s| s.get_ref().clone()),
         output_fields,
     };
+    if diagnostics.is_empty() {
+        for aggregate in 0..plan.aggregates.len() {
+            plan.aggregates[aggregate].projection = plan.market_projection(aggregate);
+        }
+    }
     diagnostics.into_result(plan)
 }
 
@@ -1076,6 +1192,7 @@ fn compile_aggregates(
             group_by,
             measures,
             significant_digits: aggregate.significant_digits,
+            projection: None,
         };
         for statistic in 0..compiled.statistic_count() {
             let spanned = Spanned::new(
