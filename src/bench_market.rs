@@ -353,7 +353,7 @@ pub fn run(
         on_load.arrangement_member_bytes as f64 / live.max(1.0)
     );
     println!(
-        "  statistics (per segment, two arrangements) {:.1} bytes per listing, {} bytes in all",
+        "  statistics (sorted values per segment + seen-statistics arrangement) {:.1} bytes per listing, {} bytes in all",
         on_load.arrangement_statistics_bytes as f64 / live.max(1.0),
         on_load.arrangement_statistics_bytes
     );

@@ -44,20 +44,23 @@
 //! not the text (memory); the text travels once per segment per worker as a
 //! label, for the statistics output.
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::TraceAgent;
 use differential_dataflow::trace::TraceReader;
-use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
+use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::{AsCollection, VecCollection};
 use timely::dataflow::StreamVec;
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Concat, Exchange};
 
+use crate::dataflow::segment_statistics;
 use crate::features;
 use crate::hash::{FNV_OFFSET, fnv1a_extend as fnv};
 use crate::record::Value;
-use crate::topology::{Aggregate, Function, MEASURE_STATISTICS, Plan, ValueRef};
+use crate::topology::{Aggregate, Function, Plan, ValueRef};
 
 /// A member of a segment: see `encode_member`.
 pub type Member = Box<[u8]>;
@@ -214,7 +217,7 @@ pub fn encode_member(
     bytes.into_boxed_slice()
 }
 
-fn member_measure(member: &[u8], index: usize) -> f64 {
+pub fn member_measure(member: &[u8], index: usize) -> f64 {
     f64::from_bits(u64::from_be_bytes(
         member[index * 8..index * 8 + 8].try_into().unwrap(),
     ))
@@ -336,29 +339,6 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[low] + (sorted[high] - sorted[low]) * (position - low as f64)
 }
 
-/// Exact statistics of a segment from its members' measures: count, then
-/// mean, p25, median, p75 per measure (NaN when no member has the measure).
-/// `measure_values[j]` must hold measure j of every member; it is sorted here.
-pub fn statistics_from_values(count: u64, measure_values: &mut [Vec<f64>]) -> Vec<f64> {
-    let mut out = Vec::with_capacity(1 + measure_values.len() * MEASURE_STATISTICS.len());
-    out.push(count as f64);
-    for values in measure_values.iter_mut() {
-        values.sort_unstable_by(f64::total_cmp);
-        let mean = if values.is_empty() {
-            f64::NAN
-        } else {
-            values.iter().sum::<f64>() / values.len() as f64
-        };
-        out.extend([
-            mean,
-            quantile(values, 0.25),
-            quantile(values, 0.5),
-            quantile(values, 0.75),
-        ]);
-    }
-    out
-}
-
 /// Rounds to `digits` significant digits (the precision documents see).
 pub fn round_significant(x: f64, digits: u32) -> f64 {
     if x == 0.0 || !x.is_finite() {
@@ -431,6 +411,8 @@ pub fn band_stand_in(value: f64, cuts: &[f64]) -> f64 {
 pub struct MarketTraces {
     members: TraceAgent<ValSpine<u64, Member, u64, isize>>,
     statistics: Vec<TraceAgent<ValSpine<u64, StatisticBits, u64, isize>>>,
+    /// What the segment statistics' sorted values hold (see `segment_statistics.rs`).
+    index_bytes: Rc<Cell<usize>>,
 }
 
 /// What the arrangements hold, counted from their batches: the containers'
@@ -474,6 +456,7 @@ impl MarketTraces {
                     as u64;
             }
         });
+        memory.statistics_bytes += self.index_bytes.get() as u64;
         for trace in &self.statistics {
             trace.map_spans(|span| {
                 if let Some(batch) = &span.inner {
@@ -514,44 +497,12 @@ pub fn build<'scope>(
     StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>,
     MarketTraces,
 ) {
+    let index_bytes = Rc::new(Cell::new(0));
+    let exact_changes: VecCollection<'scope, u64, (u64, StatisticBits), isize> =
+        segment_statistics::build(plan.clone(), members.clone(), index_bytes.clone())
+            .as_collection();
     let members: VecCollection<'scope, u64, (u64, Member), isize> = members.as_collection();
     let arranged = members.arrange_by_key_named("ArrangeMembers");
-
-    let reduce_plan = plan.clone();
-    let mut scratch: Vec<Vec<f64>> = Vec::new();
-    let exact = arranged.clone().reduce_abelian::<_, ValBuilder<_, _, _, _>, ValSpine<u64, StatisticBits, u64, isize>, _, _>(
-        "SegmentStatistics",
-        move |segment: &u64, input: &[(&Member, isize)], output: &mut Vec<(StatisticBits, isize)>| {
-            let aggregate = &reduce_plan.aggregates[(*segment >> 56) as usize];
-            let measures = aggregate.measures.len();
-            scratch.resize_with(measures, Vec::new);
-            for values in scratch.iter_mut() {
-                values.clear();
-            }
-            let mut count: i64 = 0;
-            for (member, diff) in input {
-                count += *diff as i64;
-                for (j, values) in scratch.iter_mut().enumerate() {
-                    let value = member_measure(member, j);
-                    if !value.is_nan() {
-                        for _ in 0..*diff {
-                            values.push(value);
-                        }
-                    }
-                }
-            }
-            if count > 0 {
-                output.push((to_bits(&statistics_from_values(count as u64, &mut scratch[..measures])), 1));
-            }
-        },
-        |buffer, key, updates| {
-            buffer.clear();
-            buffer.extend(updates.drain(..).map(|(value, time, diff)| ((*key, value), time, diff)));
-        },
-    );
-    let exact_changes = exact
-        .clone()
-        .as_collection(|segment: &u64, statistics: &StatisticBits| (*segment, statistics.clone()));
 
     // what the join sees: the statistics the topology reads, rounded; the others
     // are blanked, so that their moves re-evaluate no neighbour; a statistic
@@ -585,7 +536,8 @@ pub fn build<'scope>(
     let rounded = rounded.arrange_by_key_named("ArrangeRoundedStatistics");
     let traces = MarketTraces {
         members: reader(arranged.trace.clone()),
-        statistics: vec![reader(exact.trace.clone()), reader(rounded.trace.clone())],
+        statistics: vec![reader(rounded.trace.clone())],
+        index_bytes,
     };
 
     // Which members are re-evaluated: the join computes, for every member of a
@@ -637,17 +589,6 @@ mod tests {
         assert_eq!(quantile(&sorted, 0.75), 3.25);
         assert_eq!(quantile(&[7.0], 0.25), 7.0);
         assert!(quantile(&[], 0.5).is_nan());
-    }
-
-    #[test]
-    fn statistics_count_mean_and_quartiles_per_measure() {
-        let mut values = vec![vec![30.0, 10.0, 20.0], vec![]];
-        let stats = statistics_from_values(3, &mut values);
-        assert_eq!(stats[..5], [3.0, 20.0, 15.0, 20.0, 25.0]);
-        assert!(
-            stats[5..].iter().all(|x| x.is_nan()),
-            "a measure no member has gives no statistics"
-        );
     }
 
     #[test]

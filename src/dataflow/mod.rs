@@ -23,6 +23,7 @@ pub mod evaluate;
 pub mod listing_state;
 pub mod market;
 pub mod score;
+pub mod segment_statistics;
 pub mod shape;
 pub mod sink;
 pub mod statistics;
