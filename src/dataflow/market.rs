@@ -75,7 +75,8 @@ pub type MemberUpdate = ((u64, Member), u64, isize);
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct MarketUpdate {
     pub partition: u32,
-    pub key: String,
+    /// Inline up to 23 bytes: the join makes two of these per member of a moved segment.
+    pub key: smol_str::SmolStr,
     pub aggregate: u8,
     pub signature: u64,
 }
@@ -555,7 +556,7 @@ pub fn build<'scope>(
             let (partition, key) = member_identity(member, carried);
             Some(MarketInput::Member(MarketUpdate {
                 partition,
-                key: key.to_string(),
+                key: smol_str::SmolStr::new(key),
                 aggregate: aggregate as u8,
                 signature: member_signature(&join_plan, aggregate, member, statistics),
             }))
