@@ -56,7 +56,7 @@ use timely::dataflow::StreamVec;
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Concat, Exchange};
 
-use crate::dataflow::segment_statistics;
+use crate::dataflow::{bucket_views, segment_statistics};
 use crate::features;
 use crate::hash::{FNV_OFFSET, fnv1a_extend as fnv};
 use crate::record::Value;
@@ -283,6 +283,189 @@ pub fn member_signature(
     hash
 }
 
+/// Buckets per octave of a member's bucketed value (see "Buckets").
+pub const BUCKETS_PER_OCTAVE: f64 = 32.0;
+const BUCKET_OFFSET: i32 = 1 << 15;
+
+/// The value a member is bucketed by: the one value its projection carries
+/// (the price, in both shipped topologies); `None` when there is no such value.
+fn bucketed_value(aggregate: &Aggregate, member: &[u8]) -> Option<f64> {
+    let projection = aggregate.projection.as_ref()?;
+    (projection.carried.len() == 1).then(|| member_measure(member, aggregate.measures.len()))
+}
+
+/// A member's bucket within its segment: log-spaced ranges of its bucketed
+/// value, 0 for members that cannot be bucketed (no projection, several
+/// carried values, a missing or non-positive value). Bucket 0 is re-evaluated
+/// on every move of the segment's statistics.
+pub fn member_bucket(plan: &Plan, aggregate_index: usize, member: &[u8]) -> u16 {
+    match bucketed_value(&plan.aggregates[aggregate_index], member) {
+        Some(value) if value.is_finite() && value > 0.0 => {
+            let position = (value.log2() * BUCKETS_PER_OCTAVE).floor() as i32 + BUCKET_OFFSET;
+            position.clamp(1, u16::MAX as i32) as u16
+        }
+        _ => 0,
+    }
+}
+
+/// The closed range of values in a bucket, widened a little so that a value
+/// `log2` placed at an edge is inside it.
+fn bucket_range(bucket: u16) -> Option<(f64, f64)> {
+    if bucket == 0 || bucket == u16::MAX {
+        return None;
+    }
+    let low = 2f64.powf((bucket as i32 - BUCKET_OFFSET) as f64 / BUCKETS_PER_OCTAVE);
+    let high = 2f64.powf((bucket as i32 - BUCKET_OFFSET + 1) as f64 / BUCKETS_PER_OCTAVE);
+    Some((low * (1.0 - 1e-9), high * (1.0 + 1e-9)))
+}
+
+/// Whether every member of `bucket` has the same signature under the seen
+/// statistics `before` and `after`: each projected output is constant over
+/// the bucket's range under both, and the same. Interval arithmetic over
+/// monotone steps (ratios whose denominator keeps its sign, rounding,
+/// bands), so a "yes" is certain; anything it cannot bound is a "no".
+pub fn bucket_unaffected(
+    plan: &Plan,
+    aggregate_index: usize,
+    bucket: u16,
+    before: &[u64],
+    after: &[u64],
+) -> bool {
+    if before == after {
+        return true;
+    }
+    let aggregate = &plan.aggregates[aggregate_index];
+    let (Some(projection), Some(range)) = (&aggregate.projection, bucket_range(bucket)) else {
+        return false;
+    };
+    if projection.carried.len() != 1 {
+        return false;
+    }
+    projection.outputs.iter().all(|index| {
+        let field = &plan.output_fields[*index];
+        let constant = |statistics: &[u64]| {
+            let bounding = Bounding {
+                plan,
+                aggregate: aggregate_index,
+                carried: projection.carried[0],
+                range,
+                statistics,
+            };
+            bounding.constant_output(field)
+        };
+        match (constant(before), constant(after)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        }
+    })
+}
+
+/// What a value can be over a bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Span {
+    /// No value, whatever the member's value in the range.
+    Missing,
+    /// Between these, inclusive.
+    Between(f64, f64),
+    /// Cannot be bounded.
+    Unknown,
+}
+
+/// The projection evaluated over a bucket's range instead of one member's value.
+struct Bounding<'a> {
+    plan: &'a Plan,
+    aggregate: usize,
+    carried: ValueRef,
+    range: (f64, f64),
+    statistics: &'a [u64],
+}
+
+impl Bounding<'_> {
+    fn span(&self, value: ValueRef) -> Span {
+        let ratio = |function: &Function| match function {
+            Function::Ratio {
+                numerator,
+                denominator,
+                min_denominator,
+            } => match (self.span(*numerator), self.span(*denominator)) {
+                (Span::Unknown, _) | (_, Span::Unknown) => Span::Unknown,
+                (Span::Missing, _) | (_, Span::Missing) => Span::Missing,
+                (Span::Between(a, b), Span::Between(c, d)) => {
+                    let (c, d) = match min_denominator {
+                        Some(floor) => (c.max(*floor), d.max(*floor)),
+                        None => (c, d),
+                    };
+                    if c == 0.0 && d == 0.0 {
+                        Span::Missing
+                    } else if c > 0.0 || d < 0.0 {
+                        let corners = [a / c, a / d, b / c, b / d];
+                        let low = corners.iter().copied().fold(f64::INFINITY, f64::min);
+                        let high = corners.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        if low.is_nan() || high.is_nan() {
+                            Span::Unknown
+                        } else {
+                            Span::Between(low, high)
+                        }
+                    } else {
+                        Span::Unknown
+                    }
+                }
+            },
+            _ => Span::Unknown,
+        };
+        match value {
+            ValueRef::Field(_) | ValueRef::Lookup(_) if value == self.carried => {
+                Span::Between(self.range.0, self.range.1)
+            }
+            ValueRef::Statistic {
+                aggregate,
+                statistic,
+            } if aggregate == self.aggregate => match self.statistics.get(statistic) {
+                Some(bits) if !f64::from_bits(*bits).is_nan() => {
+                    let x = f64::from_bits(*bits);
+                    Span::Between(x, x)
+                }
+                _ => Span::Missing,
+            },
+            ValueRef::Feature(i) => ratio(&self.plan.features[i].function),
+            ValueRef::Derived(i) => ratio(&self.plan.derived[i].function),
+            _ => Span::Unknown,
+        }
+    }
+
+    /// The output's value (as the signature hashes it) when it is the same
+    /// for every value in the range; `None` when it may differ.
+    fn constant_output(&self, field: &crate::topology::OutputField) -> Option<Option<u64>> {
+        match field.source {
+            ValueRef::Band(band) => {
+                let band = &self.plan.bands[band];
+                let label = |x: f64| {
+                    features::band(Some(x), &band.steps, &band.otherwise)
+                        .map(|label| crate::hash::fnv1a(label.as_bytes()))
+                };
+                match self.span(band.source) {
+                    Span::Missing => Some(None),
+                    Span::Between(a, b) => (label(a) == label(b)).then(|| label(a)),
+                    Span::Unknown => None,
+                }
+            }
+            source => {
+                let shaped = |x: f64| {
+                    field
+                        .round_to
+                        .map_or(x, |step| features::round_to_step(x, step))
+                        .to_bits()
+                };
+                match self.span(source) {
+                    Span::Missing => Some(None),
+                    Span::Between(a, b) => (shaped(a) == shaped(b)).then(|| Some(shaped(a))),
+                    Span::Unknown => None,
+                }
+            }
+        }
+    }
+}
+
 /// A member's values and its segment's statistics, for computing a projection.
 struct Projecting<'a> {
     plan: &'a Plan,
@@ -410,8 +593,8 @@ pub fn band_stand_in(value: f64, cuts: &[f64]) -> f64 {
 
 /// Handles on the arrangements, to measure their memory (see [`ArrangementMemory`]).
 pub struct MarketTraces {
-    members: TraceAgent<ValSpine<u64, Member, u64, isize>>,
-    statistics: Vec<TraceAgent<ValSpine<u64, StatisticBits, u64, isize>>>,
+    members: TraceAgent<ValSpine<(u64, u16), Member, u64, isize>>,
+    statistics: Vec<TraceAgent<ValSpine<(u64, u16), StatisticBits, u64, isize>>>,
     /// What the segment statistics' sorted values hold (see `segment_statistics.rs`).
     index_bytes: Rc<Cell<usize>>,
 }
@@ -447,7 +630,7 @@ impl MarketTraces {
                 let storage = &batch.storage;
                 let values: usize = storage.vals.vals.iter().map(|v| heap_block(v.len())).sum();
                 memory.member_updates += batch.updates as u64;
-                memory.member_bytes += (storage.keys.capacity() * 8
+                memory.member_bytes += (storage.keys.capacity() * std::mem::size_of::<(u64, u16)>()
                     + offsets_bytes(&storage.vals.offs)
                     + storage.vals.vals.capacity() * 16
                     + values
@@ -468,14 +651,14 @@ impl MarketTraces {
                         .iter()
                         .map(|v| heap_block(v.len() * 8))
                         .sum();
-                    memory.statistics_bytes += (storage.keys.capacity() * 8
-                        + offsets_bytes(&storage.vals.offs)
-                        + storage.vals.vals.capacity() * 24
-                        + values
-                        + offsets_bytes(&storage.upds.offs)
-                        + storage.upds.times.capacity() * 8
-                        + storage.upds.diffs.capacity() * 8)
-                        as u64;
+                    memory.statistics_bytes +=
+                        (storage.keys.capacity() * std::mem::size_of::<(u64, u16)>()
+                            + offsets_bytes(&storage.vals.offs)
+                            + storage.vals.vals.capacity() * 24
+                            + values
+                            + offsets_bytes(&storage.upds.offs)
+                            + storage.upds.times.capacity() * 8
+                            + storage.upds.diffs.capacity() * 8) as u64;
                 }
             });
         }
@@ -502,8 +685,16 @@ pub fn build<'scope>(
     let exact_changes: VecCollection<'scope, u64, (u64, StatisticBits), isize> =
         segment_statistics::build(plan.clone(), members.clone(), index_bytes.clone())
             .as_collection();
-    let members: VecCollection<'scope, u64, (u64, Member), isize> = members.as_collection();
-    let arranged = members.arrange_by_key_named("ArrangeMembers");
+    // members by (segment, bucket): see bucket_views.rs
+    let bucket_plan = plan.clone();
+    let members_by_bucket: VecCollection<'scope, u64, ((u64, u16), Member), isize> = members
+        .clone()
+        .as_collection()
+        .map(move |(segment, member): (u64, Member)| {
+            let bucket = member_bucket(&bucket_plan, (segment >> 56) as usize, &member);
+            ((segment, bucket), member)
+        });
+    let arranged = members_by_bucket.arrange_by_key_named("ArrangeMembers");
 
     // what the join sees: the statistics the topology reads, rounded; the others
     // are blanked, so that their moves re-evaluate no neighbour; a statistic
@@ -533,24 +724,26 @@ pub fn build<'scope>(
             .collect();
         (segment, to_bits(&rounded))
     });
-    let seen_changes = rounded.clone();
-    let rounded = rounded.arrange_by_key_named("ArrangeRoundedStatistics");
+    let seen_changes = rounded;
+    let views = bucket_views::build(plan.clone(), members, seen_changes.inner.clone())
+        .as_collection()
+        .arrange_by_key_named("ArrangeBucketViews");
     let traces = MarketTraces {
         members: reader(arranged.trace.clone()),
-        statistics: vec![reader(rounded.trace.clone())],
+        statistics: vec![reader(views.trace.clone())],
         index_bytes,
     };
 
     // Which members are re-evaluated: the join computes, for every member of a
-    // segment whose statistics moved, its signature under the old statistics
-    // (retracted) and the new (inserted). Where they are equal the two cancel
-    // in the evaluator, which re-evaluates only the members whose document can
+    // bucket whose view moved, its signature under the old view (retracted)
+    // and the new (inserted). Where they are equal the two cancel in the
+    // evaluator, which re-evaluates only the members whose document can
     // change: in a segment of 100,000 listings a move of the median changes
     // the price position of the few whose price sits near a band's edge.
     let join_plan = plan.clone();
     let joined = arranged.join_core(
-        rounded,
-        move |segment: &u64, member: &Member, statistics: &StatisticBits| {
+        views,
+        move |(segment, _bucket): &(u64, u16), member: &Member, statistics: &StatisticBits| {
             let aggregate = (*segment >> 56) as usize;
             let carried = carried_count(&join_plan.aggregates[aggregate]);
             let (partition, key) = member_identity(member, carried);
@@ -615,6 +808,73 @@ mod tests {
         assert_eq!(round_significant(0.012345, 3), 0.0123);
         assert_eq!(round_significant(-23_449.0, 3), -23_400.0);
         assert_eq!(round_significant(0.0, 3), 0.0);
+    }
+
+    /// The listings topology's projection: price against the segment median
+    /// (rounded to 0.05, and banded) and the supply band of the count.
+    #[test]
+    fn a_bucket_called_unaffected_keeps_every_member_signature() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/listings.toml");
+        let plan = crate::topology::load(&path).expect("the shipped topology compiles");
+        let projection = plan.aggregates[0]
+            .projection
+            .clone()
+            .expect("listings has a projection");
+        assert_eq!(
+            projection.carried,
+            [ValueRef::Field(plan.field_index("price").unwrap())]
+        );
+        let measures = plan.aggregates[0].measures.len();
+        let member = |price: f64| {
+            let mut bytes = Vec::new();
+            for _ in 0..measures {
+                bytes.extend_from_slice(&f64::NAN.to_bits().to_be_bytes());
+            }
+            bytes.extend_from_slice(&price.to_bits().to_be_bytes());
+            bytes.extend_from_slice(&0u32.to_be_bytes());
+            bytes.extend_from_slice(b"x");
+            bytes
+        };
+        let statistics = |count: f64, median: f64| {
+            let mut bits = vec![f64::NAN.to_bits(); plan.aggregates[0].statistic_count()];
+            bits[0] = count.to_bits();
+            bits[3] = median.to_bits(); // price median
+            bits
+        };
+        let mut rng = crate::bench::Rng::new(7);
+        let (mut unaffected, mut affected) = (0, 0);
+        for _ in 0..20_000 {
+            let price = 2_000.0 + 60_000.0 * rng.uniform();
+            let bucket = member_bucket(&plan, 0, &member(price));
+            assert_ne!(bucket, 0);
+            let (low, high) = bucket_range(bucket).unwrap();
+            assert!(low <= price && price <= high);
+            let median = (price * (0.7 + 0.6 * rng.uniform()) / 100.0).round() * 100.0;
+            let before = statistics(50.0, median);
+            let moved = median + 100.0 * (rng.below(5) as f64 - 2.0);
+            let after = statistics(if rng.below(4) == 0 { 120.0 } else { 50.0 }, moved);
+            if bucket_unaffected(&plan, 0, bucket, &before, &after) {
+                unaffected += 1;
+                for _ in 0..20 {
+                    let other = low + (high - low) * rng.uniform();
+                    if member_bucket(&plan, 0, &member(other)) != bucket {
+                        continue;
+                    }
+                    assert_eq!(
+                        member_signature(&plan, 0, &member(other), &before),
+                        member_signature(&plan, 0, &member(other), &after),
+                        "price {other} in bucket {bucket}: {median} -> {moved}"
+                    );
+                }
+            } else {
+                affected += 1;
+            }
+        }
+        assert!(
+            unaffected > 1_000 && affected > 1_000,
+            "{unaffected} {affected}"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! Output for those epochs was flushed before the probe could pass them (see
 //! `sink`).
 
+pub mod bucket_views;
 pub mod decode;
 pub mod evaluate;
 pub mod listing_state;
