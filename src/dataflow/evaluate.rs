@@ -4,10 +4,15 @@
 //!
 //! # Which listings
 //! - Every accepted event of the epoch, in source order (tombstones included).
-//! - Every listing of this worker whose rounded statistics in some aggregate
-//!   changed in the epoch and that had no event of its own: a market
+//! - Every listing of this worker whose signature in some aggregate changed in
+//!   the epoch (see market.rs) and that had no event of its own: a market
 //!   re-evaluation, as of its own last event time (so only the market part of
 //!   its document can differ).
+//!
+//! A listing's market view is its segments' seen statistics at the end of the
+//! epoch, looked up by segment (every worker keeps every segment's, from the
+//! broadcast). An own event's document sees them too, even when the listing
+//! left the segment later in the same epoch.
 //!
 //! # Change gate
 //! A document is emitted only when its output fields (everything after the

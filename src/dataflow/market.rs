@@ -2,13 +2,14 @@
 //! incremental with differential dataflow.
 //!
 //! ```text
-//! listing_state ──(+member/-member per aggregate)──► arrange by segment ──► reduce: exact statistics
-//!                                                        │                         │ as seen: rounded, banded, blanked
-//!                                                        └──────── join ◄──────────┤
-//!                                                                   │              │ broadcast to every worker
-//!                                                (listing, signature)              │
-//!                                          exchange to the owner ▼                 ▼
-//!                                                               evaluate (looks the statistics up by segment)
+//! listing_state ──(+member/-member per aggregate)──┬──► segment statistics (exact) ──► changelog
+//!                                                   │            │ as seen: rounded, banded, blanked
+//!                                                   │            ├──► bucket views ◄── members' buckets
+//!                    arrange by (segment, bucket) ◄─┘            │         │
+//!                                  └──────────── join ◄──────────┼─────────┘
+//!                                                 │              │ broadcast to every worker
+//!                              (listing, signature) ± to the owner              ▼
+//!                                                                evaluate (looks the statistics up by segment)
 //! ```
 //!
 //! # Members
@@ -37,6 +38,16 @@
 //! the price position of the few priced near a band's edge, not all of them.
 //! Without a projection (a model reads the statistics, say) the signature is
 //! the statistics themselves: every member is re-evaluated.
+//!
+//! # Buckets
+//! Visiting every member of a moved segment only to find that few changed is
+//! itself the cost at scale, so members are arranged by (segment, bucket):
+//! 32 log-spaced buckets per octave of the one value a projection carries
+//! (`member_bucket`). The join is fed one view of the statistics per
+//! populated bucket (`bucket_views.rs`), and a view moves only when
+//! `bucket_unaffected` cannot prove that the bucket's members keep their
+//! signatures. Members that cannot be bucketed share bucket 0, which is
+//! always re-visited.
 //!
 //! # Segment ids
 //! A segment is identified by a 64-bit id: the aggregate's index in the top
