@@ -45,6 +45,7 @@ use crate::dataflow::market::{self, MarketInput, StatisticBits};
 use crate::dataflow::score::Scorer;
 use crate::model::{LoadedModel, ModelError};
 use crate::record::{OutputDocument, SourcePosition};
+use crate::state::ListingState;
 use crate::state::{StateError, Store};
 use crate::topology::Plan;
 
@@ -236,63 +237,58 @@ impl Evaluator {
             .map(|((partition, key, _, _), _)| (*partition, *key))
             .collect();
 
-        // the listings involved, their current state (gate memory, market view)
-        let mut listings: Vec<(u32, &str)> = own
+        // own events: features as of each event's fields (a listing may move
+        // segments twice in an epoch), computed in place
+        for row in own.iter_mut().filter(|row| !row.deleted) {
+            row.market = self.view_of(&row.state.fields);
+            row.features = compute_features(&self.plan, &row.state, row.event_time, &row.market);
+            for (lookup, misses) in self.counts.lookup_misses.iter_mut().enumerate() {
+                let mut missed = false;
+                market::lookup_value(&self.plan, lookup, &row.state.fields, &mut missed);
+                *misses += missed as u64;
+            }
+        }
+
+        // Every listing's current state (gate memory, market view). For a
+        // listing with events it is its last event's state (the state stage
+        // applied this epoch and nothing since); only market re-evaluations
+        // read the stage (RocksDB or its unwritten changes).
+        let mut states: FxHashMap<(u32, &str), Option<&ListingState>> =
+            FxHashMap::with_capacity_and_hasher(own.len() + changes.len(), Default::default());
+        for row in &own {
+            states.insert((row.position.partition, row.key.as_str()), Some(&row.state));
+        }
+        let mut market_only: Vec<(u32, &str)> = changes
             .iter()
-            .map(|row| (row.position.partition, row.key.as_str()))
+            .filter(|listing| !states.contains_key(*listing))
+            .copied()
             .collect();
-        listings.extend(changes.iter().copied());
-        listings.sort();
-        listings.dedup();
-        let state_keys: Vec<Vec<u8>> = listings
+        market_only.sort();
+        let market_keys: Vec<Vec<u8>> = market_only
             .iter()
             .map(|(partition, key)| Store::state_key(*partition, key))
             .collect();
-        let current = self.stage.borrow().current(&state_keys)?;
-        let mut views: FxHashMap<(u32, &str), Vec<f64>> =
-            FxHashMap::with_capacity_and_hasher(listings.len(), Default::default());
-        for (listing, state) in listings.iter().zip(&current) {
-            let view = match state {
-                Some(state) if !state.deleted => self.view_of(&state.fields),
-                _ => vec![f64::NAN; self.statistics_width],
-            };
-            views.insert(*listing, view);
+        let fetched = self.stage.borrow().current(&market_keys)?;
+        for (listing, state) in market_only.iter().zip(&fetched) {
+            states.insert(*listing, state.as_ref());
         }
 
-        let has_own: FxHashSet<(u32, &str)> = own
-            .iter()
-            .map(|row| (row.position.partition, row.key.as_str()))
-            .collect();
-        let mut rows: Vec<Enriched> = Vec::with_capacity(own.len() + changes.len());
-        for mut row in own.iter().cloned() {
-            if !row.deleted {
-                // as of this event's fields (a listing may move segments twice in an epoch)
-                row.market = self.view_of(&row.state.fields);
-                row.features =
-                    compute_features(&self.plan, &row.state, row.event_time, &row.market);
-                for (lookup, misses) in self.counts.lookup_misses.iter_mut().enumerate() {
-                    let mut missed = false;
-                    market::lookup_value(&self.plan, lookup, &row.state.fields, &mut missed);
-                    *misses += missed as u64;
-                }
-            }
-            rows.push(row);
-        }
-        for (listing, state) in listings.iter().zip(&current) {
-            if has_own.contains(listing) || !changes.contains(listing) {
-                continue;
-            }
+        let mut market_rows: Vec<Enriched> = Vec::new();
+        let mut market_views: Vec<Vec<f64>> = Vec::with_capacity(market_only.len());
+        for (listing, state) in market_only.iter().zip(&fetched) {
             let Some(state) = state.as_ref().filter(|s| !s.deleted) else {
+                market_views.push(Vec::new());
                 continue;
             };
-            let view = &views[listing];
+            let view = self.view_of(&state.fields);
             // the rebuild after a restart, a change that nets out, or a move of
             // statistics no document reads: nothing new to see
-            if same_read_view(view, &state.market, &self.statistics_read) {
+            if same_read_view(&view, &state.market, &self.statistics_read) {
+                market_views.push(view);
                 continue;
             }
-            let features = compute_features(&self.plan, state, state.last_event_time, view);
-            rows.push(Enriched {
+            let features = compute_features(&self.plan, state, state.last_event_time, &view);
+            market_rows.push(Enriched {
                 key: listing.1.to_string(),
                 version: state.version,
                 event_time: state.last_event_time,
@@ -309,17 +305,17 @@ impl Evaluator {
                 read_at_nanos: 0,
                 cause: Cause::Market,
             });
+            market_views.push(view);
         }
+        let rows: Vec<&Enriched> = own.iter().chain(&market_rows).collect();
 
         let bodies = self.scorer.score_batch(&rows)?;
-        let mut memory: FxHashMap<(u32, &str), (u64, u32)> = listings
+        let mut memory: FxHashMap<(u32, &str), (u64, u32)> = states
             .iter()
-            .zip(&current)
             .map(|(listing, state)| {
                 (
                     *listing,
                     state
-                        .as_ref()
                         .map(|s| (s.emitted_hash, s.revision))
                         .unwrap_or((0, 0)),
                 )
@@ -380,20 +376,39 @@ impl Evaluator {
         }
 
         let mut stage = self.stage.borrow_mut();
-        for ((listing, state), state_key) in listings.iter().zip(current).zip(state_keys) {
+        // own events: the stage holds their state unwritten; record on it
+        let mut last_own: FxHashMap<(u32, &str), &Enriched> = FxHashMap::default();
+        for row in &own {
+            last_own.insert((row.position.partition, row.key.as_str()), row);
+        }
+        for (listing, row) in last_own {
+            let (hash, revision) = memory[&listing];
+            stage.record_evaluation(
+                Store::state_key(listing.0, listing.1),
+                None,
+                hash,
+                revision,
+                row.market.clone(),
+            );
+        }
+        // A listing whose document did not change is not rewritten, even when
+        // its view moved: most market re-evaluations end so, and rewriting
+        // their state would double the cost of each. Its stored view then
+        // lags; that is safe, because the view only decides whether the next
+        // move is worth evaluating (a lagging view makes that more likely),
+        // and an own event takes its statistics from the broadcast, never
+        // from the stored view.
+        for (((listing, state), state_key), view) in market_only
+            .iter()
+            .zip(fetched)
+            .zip(market_keys)
+            .zip(market_views)
+        {
             let (hash, revision) = memory[listing];
-            let view = views.remove(listing).unwrap_or_default();
-            // A listing whose document did not change is not rewritten, even when
-            // its view moved: most market re-evaluations end so, and rewriting
-            // their state would double the cost of each. Its stored view then
-            // lags; that is safe, because the view only decides whether the next
-            // move is worth evaluating (a lagging view makes that more likely),
-            // and an own event takes its statistics from the join, never from
-            // the stored view (every event re-inserts the listing's member).
             let unchanged = state
                 .as_ref()
                 .is_some_and(|s| s.emitted_hash == hash && s.revision == revision);
-            if !unchanged || has_own.contains(listing) {
+            if !unchanged {
                 stage.record_evaluation(state_key, state, hash, revision, view);
             }
         }

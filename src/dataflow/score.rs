@@ -31,7 +31,7 @@ impl Scorer {
     /// tombstone.
     pub fn score_batch(
         &mut self,
-        rows: &[Enriched],
+        rows: &[&Enriched],
     ) -> Result<Vec<Option<(String, usize)>>, ModelError> {
         let live: Vec<usize> = rows
             .iter()
