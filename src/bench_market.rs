@@ -323,6 +323,17 @@ pub fn run(
         off_updates.events_per_second / workers as f64,
         on_updates.events_per_second / workers as f64,
     );
+    // every start rebuilds the arrangements before reading (the restart phase
+    // measures that alone): the update rate once running
+    let after_rebuild = |updated: &RunSummary, restarted: &RunSummary| {
+        updated.records_in as f64
+            / (updated.elapsed_seconds - restarted.elapsed_seconds).max(f64::MIN_POSITIVE)
+    };
+    row(
+        "  running, per worker",
+        after_rebuild(off_updates, off_restart) / workers as f64,
+        after_rebuild(on_updates, on_restart) / workers as f64,
+    );
     println!(
         "{:<22} {:>14.2} {:>14.2}",
         "update p99 ms", off_updates.latency_p99_ms, on_updates.latency_p99_ms
