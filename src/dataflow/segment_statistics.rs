@@ -7,13 +7,14 @@
 //! through the trace's cursors (it was a third of the engine's time in
 //! `assay bench-market`). Quartiles need the values in order, but not a
 //! recomputation: this operator keeps each segment's values of each measure
-//! sorted, merges an epoch's insertions and retractions into them in one
-//! pass, and reads the quartiles by rank. Its input and output are still
-//! differential collections: members (`±1` per listing and segment) in, and
-//! `(segment, statistics)` changes out (the old statistics retracted, the new
-//! inserted), so the rest of the market (the rounded view, the join, the
-//! statistics changelog) is unchanged, and the oracle test compares it with
-//! a from-scratch recomputation after every epoch.
+//! sorted, in chunks of about a thousand (an insertion or a retraction moves
+//! one chunk), and reads the quartiles by rank. Its input and output are
+//! still differential collections: members (`±1` per listing and segment)
+//! in, and `(segment, statistics)` changes out (the old statistics
+//! retracted, the new inserted), so the rest of the market (the seen
+//! statistics, the bucket views, the join, the statistics changelog) is
+//! unchanged, and the oracle test compares it with a from-scratch
+//! recomputation after every epoch.
 //!
 //! # Means that do not depend on arrival order
 //! A float sum depends on the order of its additions, and retractions leave
@@ -35,7 +36,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::operator::Operator;
 
-use crate::dataflow::market::{Member, MemberUpdate, StatisticBits, member_measure, quantile};
+use crate::dataflow::market::{Member, MemberUpdate, StatisticBits, member_measure};
 use crate::topology::Plan;
 
 /// Fractional bits of the fixed-point sums.
@@ -54,62 +55,110 @@ pub fn fixed_point_mean(sum: i128, count: usize) -> f64 {
     (sum as f64 / 2f64.powi(FRACTION_BITS)) / count as f64
 }
 
-/// One measure of one segment: its values in order (absent ones are not kept) and their sum.
+/// Values per chunk of a measure's sorted values, at most twice this.
+const CHUNK: usize = 1024;
+
+/// One measure of one segment: its values in order (absent ones are not
+/// kept), in chunks so that an insertion or a retraction moves at most a
+/// chunk, not the whole segment, and their sum.
 #[derive(Debug, Default, Clone)]
 pub struct MeasureIndex {
-    sorted: Vec<f64>,
+    chunks: Vec<Vec<f64>>,
+    len: usize,
     sum: i128,
 }
 
 impl MeasureIndex {
-    /// Merges sorted insertions and removes sorted retractions in one pass.
-    /// Every retracted value is present (a member is retracted only after it was inserted).
+    /// Inserts, then retracts, an epoch's values: a listing created and
+    /// changed in one epoch retracts a value inserted in the same epoch.
     fn apply(&mut self, inserts: &[f64], removes: &[f64]) {
         for value in inserts {
-            self.sum += fixed_point(*value);
+            self.insert(*value);
         }
         for value in removes {
-            self.sum -= fixed_point(*value);
+            self.remove(*value);
         }
-        if inserts.is_empty() && removes.is_empty() {
+    }
+
+    /// The first chunk whose last value is at or above `value` (the last chunk when none is).
+    fn chunk_for(&self, value: f64) -> usize {
+        self.chunks
+            .partition_point(|chunk| {
+                chunk
+                    .last()
+                    .is_some_and(|last| last.total_cmp(&value).is_lt())
+            })
+            .min(self.chunks.len().saturating_sub(1))
+    }
+
+    fn insert(&mut self, value: f64) {
+        self.sum += fixed_point(value);
+        self.len += 1;
+        if self.chunks.is_empty() {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        let index = self.chunk_for(value);
+        let chunk = &mut self.chunks[index];
+        let at = chunk.partition_point(|x| x.total_cmp(&value).is_lt());
+        chunk.insert(at, value);
+        if chunk.len() > 2 * CHUNK {
+            let upper = chunk.split_off(CHUNK);
+            self.chunks.insert(index + 1, upper);
+        }
+    }
+
+    fn remove(&mut self, value: f64) {
+        if self.chunks.is_empty() {
             return;
         }
-        let mut merged =
-            Vec::with_capacity((self.sorted.len() + inserts.len()).saturating_sub(removes.len()));
-        let (mut i, mut r) = (0, 0);
-        let mut old = self.sorted.iter().peekable();
-        loop {
-            // the next value in order: from the old values or the insertions
-            let next = match (old.peek(), inserts.get(i)) {
-                (Some(a), Some(b)) if b.total_cmp(a).is_lt() => {
-                    i += 1;
-                    *b
-                }
-                (Some(a), _) => {
-                    let a = **a;
-                    old.next();
-                    a
-                }
-                (None, Some(b)) => {
-                    i += 1;
-                    *b
-                }
-                (None, None) => break,
-            };
-            while r < removes.len() && removes[r].total_cmp(&next).is_lt() {
-                r += 1; // a retraction of a value never inserted: nothing to remove
+        // every value before this chunk is below `value`: its first copy is here
+        let index = self.chunk_for(value);
+        let chunk = &mut self.chunks[index];
+        let at = chunk.partition_point(|x| x.total_cmp(&value).is_lt());
+        if chunk.get(at).is_some_and(|x| x.total_cmp(&value).is_eq()) {
+            chunk.remove(at);
+            self.sum -= fixed_point(value);
+            self.len -= 1;
+            if chunk.is_empty() {
+                self.chunks.remove(index);
             }
-            if r < removes.len() && removes[r].total_cmp(&next).is_eq() {
-                r += 1;
-                continue;
-            }
-            merged.push(next);
         }
-        self.sorted = merged;
+    }
+
+    /// The value of rank `rank` (0-based) in order.
+    fn at(&self, mut rank: usize) -> f64 {
+        for chunk in &self.chunks {
+            if rank < chunk.len() {
+                return chunk[rank];
+            }
+            rank -= chunk.len();
+        }
+        f64::NAN
+    }
+
+    /// Linear interpolation between closest ranks, as `market::quantile`.
+    fn quantile(&self, q: f64) -> f64 {
+        if self.len == 0 {
+            return f64::NAN;
+        }
+        let position = (self.len - 1) as f64 * q;
+        let (low, high) = (position.floor() as usize, position.ceil() as usize);
+        let (a, b) = (self.at(low), self.at(high));
+        a + (b - a) * (position - low as f64)
     }
 
     fn bytes(&self) -> usize {
-        self.sorted.capacity() * 8 + std::mem::size_of::<Self>()
+        self.chunks
+            .iter()
+            .map(|c| c.capacity() * 8 + 24)
+            .sum::<usize>()
+            + self.chunks.capacity() * 24
+            + std::mem::size_of::<Self>()
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> Vec<f64> {
+        self.chunks.concat()
     }
 }
 
@@ -128,12 +177,11 @@ impl SegmentIndex {
         let mut out = Vec::with_capacity(1 + self.measures.len() * 4);
         out.push((self.count as f64).to_bits());
         for measure in &self.measures {
-            let values = &measure.sorted;
             for value in [
-                fixed_point_mean(measure.sum, values.len()),
-                quantile(values, 0.25),
-                quantile(values, 0.5),
-                quantile(values, 0.75),
+                fixed_point_mean(measure.sum, measure.len),
+                measure.quantile(0.25),
+                measure.quantile(0.5),
+                measure.quantile(0.75),
             ] {
                 out.push(if value.is_nan() {
                     f64::NAN.to_bits()
@@ -205,9 +253,6 @@ pub fn build<'scope>(
                             }
                         }
                         for j in 0..measures {
-                            // a value retracted and re-inserted in one epoch cancels out
-                            inserts[j].sort_unstable_by(f64::total_cmp);
-                            removes[j].sort_unstable_by(f64::total_cmp);
                             index.measures[j].apply(&inserts[j], &removes[j]);
                         }
                         let statistics = (index.count > 0).then(|| index.statistics());
@@ -263,15 +308,50 @@ mod tests {
     }
 
     #[test]
-    fn merging_insertions_and_retractions_keeps_the_values_sorted() {
+    fn a_value_inserted_and_retracted_in_one_epoch_is_gone() {
+        let mut index = index_of(&[1.0]);
+        index.apply(&[2.0, 3.0], &[2.0]);
+        assert_eq!(index.values(), [1.0, 3.0]);
+    }
+
+    #[test]
+    fn insertions_and_retractions_keep_the_values_sorted() {
         let mut index = index_of(&[5.0, 1.0, 3.0, 3.0, 9.0]);
-        assert_eq!(index.sorted, [1.0, 3.0, 3.0, 5.0, 9.0]);
+        assert_eq!(index.values(), [1.0, 3.0, 3.0, 5.0, 9.0]);
         index.apply(&[2.0, 3.0, 10.0], &[3.0, 9.0]);
-        assert_eq!(index.sorted, [1.0, 2.0, 3.0, 3.0, 5.0, 10.0]);
+        assert_eq!(index.values(), [1.0, 2.0, 3.0, 3.0, 5.0, 10.0]);
         assert_eq!(index.sum, fixed_point(24.0));
         index.apply(&[], &[1.0, 2.0, 3.0, 3.0, 5.0, 10.0]);
-        assert!(index.sorted.is_empty());
+        assert!(index.values().is_empty());
         assert_eq!(index.sum, 0);
+    }
+
+    #[test]
+    fn chunked_values_answer_quantiles_as_a_sorted_vector_does() {
+        let mut rng = crate::bench::Rng::new(11);
+        let mut index = MeasureIndex::default();
+        let mut naive: Vec<f64> = Vec::new();
+        for step in 0..20_000 {
+            if naive.is_empty() || rng.below(3) > 0 {
+                let value = (rng.below(500) * 10) as f64; // many duplicates across chunks
+                index.insert(value);
+                naive.push(value);
+            } else {
+                let value = naive.swap_remove(rng.below(naive.len()));
+                index.remove(value);
+            }
+            if step % 997 == 0 {
+                naive.sort_by(f64::total_cmp);
+                assert_eq!(index.values(), naive);
+                for q in [0.25, 0.5, 0.75] {
+                    assert_eq!(
+                        index.quantile(q),
+                        crate::dataflow::market::quantile(&naive, q)
+                    );
+                }
+            }
+        }
+        assert!(index.chunks.len() > 2, "the test crossed chunk boundaries");
     }
 
     #[test]
@@ -284,7 +364,7 @@ mod tests {
         forward.apply(&[], &[1e9 + 0.3]);
         let rebuilt = index_of(&[0.1, 12_345.67, 0.2, 7.0]);
         assert_eq!(forward.sum, rebuilt.sum);
-        assert_eq!(forward.sorted, rebuilt.sorted);
+        assert_eq!(forward.values(), rebuilt.values());
         let mean = fixed_point_mean(rebuilt.sum, 4);
         assert!(
             (mean - (0.1 + 12_345.67 + 0.2 + 7.0) / 4.0).abs() < 1e-9,
