@@ -200,7 +200,8 @@ pub fn run(
         }
     }
     if let Some(memory) = memory {
-        let live = memory.upserts;
+        // upserts of a creates-only stream: one per live listing, plus market re-emissions
+        let live = memory.upserts - memory.market_documents;
         println!(
             "\nmemory: {} creates, {} live listings after validation: peak RSS {:.1} MB ({:.0} bytes per live listing), {:.0} events/s",
             memory.records_in,

@@ -95,7 +95,8 @@ impl MeasureIndex {
         self.sum += fixed_point(value);
         self.len += 1;
         if self.chunks.is_empty() {
-            self.chunks.push(Vec::with_capacity(CHUNK));
+            // most segments are small: let the first chunk grow as needed
+            self.chunks.push(Vec::new());
         }
         let index = self.chunk_for(value);
         let chunk = &mut self.chunks[index];
@@ -103,6 +104,7 @@ impl MeasureIndex {
         chunk.insert(at, value);
         if chunk.len() > 2 * CHUNK {
             let upper = chunk.split_off(CHUNK);
+            chunk.shrink_to(CHUNK + CHUNK / 2);
             self.chunks.insert(index + 1, upper);
         }
     }

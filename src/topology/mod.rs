@@ -1384,7 +1384,7 @@ pub fn explain(plan: &Plan, workers: usize, partitions: Option<u32>) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "                   aggregate {}: key ({}) -> arrange members -> reduce [count; mean, p25, median, p75 of {}] -> round to {} significant digits -> join members -> exchange to owner",
+                "                   aggregate {}: key ({}) -> segment statistics [count; mean, p25, median, p75 of {}, from sorted values] -> round to {} significant digits -> broadcast to evaluators; bucket views -> join members by (segment, bucket) -> signatures exchanged to owner",
                 aggregate.name,
                 keys.join(", "),
                 if measures.is_empty() {
@@ -1398,6 +1398,45 @@ pub fn explain(plan: &Plan, workers: usize, partitions: Option<u32>) -> String {
                 .map(|i| aggregate.statistic_name(&plan.fields, i))
                 .collect();
             let _ = writeln!(out, "                     statistics: {}", names.join(", "));
+            match &aggregate.projection {
+                Some(projection) => {
+                    let outputs: Vec<&str> = projection
+                        .outputs
+                        .iter()
+                        .map(|i| plan.output_fields[*i].name.as_str())
+                        .collect();
+                    let carried: Vec<String> = projection
+                        .carried
+                        .iter()
+                        .map(|r| name_of(plan, *r))
+                        .collect();
+                    let _ = writeln!(
+                        out,
+                        "                     re-evaluates a member when these outputs change for it: {} (members carry {}{})",
+                        if outputs.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            outputs.join(", ")
+                        },
+                        if carried.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            carried.join(", ")
+                        },
+                        if carried.len() == 1 {
+                            format!("; bucketed by {}, 32 buckets per octave", carried[0])
+                        } else {
+                            "; not bucketed".to_string()
+                        }
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "                     re-evaluates every member when its rounded statistics move (a model, or an output mixing aggregates, reads them)"
+                    );
+                }
+            }
         }
         let _ = writeln!(
             out,
