@@ -418,11 +418,11 @@ pub fn run(
             };
 
             let document_counts = counts.clone();
-            sink::write_in_epoch_order(documents, "DocumentSink", document_order, move |_epoch, documents| {
+            sink::write_in_epoch_order(documents, "DocumentSink", document_order, move |epochs| {
                 let Some(out) = documents_out.as_mut() else { return };
                 let mut counts = document_counts.borrow_mut();
                 let now = started.elapsed().as_nanos() as u64;
-                for document in &documents {
+                for document in epochs.iter().flat_map(|(_epoch, documents)| documents) {
                     if let Err(e) = out.write_document(document) {
                         fail_output("writing documents", &e);
                     }
@@ -441,11 +441,11 @@ pub fn run(
 
             let dead_counts = counts.clone();
             let dead_binding = plan.input_binding.clone();
-            sink::write_in_epoch_order(decode_dead.concat(state_dead), "DeadLetterSink", |a: &DeadLetter, b: &DeadLetter| (a.position.offset, a.position.partition).cmp(&(b.position.offset, b.position.partition)), move |_epoch, letters| {
+            sink::write_in_epoch_order(decode_dead.concat(state_dead), "DeadLetterSink", |a: &DeadLetter, b: &DeadLetter| (a.position.offset, a.position.partition).cmp(&(b.position.offset, b.position.partition)), move |epochs| {
                 let Some(out) = dead_out.as_mut() else { return };
                 let mut counts = dead_counts.borrow_mut();
                 let now = started.elapsed().as_nanos() as u64;
-                for letter in &letters {
+                for letter in epochs.iter().flat_map(|(_epoch, letters)| letters) {
                     if let Err(e) = out.write_dead_letter(letter, &dead_binding) {
                         fail_output("writing dead letters", &e);
                     }
