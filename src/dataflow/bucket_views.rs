@@ -29,7 +29,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::operator::Operator;
 
-use crate::dataflow::market::{MemberUpdate, StatisticBits, bucket_unaffected, member_bucket};
+use crate::dataflow::market::{StatisticBits, bucket_unaffected, net_statistics_changes};
 use crate::topology::Plan;
 
 /// A change of one bucket's view.
@@ -49,15 +49,16 @@ type Pending = (
     Vec<(u64, StatisticBits, isize)>,
 );
 
-/// Members' changes and the seen statistics' changes in, bucket views' changes out.
+/// Members' (segment, bucket) changes and the seen statistics' changes in,
+/// bucket views' changes out. `plan` is read for the projections.
 pub fn build<'scope>(
     plan: Arc<Plan>,
-    members: StreamVec<'scope, u64, MemberUpdate>,
+    members: StreamVec<'scope, u64, ((u64, u16), u64, isize)>,
     seen: StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>,
 ) -> StreamVec<'scope, u64, ViewUpdate> {
     members.binary_frontier::<_, timely::container::CapacityContainerBuilder<Vec<ViewUpdate>>, _, _, _, _>(
         seen,
-        Exchange::new(|((segment, _), _, _): &MemberUpdate| *segment),
+        Exchange::new(|((segment, _), _, _): &((u64, u16), u64, isize)| *segment),
         Exchange::new(|((segment, _), _, _): &((u64, StatisticBits), u64, isize)| *segment),
         "BucketViews",
         move |_, _| {
@@ -67,8 +68,7 @@ pub fn build<'scope>(
                 members.for_each_stamp(|capability, containers| {
                     let Some(capability) = capability.retain_least(0) else { return };
                     for container in containers {
-                        for ((segment, member), time, diff) in container.drain(..) {
-                            let bucket = member_bucket(&plan, (segment >> 56) as usize, &member);
+                        for ((segment, bucket), time, diff) in container.drain(..) {
                             pending
                                 .entry(time)
                                 .or_insert_with(|| (capability.delayed(&time), Vec::new(), Vec::new()))
@@ -97,16 +97,8 @@ pub fn build<'scope>(
                     let (capability, member_changes, statistics_changes) = entry.remove();
                     let mut session = output.session(&capability);
                     let mut touched: Vec<u64> = Vec::new();
-                    // the statistics first: retractions, then insertions
-                    let mut statistics_changes = statistics_changes;
-                    statistics_changes.sort_by_key(|(_, _, diff)| *diff);
-                    for (segment, statistics, diff) in statistics_changes {
-                        let state = segments.entry(segment).or_default();
-                        if diff > 0 {
-                            state.statistics = Some(statistics);
-                        } else if state.statistics.as_ref() == Some(&statistics) {
-                            state.statistics = None;
-                        }
+                    for (segment, statistics) in net_statistics_changes(statistics_changes) {
+                        segments.entry(segment).or_default().statistics = statistics;
                         touched.push(segment);
                     }
                     for (segment, bucket, diff) in member_changes {

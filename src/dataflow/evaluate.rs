@@ -155,21 +155,11 @@ impl Evaluator {
 
     /// Applies one epoch's moves of the seen statistics (every worker gets every segment's).
     fn apply_statistics(&mut self, moves: Vec<(u64, StatisticBits, isize)>) {
-        let mut net: FxHashMap<(u64, StatisticBits), isize> = FxHashMap::default();
-        for (segment, statistics, diff) in moves {
-            *net.entry((segment, statistics)).or_default() += diff;
-        }
-        let mut net: Vec<((u64, StatisticBits), isize)> = net.into_iter().collect();
-        // retractions first, so that a segment's new statistics replace its old ones
-        net.sort_by_key(|(_, diff)| *diff);
-        for ((segment, statistics), diff) in net {
-            if diff < 0 {
-                if self.statistics.get(&segment) == Some(&statistics) {
-                    self.statistics.remove(&segment);
-                }
-            } else if diff > 0 {
-                self.statistics.insert(segment, statistics);
-            }
+        for (segment, statistics) in market::net_statistics_changes(moves) {
+            match statistics {
+                Some(statistics) => self.statistics.insert(segment, statistics),
+                None => self.statistics.remove(&segment),
+            };
         }
     }
 
@@ -212,7 +202,7 @@ impl Evaluator {
         }
         self.apply_statistics(moves);
         if self.skip_epoch == Some(time) {
-            // the rebuild: every listing's stored view is the one the join gives
+            // the rebuild: every listing's stored view is what the statistics give
             debug_assert!(own.is_empty(), "no input shares the rebuild's time");
             return Ok(Vec::new());
         }
@@ -253,11 +243,15 @@ impl Evaluator {
         // listing with events it is its last event's state (the state stage
         // applied this epoch and nothing since); only market re-evaluations
         // read the stage (RocksDB or its unwritten changes).
-        let mut states: FxHashMap<(u32, &str), Option<&ListingState>> =
-            FxHashMap::with_capacity_and_hasher(own.len() + changes.len(), Default::default());
+        let mut last_own: FxHashMap<(u32, &str), &Enriched> =
+            FxHashMap::with_capacity_and_hasher(own.len(), Default::default());
         for row in &own {
-            states.insert((row.position.partition, row.key.as_str()), Some(&row.state));
+            last_own.insert((row.position.partition, row.key.as_str()), row);
         }
+        let mut states: FxHashMap<(u32, &str), Option<&ListingState>> = last_own
+            .iter()
+            .map(|(listing, row)| (*listing, Some(&row.state)))
+            .collect();
         let mut market_only: Vec<(u32, &str)> = changes
             .iter()
             .filter(|listing| !states.contains_key(*listing))
@@ -377,10 +371,6 @@ impl Evaluator {
 
         let mut stage = self.stage.borrow_mut();
         // own events: the stage holds their state unwritten; record on it
-        let mut last_own: FxHashMap<(u32, &str), &Enriched> = FxHashMap::default();
-        for row in &own {
-            last_own.insert((row.position.partition, row.key.as_str()), row);
-        }
         for (listing, row) in last_own {
             let (hash, revision) = memory[&listing];
             stage.record_evaluation(

@@ -71,7 +71,7 @@ use crate::dataflow::{bucket_views, segment_statistics};
 use crate::features;
 use crate::hash::{FNV_OFFSET, fnv1a_extend as fnv};
 use crate::record::Value;
-use crate::topology::{Aggregate, Function, Plan, ValueRef};
+use crate::topology::{Aggregate, Function, OutputField, Plan, ValueRef};
 
 /// A member of a segment: see `encode_member`.
 pub type Member = Box<[u8]>;
@@ -271,27 +271,43 @@ pub fn member_signature(
     let mut hash = FNV_OFFSET;
     for index in &projection.outputs {
         let field = &plan.output_fields[*index];
-        hash = match field.source {
-            ValueRef::Band(band) => {
-                let band = &plan.bands[band];
-                match features::band(context.number(band.source), &band.steps, &band.otherwise) {
-                    Some(label) => fnv(fnv(hash, &[1]), label.as_bytes()),
-                    None => fnv(hash, &[0]),
-                }
-            }
-            source => match context.number(source) {
-                Some(value) => {
-                    let value = field
-                        .round_to
-                        .map_or(value, |step| features::round_to_step(value, step));
-                    fnv(fnv(hash, &[1]), &value.to_bits().to_le_bytes())
-                }
-                None => fnv(hash, &[0]),
-            },
+        let token = shaped_token(plan, field, context.number(shaped_from(plan, field)));
+        hash = match token {
+            Some(token) => fnv(fnv(hash, &[1]), &token.to_le_bytes()),
+            None => fnv(hash, &[0]),
         };
         hash = fnv(hash, &[0xff]);
     }
     hash
+}
+
+/// The number an output field is shaped from: a band's source, or the field's own.
+fn shaped_from(plan: &Plan, field: &OutputField) -> ValueRef {
+    match field.source {
+        ValueRef::Band(band) => plan.bands[band].source,
+        source => source,
+    }
+}
+
+/// What an output field shows for `number` (its `shaped_from` value), as
+/// shaping writes it: a band's label (hashed) or the rounded number's bits;
+/// `None` when it shows nothing. Signatures and their interval bounds both
+/// go through here, so they cannot disagree on what a document shows.
+fn shaped_token(plan: &Plan, field: &OutputField, number: Option<f64>) -> Option<u64> {
+    let number = number?;
+    match field.source {
+        ValueRef::Band(band) => {
+            let band = &plan.bands[band];
+            features::band(Some(number), &band.steps, &band.otherwise)
+                .map(|label| crate::hash::fnv1a(label.as_bytes()))
+        }
+        _ => Some(
+            field
+                .round_to
+                .map_or(number, |step| features::round_to_step(number, step))
+                .to_bits(),
+        ),
+    }
 }
 
 /// Buckets per octave of a member's bucketed value (see "Buckets").
@@ -446,33 +462,17 @@ impl Bounding<'_> {
 
     /// The output's value (as the signature hashes it) when it is the same
     /// for every value in the range; `None` when it may differ.
-    fn constant_output(&self, field: &crate::topology::OutputField) -> Option<Option<u64>> {
-        match field.source {
-            ValueRef::Band(band) => {
-                let band = &self.plan.bands[band];
-                let label = |x: f64| {
-                    features::band(Some(x), &band.steps, &band.otherwise)
-                        .map(|label| crate::hash::fnv1a(label.as_bytes()))
-                };
-                match self.span(band.source) {
-                    Span::Missing => Some(None),
-                    Span::Between(a, b) => (label(a) == label(b)).then(|| label(a)),
-                    Span::Unknown => None,
-                }
+    fn constant_output(&self, field: &OutputField) -> Option<Option<u64>> {
+        match self.span(shaped_from(self.plan, field)) {
+            Span::Missing => Some(None),
+            Span::Between(a, b) => {
+                let (low, high) = (
+                    shaped_token(self.plan, field, Some(a)),
+                    shaped_token(self.plan, field, Some(b)),
+                );
+                (low == high).then_some(low)
             }
-            source => {
-                let shaped = |x: f64| {
-                    field
-                        .round_to
-                        .map_or(x, |step| features::round_to_step(x, step))
-                        .to_bits()
-                };
-                match self.span(source) {
-                    Span::Missing => Some(None),
-                    Span::Between(a, b) => (shaped(a) == shaped(b)).then(|| Some(shaped(a))),
-                    Span::Unknown => None,
-                }
-            }
+            Span::Unknown => None,
         }
     }
 }
@@ -534,6 +534,27 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[low] + (sorted[high] - sorted[low]) * (position - low as f64)
 }
 
+/// An epoch's changes of per-segment statistics, netted: per segment whose
+/// statistics changed, the new ones, or `None` when the segment emptied.
+/// (A change is a retraction and an insertion; equal ones cancel.)
+pub fn net_statistics_changes(
+    changes: Vec<(u64, StatisticBits, isize)>,
+) -> Vec<(u64, Option<StatisticBits>)> {
+    let mut net: rustc_hash::FxHashMap<(u64, StatisticBits), isize> = Default::default();
+    for (segment, statistics, diff) in changes {
+        *net.entry((segment, statistics)).or_default() += diff;
+    }
+    let mut by_segment: rustc_hash::FxHashMap<u64, Option<StatisticBits>> = Default::default();
+    for ((segment, statistics), diff) in net {
+        if diff > 0 {
+            by_segment.insert(segment, Some(statistics));
+        } else if diff < 0 {
+            by_segment.entry(segment).or_insert(None);
+        }
+    }
+    by_segment.into_iter().collect()
+}
+
 /// Rounds to `digits` significant digits (the precision documents see).
 pub fn round_significant(x: f64, digits: u32) -> f64 {
     if x == 0.0 || !x.is_finite() {
@@ -550,7 +571,8 @@ pub fn round_significant(x: f64, digits: u32) -> f64 {
     }
 }
 
-fn to_bits(values: &[f64]) -> StatisticBits {
+/// f64s as bits, every NaN as the one canonical NaN (so equal statistics compare equal).
+pub fn to_bits(values: &[f64]) -> StatisticBits {
     values
         .iter()
         .map(|v| {
@@ -567,9 +589,6 @@ pub fn from_bits(bits: &[u64]) -> Vec<f64> {
     bits.iter().map(|b| f64::from_bits(*b)).collect()
 }
 
-/// The market part of the dataflow. Returns the join's output, exchanged to
-/// each listing's owner, and the exact statistics' changes (for the
-/// statistics output).
 /// How a statistic reaches the join (and the documents).
 enum Seen {
     /// Nobody reads it: blanked.
@@ -684,6 +703,10 @@ fn reader<Tr: differential_dataflow::trace::TraceReader<Time = u64>>(mut trace: 
     trace
 }
 
+/// The market part of the dataflow. Returns what the evaluators need (members'
+/// signatures, exchanged to each listing's owner, and the seen statistics,
+/// broadcast), the exact statistics' changes (for the statistics output) and
+/// handles on the arrangements.
 pub fn build<'scope>(
     plan: Arc<Plan>,
     members: StreamVec<'scope, u64, MemberUpdate>,
@@ -699,13 +722,14 @@ pub fn build<'scope>(
     // members by (segment, bucket): see bucket_views.rs
     let bucket_plan = plan.clone();
     let members_by_bucket: VecCollection<'scope, u64, ((u64, u16), Member), isize> = members
-        .clone()
         .as_collection()
         .map(move |(segment, member): (u64, Member)| {
             let bucket = member_bucket(&bucket_plan, (segment >> 56) as usize, &member);
             ((segment, bucket), member)
         });
-    let arranged = members_by_bucket.arrange_by_key_named("ArrangeMembers");
+    let arranged = members_by_bucket
+        .clone()
+        .arrange_by_key_named("ArrangeMembers");
 
     // what the join sees: the statistics the topology reads, rounded; the others
     // are blanked, so that their moves re-evaluate no neighbour; a statistic
@@ -725,7 +749,7 @@ pub fn build<'scope>(
         })
         .collect();
     let round_plan = plan.clone();
-    let rounded = exact_changes.clone().map(move |(segment, statistics)| {
+    let seen_changes = exact_changes.clone().map(move |(segment, statistics)| {
         let aggregate = (segment >> 56) as usize;
         let digits = round_plan.aggregates[aggregate].significant_digits;
         let rounded: Vec<f64> = from_bits(&statistics)
@@ -735,10 +759,15 @@ pub fn build<'scope>(
             .collect();
         (segment, to_bits(&rounded))
     });
-    let seen_changes = rounded;
-    let views = bucket_views::build(plan.clone(), members, seen_changes.inner.clone())
-        .as_collection()
-        .arrange_by_key_named("ArrangeBucketViews");
+    // each member's bucket, as the arrangement keys it
+    let bucket_changes = members_by_bucket.map(|(segment_bucket, _member)| segment_bucket);
+    let views = bucket_views::build(
+        plan.clone(),
+        bucket_changes.inner,
+        seen_changes.inner.clone(),
+    )
+    .as_collection()
+    .arrange_by_key_named("ArrangeBucketViews");
     let traces = MarketTraces {
         members: reader(arranged.trace.clone()),
         statistics: vec![reader(views.trace.clone())],

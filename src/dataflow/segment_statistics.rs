@@ -36,7 +36,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::operator::Operator;
 
-use crate::dataflow::market::{Member, MemberUpdate, StatisticBits, member_measure};
+use crate::dataflow::market::{Member, MemberUpdate, StatisticBits, member_measure, to_bits};
 use crate::topology::Plan;
 
 /// Fractional bits of the fixed-point sums.
@@ -176,23 +176,17 @@ struct SegmentIndex {
 impl SegmentIndex {
     /// count, then mean, p25, median, p75 per measure (NaN when no member has the measure).
     fn statistics(&self) -> StatisticBits {
-        let mut out = Vec::with_capacity(1 + self.measures.len() * 4);
-        out.push((self.count as f64).to_bits());
+        let mut values = Vec::with_capacity(1 + self.measures.len() * 4);
+        values.push(self.count as f64);
         for measure in &self.measures {
-            for value in [
+            values.extend([
                 fixed_point_mean(measure.sum, measure.len),
                 measure.quantile(0.25),
                 measure.quantile(0.5),
                 measure.quantile(0.75),
-            ] {
-                out.push(if value.is_nan() {
-                    f64::NAN.to_bits()
-                } else {
-                    value.to_bits()
-                });
-            }
+            ]);
         }
-        out
+        to_bits(&values)
     }
 }
 
