@@ -27,6 +27,12 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const IDLE_MS: u64 = 2000;
+/// The engine consumer's `fetch.wait.max.ms`, as in `config/kafka.toml`:
+/// tansu 0.6.0 answers every fetch only after sleeping for at least half of
+/// the request's maximum wait (a full one below 250 ms), even when records
+/// are there at once, so librdkafka's default of 500 ms puts 250 ms into
+/// every fetch round trip. A Kafka broker answers as soon as records arrive.
+const FETCH_WAIT_MS: u64 = 10;
 
 fn create_topics(brokers: &str, names: &[&str], partitions: u32) -> anyhow::Result<()> {
     let kafka = assay::config::KafkaConfig {
@@ -90,7 +96,7 @@ fn engine_config(
         &path,
         format!(
             "[runtime]\nworkers = {workers}\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n[kafka]\nbootstrap_servers = \"{brokers}\"\n\n\
-         [bindings.listing_changes]\ntype = \"kafka\"\ntopic = \"{prefix}-in\"\nstop_when_idle_ms = {IDLE_MS}\n\n\
+         [bindings.listing_changes]\ntype = \"kafka\"\ntopic = \"{prefix}-in\"\nstop_when_idle_ms = {IDLE_MS}\nproperties = {{ \"fetch.wait.max.ms\" = \"{FETCH_WAIT_MS}\" }}\n\n\
          [bindings.search_documents]\ntype = \"kafka\"\ntopic = \"{prefix}-out\"\n\n[bindings.dead_letters]\ntype = \"kafka\"\ntopic = \"{prefix}-dead\"\n",
             dir.join(format!("{prefix}-state"))
         ),
@@ -147,12 +153,17 @@ fn measure_latency(
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_millis() as i64;
-            let sent = message.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == "assay.source.timestamp")
-                    .and_then(|h| h.value)
-                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
-            });
+            // the engine's documents carry their input's append time; a record
+            // of the broker-only baseline has its own
+            let sent = message
+                .headers()
+                .and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "assay.source.timestamp")
+                        .and_then(|h| h.value)
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
+                })
+                .or_else(|| message.timestamp().to_millis());
             if let Some(sent) = sent {
                 histogram
                     .lock()
@@ -164,6 +175,48 @@ fn measure_latency(
     Ok(())
 }
 
+/// The broker alone: records produced at `rate` into `topic` and read back by
+/// the same reader as the engine's output, with no engine in between. What
+/// the engine adds is the difference to this.
+fn broker_round_trip(
+    brokers: &str,
+    topic: &str,
+    lines: &[Vec<u8>],
+    rate: f64,
+    partitions: u32,
+) -> anyhow::Result<(f64, f64, f64)> {
+    create_topics(brokers, &[topic], partitions)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let histogram = Arc::new(Mutex::new(LatencyHistogram::default()));
+    let reader = {
+        let (brokers, topic, stop, histogram) = (
+            brokers.to_string(),
+            topic.to_string(),
+            stop.clone(),
+            histogram.clone(),
+        );
+        std::thread::spawn(move || measure_latency(&brokers, &topic, stop, histogram))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    eprintln!(
+        "bench-kafka: broker alone: producing {} events at {rate:.0}/s and reading them back",
+        lines.len()
+    );
+    produce(brokers, topic, lines, rate)?;
+    std::thread::sleep(Duration::from_millis(IDLE_MS));
+    stop.store(true, Ordering::Relaxed);
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("latency reader panicked"))?
+        .context("latency reader")?;
+    let histogram = histogram.lock().unwrap().clone();
+    Ok((
+        rate,
+        histogram.quantile(0.5).as_secs_f64() * 1e3,
+        histogram.quantile(0.99).as_secs_f64() * 1e3,
+    ))
+}
+
 struct Row {
     label: &'static str,
     events_per_second: f64,
@@ -173,6 +226,8 @@ struct Row {
     engine_cpu: f64,
     broker_cpu: f64,
     client_cpu: f64,
+    broker_load: Option<f64>,
+    engine_load: f64,
     events: u64,
 }
 
@@ -182,6 +237,7 @@ pub fn run(
     brokers: &str,
     events: u64,
     latency_events: u64,
+    latency_rate_fraction: f64,
     workers: usize,
     partitions: u32,
     broker_pid: Option<u32>,
@@ -206,6 +262,7 @@ pub fn run(
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     let mut rows = Vec::new();
+    let mut broker_baseline = None;
     for (label, pass_through) in [("pass-through", true), ("full", false)] {
         // 1. maximum throughput on a pre-filled topic
         let prefix = format!("bench{run_id}-{label}");
@@ -235,7 +292,7 @@ pub fn run(
         let events_per_second = summary.records_in as f64 / busy;
 
         // 2. latency at half of that rate, engine running while records arrive
-        let half_rate = events_per_second / 2.0;
+        let half_rate = events_per_second * latency_rate_fraction;
         let latency_prefix = format!("{prefix}-latency");
         create_topics(
             brokers,
@@ -246,6 +303,15 @@ pub fn run(
             ],
             partitions,
         )?;
+        if pass_through {
+            broker_baseline = Some(broker_round_trip(
+                brokers,
+                &format!("{prefix}-echo"),
+                &lines[..(latency_events as usize).min(lines.len())],
+                half_rate,
+                partitions,
+            )?);
+        }
         let latency_config = engine_config(dir, brokers, &latency_prefix, workers)?;
         let latency_summary = dir.join(format!("{latency_prefix}-summary.json"));
         let mut engine = start_engine(topology, &latency_config, &latency_summary, pass_through)?;
@@ -262,6 +328,9 @@ pub fn run(
         };
         std::thread::sleep(Duration::from_millis(500)); // let the engine and the reader assign their partitions
         let client_cpu_before = cpu_seconds(None);
+        let latency_started = Instant::now();
+        let broker_cpu_before = broker_pid.map(|p| cpu_seconds(Some(p))).unwrap_or(0.0);
+        let engine_cpu_before = cpu_seconds(Some(engine.id()));
         let count = (latency_events as usize).min(lines.len());
         eprintln!(
             "bench-kafka: {label}: producing {count} events at {half_rate:.0}/s while the engine runs"
@@ -272,6 +341,11 @@ pub fn run(
             &lines[..count],
             half_rate,
         )?;
+        // the engine's and the broker's share of one core while records were produced
+        let producing = latency_started.elapsed().as_secs_f64();
+        let engine_load = (cpu_seconds(Some(engine.id())) - engine_cpu_before) / producing;
+        let broker_load =
+            broker_pid.map(|p| (cpu_seconds(Some(p)) - broker_cpu_before) / producing);
         let status = engine.wait()?;
         stop.store(true, Ordering::Relaxed);
         reader
@@ -292,6 +366,8 @@ pub fn run(
             engine_cpu: summary.cpu_seconds,
             broker_cpu,
             client_cpu,
+            broker_load,
+            engine_load,
             events: summary.records_in,
         });
     }
@@ -326,6 +402,23 @@ pub fn run(
             },
             r.client_cpu,
             r.events
+        );
+    }
+    println!("\nbusy while the latency run produced its records (share of one core):");
+    for r in &rows {
+        println!(
+            "  {:<13} engine {:>5.0}%   broker {}",
+            r.label,
+            100.0 * r.engine_load,
+            r.broker_load
+                .map(|l| format!("{:>5.0}%", 100.0 * l))
+                .unwrap_or_else(|| "n/a (pass --broker-pid)".into())
+        );
+    }
+    if let Some((rate, p50, p99)) = broker_baseline {
+        println!(
+            "{:<13} {:>10} {:>8} {:>11.0} {:>8.1} {:>8.1}   the bench's producer and reader with no engine in between",
+            "broker alone", "", "", rate, p50, p99
         );
     }
     println!(

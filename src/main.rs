@@ -98,6 +98,9 @@ enum Command {
         /// Events produced during the latency measurement.
         #[arg(long, default_value_t = 200_000)]
         latency_events: u64,
+        /// The latency run's rate as a fraction of the measured maximum (the target is set at 0.5).
+        #[arg(long, default_value_t = 0.5)]
+        latency_rate_fraction: f64,
         #[arg(long, default_value_t = 2)]
         workers: usize,
         #[arg(long, default_value_t = 4)]
@@ -273,6 +276,7 @@ fn main() -> anyhow::Result<ExitCode> {
             brokers,
             events,
             latency_events,
+            latency_rate_fraction,
             workers,
             partitions,
             broker_pid,
@@ -283,6 +287,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 &brokers,
                 events,
                 latency_events,
+                latency_rate_fraction,
                 workers,
                 partitions,
                 broker_pid,

@@ -102,6 +102,39 @@ impl Sink {
         }
     }
 
+    /// The records written from now on belong to `epoch` (Kafka tracks their
+    /// acknowledgements per epoch).
+    pub fn begin_epoch(&mut self, epoch: u64) {
+        if let Sink::Kafka(kafka) = self {
+            kafka.begin_epoch(epoch);
+        }
+    }
+
+    /// Ends a write without waiting for the broker: files are handed to the
+    /// OS (so they are delivered when this returns); Kafka records are in
+    /// flight, see `delivered_below`.
+    pub fn hand_over(&mut self) -> Result<(), String> {
+        match self {
+            Sink::File(file) => file.flush().map_err(|e| e.to_string()),
+            Sink::Kafka(_) => Ok(()),
+        }
+    }
+
+    /// Every epoch below the returned one, of those written, is delivered.
+    pub fn delivered_below(&self) -> Result<u64, String> {
+        match self {
+            Sink::File(_) => Ok(u64::MAX),
+            Sink::Kafka(kafka) => kafka.delivered_below().map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Kafka: wake the sink stage through `waker` when an epoch is delivered.
+    pub fn wake_with(&mut self, waker: timely::scheduling::SyncActivator) {
+        if let Sink::Kafka(kafka) = self {
+            kafka.wake_with(waker);
+        }
+    }
+
     /// Returns when everything written is handed to the OS (files) or delivered (Kafka).
     pub fn flush(&mut self) -> Result<(), String> {
         match self {

@@ -58,6 +58,13 @@ use crate::state::{StateError, Store, StoreTuning};
 use crate::topology::Plan;
 use listing_state::{ListingStateStage, StateOutput};
 
+/// How long a worker that waits (for back-pressure, a checkpoint or the end)
+/// parks between steps. Timely wakes a parked worker as soon as data or
+/// progress arrives for it, so this only bounds the wait for events timely
+/// does not signal; spinning instead took a core from the broker and the
+/// other workers on small machines.
+const WAIT_PARK: Duration = Duration::from_millis(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -87,7 +94,7 @@ pub struct RunOptions {
 
 /// What the sinks on worker 0 counted.
 #[derive(Default)]
-struct SinkCounts {
+pub(crate) struct SinkCounts {
     upserts: u64,
     tombstones: u64,
     /// Of the documents, those emitted because the market moved.
@@ -139,7 +146,7 @@ fn open_sink(
 /// Stops the process at once after an output failure: no checkpoint can be
 /// written past output that was not delivered, and a restart replays from
 /// the last good checkpoint (crash-only, as after `kill -9`).
-fn fail_output(what: &str, error: &str) -> ! {
+pub(crate) fn fail_output(what: &str, error: &str) -> ! {
     eprintln!(
         "error: {what} failed: {error}\n  stopping without a checkpoint; rerun to resume from the last one"
     );
@@ -417,45 +424,14 @@ pub fn run(
                 (documents, state_dead)
             };
 
-            let document_counts = counts.clone();
-            sink::write_in_epoch_order(documents, "DocumentSink", document_order, move |epochs| {
-                let Some(out) = documents_out.as_mut() else { return };
-                let mut counts = document_counts.borrow_mut();
-                let now = started.elapsed().as_nanos() as u64;
-                for document in epochs.iter().flat_map(|(_epoch, documents)| documents) {
-                    if let Err(e) = out.write_document(document) {
-                        fail_output("writing documents", &e);
-                    }
-                    if document.body.is_some() { counts.upserts += 1 } else { counts.tombstones += 1 }
-                    if document.market {
-                        counts.market_documents += 1;
-                    } else {
-                        counts.latency.record(now.saturating_sub(document.read_at_nanos));
-                    }
-                }
-                if let Err(e) = out.flush() {
-                    fail_output("writing documents", &e);
-                }
-            })
-            .probe_with(&probe);
-
-            let dead_counts = counts.clone();
-            let dead_binding = plan.input_binding.clone();
-            sink::write_in_epoch_order(decode_dead.concat(state_dead), "DeadLetterSink", |a: &DeadLetter, b: &DeadLetter| (a.position.offset, a.position.partition).cmp(&(b.position.offset, b.position.partition)), move |epochs| {
-                let Some(out) = dead_out.as_mut() else { return };
-                let mut counts = dead_counts.borrow_mut();
-                let now = started.elapsed().as_nanos() as u64;
-                for letter in epochs.iter().flat_map(|(_epoch, letters)| letters) {
-                    if let Err(e) = out.write_dead_letter(letter, &dead_binding) {
-                        fail_output("writing dead letters", &e);
-                    }
-                    *counts.dead_letters.entry(letter.reason.clone()).or_default() += 1;
-                    counts.latency.record(now.saturating_sub(letter.read_at_nanos));
-                }
-                if let Err(e) = out.flush() {
-                    fail_output("writing dead letters", &e);
-                }
-            })
+            sink::write_in_epoch_order(documents, "DocumentSink", document_order, sink::DocumentWriter::new(documents_out.take(), counts.clone(), started))
+                .probe_with(&probe);
+            sink::write_in_epoch_order(
+                decode_dead.concat(state_dead),
+                "DeadLetterSink",
+                |a: &DeadLetter, b: &DeadLetter| (a.position.offset, a.position.partition).cmp(&(b.position.offset, b.position.partition)),
+                sink::DeadLetterWriter::new(dead_out.take(), counts.clone(), started, plan.input_binding.clone()),
+            )
             .probe_with(&probe);
         });
 
@@ -475,19 +451,32 @@ pub fn run(
             report.checkpoints += 1;
             Ok(())
         };
+        // records were sent at the current input time, which is still open
+        let mut open_epoch_has_records = false;
         while !source.finished() {
             let next_epoch = source.fill(epoch, epoch_records, &mut batch)?;
             report.records_in += batch.len() as u64;
+            // a live source with nothing new: park until data or progress arrives for
+            // the dataflow, or briefly, to look at the source again
+            let idle = batch.is_empty() && next_epoch == epoch;
             if !batch.is_empty() {
                 input_handle.send_batch(&mut batch);
                 batch.clear();
+                open_epoch_has_records = true;
             }
-            epoch = next_epoch;
-            input_handle.advance_to(epoch + 1);
-            worker.step();
+            if next_epoch > epoch {
+                epoch = next_epoch;
+                input_handle.advance_to(epoch + 1);
+                open_epoch_has_records = false;
+            }
+            if idle {
+                worker.step_or_park(Some(WAIT_PARK));
+            } else {
+                worker.step();
+            }
             // back-pressure: stay at most max_epochs_in_flight ahead of the sinks
             while probe.less_than(&(epoch + 1).saturating_sub(runtime.max_epochs_in_flight)) {
-                worker.step();
+                worker.step_or_park(Some(WAIT_PARK));
             }
             if let Some((done, total)) = source.progress() {
                 progress.update(done, total, report.records_in * peers as u64);
@@ -506,8 +495,16 @@ pub fn run(
             }
             let requested = checkpoint_request.load(Ordering::SeqCst);
             if requested > served_request && epoch >= requested {
+                // the positions cover every record sent, so the epoch they were sent in
+                // must be complete too (a live source keeps an epoch open until its clock
+                // tick ends; a file's next epoch has nothing sent yet)
+                if open_epoch_has_records {
+                    epoch += 1;
+                    input_handle.advance_to(epoch + 1);
+                    open_epoch_has_records = false;
+                }
                 while probe.less_than(input_handle.time()) {
-                    worker.step();
+                    worker.step_or_park(Some(WAIT_PARK));
                 }
                 checkpoint(&stage, &source, &mut report)?;
                 served_request = requested;
@@ -518,7 +515,7 @@ pub fn run(
         }
         drop(input_handle);
         while !probe.done() {
-            worker.step();
+            worker.step_or_park(Some(WAIT_PARK));
         }
         checkpoint(&stage, &source, &mut report)?;
         progress.finish();

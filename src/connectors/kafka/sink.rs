@@ -2,17 +2,25 @@
 //! letters with their reason in headers. Idempotent producer, `acks=all`.
 //!
 //! # Delivery
-//! The ordered sink stage hands over one completed epoch at a time; `flush`
-//! waits until librdkafka has delivered every record of it. Only then is the
-//! epoch released, so a checkpoint never covers an undelivered document. While
-//! the broker is away, librdkafka retries (`message.timeout.ms`, default here
-//! 0 = forever) and the flush waits: back-pressure reaches the source through
+//! The ordered sink stage hands over completed epochs and does not wait: each
+//! record is sent with its epoch as the delivery opaque, and the
+//! [`DeliveryTracker`] counts the records of each epoch not yet acknowledged.
+//! The stage releases an epoch only when it and every earlier epoch are
+//! acknowledged ([`KafkaSink::delivered_below`]), so a checkpoint never covers
+//! an undelivered document, while several epochs' round trips to the broker
+//! overlap and the worker keeps computing. (Waiting for each flush on the
+//! worker thread bounded throughput by the broker's acknowledgement latency.)
+//! The tracker wakes the stage when an epoch completes. While the broker is
+//! away, librdkafka retries (`message.timeout.ms`, default here 0 = forever)
+//! and epochs stay unacknowledged: back-pressure reaches the source through
 //! the epochs in flight. A delivery that fails for good is an error, never a
 //! silent drop.
 //!
 //! Within a partition, idempotence keeps order across retries, so one
 //! listing's updates never overtake each other.
 
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,29 +28,55 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message};
+use timely::scheduling::SyncActivator;
 
 use super::client_config;
 use crate::config::{KafkaBinding, KafkaConfig};
 use crate::record::{DeadLetter, OutputDocument};
 
-/// Collects delivery failures reported by librdkafka's callback thread.
+/// Counts each epoch's records not yet acknowledged, and collects delivery
+/// failures; runs on librdkafka's callback thread.
 #[derive(Clone, Default)]
-pub struct DeliveryErrors(Arc<Mutex<Vec<String>>>);
+pub struct DeliveryTracker(Arc<Mutex<Tracking>>);
 
-impl ClientContext for DeliveryErrors {}
+#[derive(Default)]
+struct Tracking {
+    /// epoch -> records sent and not yet acknowledged (absent: none)
+    unacknowledged: BTreeMap<u64, u64>,
+    errors: Vec<String>,
+    /// wakes the sink stage when an epoch is complete or a delivery failed
+    waker: Option<SyncActivator>,
+}
 
-impl ProducerContext for DeliveryErrors {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &DeliveryResult<'_>, epoch: usize) {
+        let mut tracking = self.0.lock().unwrap();
+        let mut wake = false;
         if let Err((error, message)) = result {
             let key = message
                 .key()
                 .map(|k| String::from_utf8_lossy(k).to_string())
                 .unwrap_or_default();
-            self.0
-                .lock()
-                .unwrap()
+            tracking
+                .errors
                 .push(format!("{error} (key {key:?}, topic {})", message.topic()));
+            wake = true;
+        }
+        if let Entry::Occupied(mut count) = tracking.unacknowledged.entry(epoch as u64) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+                wake = true;
+            }
+        }
+        if wake {
+            if let Some(waker) = &tracking.waker {
+                // the stage is gone only when the dataflow is: nothing left to wake
+                let _ = waker.activate();
+            }
         }
     }
 }
@@ -55,8 +89,10 @@ pub struct KafkaSinkError {
 }
 
 pub struct KafkaSink {
-    producer: ThreadedProducer<DeliveryErrors>,
-    errors: DeliveryErrors,
+    producer: ThreadedProducer<DeliveryTracker>,
+    tracker: DeliveryTracker,
+    /// the epoch the records written now belong to (see `begin_epoch`)
+    epoch: u64,
     topic: String,
     source_topic: String,
     model_headers: Vec<(String, String)>,
@@ -79,9 +115,9 @@ impl KafkaSink {
         for (key, value) in &binding.properties {
             config.set(key, value);
         }
-        let errors = DeliveryErrors::default();
-        let producer: ThreadedProducer<DeliveryErrors> = config
-            .create_with_context(errors.clone())
+        let tracker = DeliveryTracker::default();
+        let producer: ThreadedProducer<DeliveryTracker> = config
+            .create_with_context(tracker.clone())
             .map_err(|e| KafkaSinkError {
                 topic: binding.topic.clone(),
                 detail: e.to_string(),
@@ -92,7 +128,8 @@ impl KafkaSink {
             .collect();
         Ok(KafkaSink {
             producer,
-            errors,
+            tracker,
+            epoch: 0,
             topic: binding.topic.clone(),
             source_topic: source_topic.to_string(),
             model_headers,
@@ -105,9 +142,19 @@ impl KafkaSink {
         payload: Option<&[u8]>,
         headers: OwnedHeaders,
     ) -> Result<(), KafkaSinkError> {
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.topic, self.epoch as usize).headers(headers);
         record.key = key;
         record.payload = payload;
+        // counted before the send: its acknowledgement may come at once
+        *self
+            .tracker
+            .0
+            .lock()
+            .unwrap()
+            .unacknowledged
+            .entry(self.epoch)
+            .or_default() += 1;
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -124,6 +171,36 @@ impl KafkaSink {
                 }
             }
         }
+    }
+
+    /// The records written from now on belong to `epoch` (epochs only grow).
+    pub fn begin_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    /// Wakes the sink stage whenever an epoch is acknowledged in full.
+    pub fn wake_with(&mut self, waker: SyncActivator) {
+        self.tracker.0.lock().unwrap().waker = Some(waker);
+    }
+
+    /// Every epoch below the returned one has been acknowledged in full (of
+    /// the epochs written so far); a delivery that failed for good is an error.
+    pub fn delivered_below(&self) -> Result<u64, KafkaSinkError> {
+        let tracking = self.tracker.0.lock().unwrap();
+        if let Some(first) = tracking.errors.first() {
+            return Err(KafkaSinkError {
+                topic: self.topic.clone(),
+                detail: format!(
+                    "{} record(s) could not be delivered; first: {first}",
+                    tracking.errors.len()
+                ),
+            });
+        }
+        Ok(tracking
+            .unacknowledged
+            .first_key_value()
+            .map(|(epoch, _)| *epoch)
+            .unwrap_or(u64::MAX))
     }
 
     pub fn write_document(&mut self, document: &OutputDocument) -> Result<(), KafkaSinkError> {
@@ -201,38 +278,38 @@ impl KafkaSink {
     }
 
     /// Waits until every record sent so far is delivered; a failed delivery is an error.
+    ///
+    /// Calls librdkafka's `rd_kafka_flush` itself: rdkafka's `Producer::flush`
+    /// polls in slices of up to 100 ms that run to their end even when the
+    /// last acknowledgement arrives at once, so each flush cost about 100 ms
+    /// and bounded a sink to about ten epochs per second. `rd_kafka_flush`
+    /// waits on librdkafka's in-flight count and returns as soon as it reaches
+    /// zero (the delivery reports are served by the producer's own thread).
     pub fn flush(&mut self) -> Result<(), KafkaSinkError> {
         loop {
-            match self.producer.flush(Duration::from_secs(5)) {
-                Ok(()) => break,
-                Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
+            // SAFETY: the pointer is the live producer's client handle, owned by `self.producer`
+            // for the whole call; rd_kafka_flush is thread-safe.
+            let code: RDKafkaErrorCode = unsafe {
+                rdkafka::bindings::rd_kafka_flush(self.producer.client().native_ptr(), 5000)
+            }
+            .into();
+            match code {
+                RDKafkaErrorCode::NoError => break,
+                RDKafkaErrorCode::OperationTimedOut => {
                     eprintln!(
                         "warning: kafka sink `{}`: {} record(s) not yet delivered, still trying",
                         self.topic,
                         self.producer.in_flight_count()
                     );
                 }
-                Err(error) => {
+                error => {
                     return Err(KafkaSinkError {
                         topic: self.topic.clone(),
-                        detail: error.to_string(),
+                        detail: KafkaError::Flush(error).to_string(),
                     });
                 }
             }
         }
-        let mut errors = self.errors.0.lock().unwrap();
-        if !errors.is_empty() {
-            let detail = format!(
-                "{} record(s) could not be delivered; first: {}",
-                errors.len(),
-                errors[0]
-            );
-            errors.clear();
-            return Err(KafkaSinkError {
-                topic: self.topic.clone(),
-                detail,
-            });
-        }
-        Ok(())
+        self.delivered_below().map(|_| ())
     }
 }

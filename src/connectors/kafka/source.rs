@@ -31,6 +31,8 @@ pub struct KafkaSource {
     next_offsets: BTreeMap<u32, i64>,
     epoch_ms: u64,
     epoch_records: usize,
+    /// the epoch being filled and how many records it has
+    filling: (u64, usize),
     stop_when_idle: Option<Duration>,
     last_record_at: Instant,
     started: Instant,
@@ -99,6 +101,7 @@ impl KafkaSource {
             next_offsets,
             epoch_ms: binding.epoch_ms.max(1),
             epoch_records,
+            filling: (0, 0),
             stop_when_idle: (binding.stop_when_idle_ms > 0)
                 .then(|| Duration::from_millis(binding.stop_when_idle_ms)),
             last_record_at: Instant::now(),
@@ -118,17 +121,23 @@ impl KafkaSource {
         self.finished
     }
 
-    /// Polls for up to one epoch (`epoch_ms` or `epoch_records`, whichever
-    /// comes first) and returns the epoch that follows. Epochs follow a clock
-    /// shared by all workers, so their epochs line up.
+    /// Takes the records librdkafka has queued, without waiting, up to
+    /// `epoch_records` for `epoch`, and returns the epoch the next records
+    /// belong to: `epoch` again while the shared clock (`epoch_ms` per tick)
+    /// has not moved past it and it is not full. Epochs follow a clock shared
+    /// by all workers, so their epochs line up.
+    ///
+    /// It never blocks: the worker steps the dataflow between calls (and
+    /// parks briefly when there is nothing to do). Waiting in `poll` for a
+    /// whole epoch kept the worker from moving earlier epochs through the
+    /// market's lockstep, so small live epochs queued up behind each other.
     pub fn fill(&mut self, epoch: u64, out: &mut Vec<RawRecord>) -> u64 {
-        let deadline = Instant::now() + Duration::from_millis(self.epoch_ms);
-        while out.len() < self.epoch_records {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            match self.consumer.poll(deadline - now) {
+        if self.filling.0 != epoch {
+            self.filling = (epoch, 0);
+        }
+        let taken_before = out.len();
+        while self.filling.1 + (out.len() - taken_before) < self.epoch_records {
+            match self.consumer.poll(Duration::ZERO) {
                 Some(Ok(message)) => {
                     let partition = message.partition() as u32;
                     let offset = message.offset();
@@ -208,8 +217,13 @@ impl KafkaSource {
                 self.finished = true;
             }
         }
+        self.filling.1 += out.len() - taken_before;
         let clock = self.started.elapsed().as_millis() as u64 / self.epoch_ms;
-        clock.max(epoch + 1)
+        if self.filling.1 >= self.epoch_records {
+            clock.max(epoch + 1)
+        } else {
+            clock.max(epoch)
+        }
     }
 
     pub fn positions(&self) -> Vec<(u32, CheckpointedPosition)> {
