@@ -58,12 +58,14 @@ use crate::state::{StateError, Store, StoreTuning};
 use crate::topology::Plan;
 use listing_state::{ListingStateStage, StateOutput};
 
-/// How long a worker that waits (for back-pressure, a checkpoint or the end)
-/// parks between steps. Timely wakes a parked worker as soon as data or
-/// progress arrives for it, so this only bounds the wait for events timely
-/// does not signal; spinning instead took a core from the broker and the
-/// other workers on small machines.
-const WAIT_PARK: Duration = Duration::from_millis(1);
+/// How long a worker reading a live source (Kafka) parks between steps when
+/// it waits (for records, back-pressure, a checkpoint or the end). Timely
+/// wakes a parked worker as soon as data or progress arrives for it, so this
+/// only bounds the wait for what timely does not signal (new records);
+/// spinning instead took a core from the broker on small machines. A file
+/// replay is never idle: its waits are short, and parking them cost about a
+/// tenth of the pass-through rate, so it steps without parking.
+const LIVE_WAIT_PARK: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -435,6 +437,7 @@ pub fn run(
             .probe_with(&probe);
         });
 
+        let wait_park = Some(if matches!(source, Source::Kafka(_)) { LIVE_WAIT_PARK } else { Duration::ZERO });
         let mut report = WorkerReport { resumed_from_line: source.resume_offset(), ..WorkerReport::default() };
         let mut progress = ProgressBar::new(if index == 0 { progress_enabled } else { Some(false) });
         let epoch_records = runtime.epoch_records;
@@ -470,13 +473,13 @@ pub fn run(
                 open_epoch_has_records = false;
             }
             if idle {
-                worker.step_or_park(Some(WAIT_PARK));
+                worker.step_or_park(wait_park);
             } else {
                 worker.step();
             }
             // back-pressure: stay at most max_epochs_in_flight ahead of the sinks
             while probe.less_than(&(epoch + 1).saturating_sub(runtime.max_epochs_in_flight)) {
-                worker.step_or_park(Some(WAIT_PARK));
+                worker.step_or_park(wait_park);
             }
             if let Some((done, total)) = source.progress() {
                 progress.update(done, total, report.records_in * peers as u64);
@@ -504,7 +507,7 @@ pub fn run(
                     open_epoch_has_records = false;
                 }
                 while probe.less_than(input_handle.time()) {
-                    worker.step_or_park(Some(WAIT_PARK));
+                    worker.step_or_park(wait_park);
                 }
                 checkpoint(&stage, &source, &mut report)?;
                 served_request = requested;
@@ -515,7 +518,7 @@ pub fn run(
         }
         drop(input_handle);
         while !probe.done() {
-            worker.step_or_park(Some(WAIT_PARK));
+            worker.step_or_park(wait_park);
         }
         checkpoint(&stage, &source, &mut report)?;
         progress.finish();
