@@ -175,6 +175,48 @@ fn measure_latency(
     Ok(())
 }
 
+/// `measure_latency` on its own thread, from `start` until `finish`.
+struct LatencyReader {
+    stop: Arc<AtomicBool>,
+    histogram: Arc<Mutex<LatencyHistogram>>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl LatencyReader {
+    fn start(brokers: &str, topic: &str) -> LatencyReader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let histogram = Arc::new(Mutex::new(LatencyHistogram::default()));
+        let thread = {
+            let (brokers, topic, stop, histogram) = (
+                brokers.to_string(),
+                topic.to_string(),
+                stop.clone(),
+                histogram.clone(),
+            );
+            std::thread::spawn(move || measure_latency(&brokers, &topic, stop, histogram))
+        };
+        LatencyReader {
+            stop,
+            histogram,
+            thread,
+        }
+    }
+
+    /// Stops reading; returns the p50 and p99 latency in ms.
+    fn finish(self) -> anyhow::Result<(f64, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("latency reader panicked"))?
+            .context("latency reader")?;
+        let histogram = self.histogram.lock().unwrap();
+        Ok((
+            histogram.quantile(0.5).as_secs_f64() * 1e3,
+            histogram.quantile(0.99).as_secs_f64() * 1e3,
+        ))
+    }
+}
+
 /// The broker alone: records produced at `rate` into `topic` and read back by
 /// the same reader as the engine's output, with no engine in between. What
 /// the engine adds is the difference to this.
@@ -186,17 +228,7 @@ fn broker_round_trip(
     partitions: u32,
 ) -> anyhow::Result<(f64, f64, f64)> {
     create_topics(brokers, &[topic], partitions)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let histogram = Arc::new(Mutex::new(LatencyHistogram::default()));
-    let reader = {
-        let (brokers, topic, stop, histogram) = (
-            brokers.to_string(),
-            topic.to_string(),
-            stop.clone(),
-            histogram.clone(),
-        );
-        std::thread::spawn(move || measure_latency(&brokers, &topic, stop, histogram))
-    };
+    let reader = LatencyReader::start(brokers, topic);
     std::thread::sleep(Duration::from_millis(500));
     eprintln!(
         "bench-kafka: broker alone: producing {} events at {rate:.0}/s and reading them back",
@@ -204,17 +236,8 @@ fn broker_round_trip(
     );
     produce(brokers, topic, lines, rate)?;
     std::thread::sleep(Duration::from_millis(IDLE_MS));
-    stop.store(true, Ordering::Relaxed);
-    reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("latency reader panicked"))?
-        .context("latency reader")?;
-    let histogram = histogram.lock().unwrap().clone();
-    Ok((
-        rate,
-        histogram.quantile(0.5).as_secs_f64() * 1e3,
-        histogram.quantile(0.99).as_secs_f64() * 1e3,
-    ))
+    let (p50_ms, p99_ms) = reader.finish()?;
+    Ok((rate, p50_ms, p99_ms))
 }
 
 struct Row {
@@ -303,11 +326,12 @@ pub fn run(
             ],
             partitions,
         )?;
+        let count = (latency_events as usize).min(lines.len());
         if pass_through {
             broker_baseline = Some(broker_round_trip(
                 brokers,
                 &format!("{prefix}-echo"),
-                &lines[..(latency_events as usize).min(lines.len())],
+                &lines[..count],
                 half_rate,
                 partitions,
             )?);
@@ -315,23 +339,12 @@ pub fn run(
         let latency_config = engine_config(dir, brokers, &latency_prefix, workers)?;
         let latency_summary = dir.join(format!("{latency_prefix}-summary.json"));
         let mut engine = start_engine(topology, &latency_config, &latency_summary, pass_through)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let histogram = Arc::new(Mutex::new(LatencyHistogram::default()));
-        let reader = {
-            let (brokers, topic, stop, histogram) = (
-                brokers.to_string(),
-                format!("{latency_prefix}-out"),
-                stop.clone(),
-                histogram.clone(),
-            );
-            std::thread::spawn(move || measure_latency(&brokers, &topic, stop, histogram))
-        };
+        let reader = LatencyReader::start(brokers, &format!("{latency_prefix}-out"));
         std::thread::sleep(Duration::from_millis(500)); // let the engine and the reader assign their partitions
         let client_cpu_before = cpu_seconds(None);
         let latency_started = Instant::now();
         let broker_cpu_before = broker_pid.map(|p| cpu_seconds(Some(p))).unwrap_or(0.0);
         let engine_cpu_before = cpu_seconds(Some(engine.id()));
-        let count = (latency_events as usize).min(lines.len());
         eprintln!(
             "bench-kafka: {label}: producing {count} events at {half_rate:.0}/s while the engine runs"
         );
@@ -347,22 +360,17 @@ pub fn run(
         let broker_load =
             broker_pid.map(|p| (cpu_seconds(Some(p)) - broker_cpu_before) / producing);
         let status = engine.wait()?;
-        stop.store(true, Ordering::Relaxed);
-        reader
-            .join()
-            .map_err(|_| anyhow::anyhow!("latency reader panicked"))?
-            .context("latency reader")?;
+        let (p50_ms, p99_ms) = reader.finish()?;
         if !status.success() {
             bail!("{label} latency engine failed ({status})");
         }
         let client_cpu = cpu_seconds(None) - client_cpu_before;
-        let histogram = histogram.lock().unwrap().clone();
         rows.push(Row {
             label,
             events_per_second,
             half_rate,
-            p50_ms: histogram.quantile(0.5).as_secs_f64() * 1e3,
-            p99_ms: histogram.quantile(0.99).as_secs_f64() * 1e3,
+            p50_ms,
+            p99_ms,
             engine_cpu: summary.cpu_seconds,
             broker_cpu,
             client_cpu,

@@ -426,13 +426,13 @@ pub fn run(
                 (documents, state_dead)
             };
 
-            sink::write_in_epoch_order(documents, "DocumentSink", document_order, sink::DocumentWriter::new(documents_out.take(), counts.clone(), started))
+            sink::write_in_epoch_order(documents, "DocumentSink", document_order, sink::SinkWriter::new(documents_out.take(), counts.clone(), started, plan.input_binding.clone()))
                 .probe_with(&probe);
             sink::write_in_epoch_order(
                 decode_dead.concat(state_dead),
                 "DeadLetterSink",
                 |a: &DeadLetter, b: &DeadLetter| (a.position.offset, a.position.partition).cmp(&(b.position.offset, b.position.partition)),
-                sink::DeadLetterWriter::new(dead_out.take(), counts.clone(), started, plan.input_binding.clone()),
+                sink::SinkWriter::new(dead_out.take(), counts.clone(), started, plan.input_binding.clone()),
             )
             .probe_with(&probe);
         });

@@ -132,95 +132,77 @@ impl UndeliveredReadTimes {
     }
 }
 
-/// Worker 0's document output; the other workers build the stage with `None`.
-pub(super) struct DocumentWriter {
-    pub out: Option<Sink>,
-    pub counts: Rc<RefCell<SinkCounts>>,
-    pub started: Instant,
-    undelivered: UndeliveredReadTimes,
+/// A record kind an output stage writes: how it is written and counted.
+pub(super) trait SinkRecord {
+    /// What a failure says was being written.
+    const WHAT: &'static str;
+    /// Writes the record to `out` and counts it; returns its read time when
+    /// its latency counts (a market document's read time is its listing's
+    /// last event, not a new input).
+    fn write_counted(
+        &self,
+        out: &mut Sink,
+        counts: &mut SinkCounts,
+        source_binding: &str,
+    ) -> Result<Option<u64>, String>;
 }
 
-impl DocumentWriter {
-    pub fn new(out: Option<Sink>, counts: Rc<RefCell<SinkCounts>>, started: Instant) -> Self {
-        DocumentWriter {
-            out,
-            counts,
-            started,
-            undelivered: UndeliveredReadTimes::default(),
+impl SinkRecord for OutputDocument {
+    const WHAT: &'static str = "writing documents";
+    fn write_counted(
+        &self,
+        out: &mut Sink,
+        counts: &mut SinkCounts,
+        _source_binding: &str,
+    ) -> Result<Option<u64>, String> {
+        out.write_document(self)?;
+        if self.body.is_some() {
+            counts.upserts += 1
+        } else {
+            counts.tombstones += 1
         }
-    }
-}
-
-impl OrderedWriter<OutputDocument> for DocumentWriter {
-    fn write(&mut self, epochs: Vec<(u64, Vec<OutputDocument>)>) {
-        let Some(out) = self.out.as_mut() else { return };
-        let mut counts = self.counts.borrow_mut();
-        for (epoch, documents) in &epochs {
-            out.begin_epoch(*epoch);
-            let mut read_times = Vec::new();
-            for document in documents {
-                if let Err(e) = out.write_document(document) {
-                    fail_output("writing documents", &e);
-                }
-                if document.body.is_some() {
-                    counts.upserts += 1
-                } else {
-                    counts.tombstones += 1
-                }
-                // a market document's read time is its listing's last event, not a new input
-                if document.market {
-                    counts.market_documents += 1;
-                } else {
-                    read_times.push(document.read_at_nanos);
-                }
-            }
-            self.undelivered.0.push_back((*epoch, read_times));
-        }
-        if let Err(e) = out.hand_over() {
-            fail_output("writing documents", &e);
-        }
-    }
-
-    fn delivered_below(&mut self) -> u64 {
-        let Some(out) = self.out.as_ref() else {
-            return u64::MAX;
-        };
-        let below = out
-            .delivered_below()
-            .unwrap_or_else(|e| fail_output("writing documents", &e));
-        self.undelivered.record_delivered(
-            below,
-            &mut self.counts.borrow_mut().latency,
-            self.started,
-        );
-        below
-    }
-
-    fn wake_with(&mut self, waker: SyncActivator) {
-        if let Some(out) = self.out.as_mut() {
-            out.wake_with(waker);
+        if self.market {
+            counts.market_documents += 1;
+            Ok(None)
+        } else {
+            Ok(Some(self.read_at_nanos))
         }
     }
 }
 
-/// Worker 0's dead-letter output; the other workers build the stage with `None`.
-pub(super) struct DeadLetterWriter {
-    pub out: Option<Sink>,
-    pub counts: Rc<RefCell<SinkCounts>>,
-    pub started: Instant,
+impl SinkRecord for DeadLetter {
+    const WHAT: &'static str = "writing dead letters";
+    fn write_counted(
+        &self,
+        out: &mut Sink,
+        counts: &mut SinkCounts,
+        source_binding: &str,
+    ) -> Result<Option<u64>, String> {
+        out.write_dead_letter(self, source_binding)?;
+        *counts.dead_letters.entry(self.reason.clone()).or_default() += 1;
+        Ok(Some(self.read_at_nanos))
+    }
+}
+
+/// Worker 0's output of one record kind; the other workers build the stage
+/// with `None`.
+pub(super) struct SinkWriter {
+    out: Option<Sink>,
+    counts: Rc<RefCell<SinkCounts>>,
+    started: Instant,
     /// the input binding, named in file dead letters
-    pub source_binding: String,
+    source_binding: String,
     undelivered: UndeliveredReadTimes,
 }
 
-impl DeadLetterWriter {
+impl SinkWriter {
     pub fn new(
         out: Option<Sink>,
         counts: Rc<RefCell<SinkCounts>>,
         started: Instant,
         source_binding: String,
     ) -> Self {
-        DeadLetterWriter {
+        SinkWriter {
             out,
             counts,
             started,
@@ -230,27 +212,23 @@ impl DeadLetterWriter {
     }
 }
 
-impl OrderedWriter<DeadLetter> for DeadLetterWriter {
-    fn write(&mut self, epochs: Vec<(u64, Vec<DeadLetter>)>) {
+impl<D: SinkRecord + 'static> OrderedWriter<D> for SinkWriter {
+    fn write(&mut self, epochs: Vec<(u64, Vec<D>)>) {
         let Some(out) = self.out.as_mut() else { return };
         let mut counts = self.counts.borrow_mut();
-        for (epoch, letters) in &epochs {
+        for (epoch, records) in &epochs {
             out.begin_epoch(*epoch);
-            for letter in letters {
-                if let Err(e) = out.write_dead_letter(letter, &self.source_binding) {
-                    fail_output("writing dead letters", &e);
+            let mut read_times = Vec::with_capacity(records.len());
+            for record in records {
+                match record.write_counted(out, &mut counts, &self.source_binding) {
+                    Ok(read_at) => read_times.extend(read_at),
+                    Err(e) => fail_output(D::WHAT, &e),
                 }
-                *counts
-                    .dead_letters
-                    .entry(letter.reason.clone())
-                    .or_default() += 1;
             }
-            self.undelivered
-                .0
-                .push_back((*epoch, letters.iter().map(|l| l.read_at_nanos).collect()));
+            self.undelivered.0.push_back((*epoch, read_times));
         }
         if let Err(e) = out.hand_over() {
-            fail_output("writing dead letters", &e);
+            fail_output(D::WHAT, &e);
         }
     }
 
@@ -260,7 +238,7 @@ impl OrderedWriter<DeadLetter> for DeadLetterWriter {
         };
         let below = out
             .delivered_below()
-            .unwrap_or_else(|e| fail_output("writing dead letters", &e));
+            .unwrap_or_else(|e| fail_output(D::WHAT, &e));
         self.undelivered.record_delivered(
             below,
             &mut self.counts.borrow_mut().latency,
