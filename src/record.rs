@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 pub enum Value {
     Int(i64),
     Num(f64),
-    Str(String),
+    /// Inline up to 23 bytes, shared beyond: listing states are cloned
+    /// several times per event, and a `String` per field made that a malloc each.
+    Str(smol_str::SmolStr),
 }
 
 impl Value {

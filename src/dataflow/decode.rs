@@ -178,7 +178,7 @@ pub fn decode(
             None | Some(Json::Null) => None,
             Some(json) => {
                 let value = match (field.field_type, json) {
-                    (FieldType::String, Json::String(s)) => Value::Str(s.clone()),
+                    (FieldType::String, Json::String(s)) => Value::Str(smol_str::SmolStr::new(s)),
                     (FieldType::Integer, Json::Number(n)) if n.is_i64() => {
                         Value::Int(n.as_i64().unwrap())
                     }
@@ -211,7 +211,7 @@ pub fn decode(
                     }
                 }
                 if let (Some(allowed), Value::Str(text)) = (&field.allowed, &value) {
-                    if !allowed.contains(text) {
+                    if !allowed.contains(text.as_str()) {
                         let mut allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
                         allowed.sort();
                         let detail = format!(

@@ -180,7 +180,7 @@ pub fn segment_label(
     for (reference, bucket) in &aggregate.group_by {
         let value = bucketed(group_value(plan, *reference, fields)?, *bucket);
         let json = match value {
-            Value::Str(s) => serde_json::Value::String(s),
+            Value::Str(s) => serde_json::Value::String(s.into()),
             Value::Int(i) => serde_json::Value::from(i),
             Value::Num(n) => serde_json::Value::from(n),
         };

@@ -452,7 +452,7 @@ pub fn decode(bytes: &[u8]) -> Result<ListingState, StateError> {
                     format,
                     detail: e.to_string(),
                 })?;
-                Some(Value::Str(text.to_string()))
+                Some(Value::Str(smol_str::SmolStr::new(text)))
             }
             tag => {
                 return Err(StateError::Corrupt {
@@ -503,7 +503,7 @@ mod tests {
                     0 => None,
                     1 => Some(Value::Int(i as i64 - 3)),
                     2 => Some(Value::Num(i as f64 / 3.0)),
-                    _ => Some(Value::Str(format!("v{i}é"))),
+                    _ => Some(Value::Str(format!("v{i}é").into())),
                 })
                 .collect(),
             market: (0..(seed % 3)).map(|i| i as f64 * 100.5).collect(),

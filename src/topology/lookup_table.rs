@@ -87,7 +87,7 @@ pub fn load(
                 })?),
             }
         } else {
-            Value::Str(value.clone())
+            Value::Str(value.as_str().into())
         };
         if table.insert(key.clone(), value).is_some() {
             return Err(format!(

@@ -1024,7 +1024,7 @@ fn compile_lookups(
         let numeric = lookup.value_type != FieldType::String;
         let default = match &lookup.default {
             None => None,
-            Some(toml::Value::String(text)) if !numeric => Some(Value::Str(text.clone())),
+            Some(toml::Value::String(text)) if !numeric => Some(Value::Str(text.as_str().into())),
             Some(toml::Value::Integer(i)) if numeric => Some(Value::Int(*i)),
             Some(toml::Value::Float(f)) if numeric => Some(Value::Num(*f)),
             Some(other) => {
