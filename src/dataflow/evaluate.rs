@@ -45,7 +45,6 @@ use crate::dataflow::market::{self, MarketInput, StatisticBits};
 use crate::dataflow::score::Scorer;
 use crate::model::{LoadedModel, ModelError};
 use crate::record::{OutputDocument, SourcePosition};
-use crate::state::ListingState;
 use crate::state::{StateError, Store};
 use crate::topology::Plan;
 
@@ -239,22 +238,27 @@ impl Evaluator {
             }
         }
 
-        // Every listing's current state (gate memory, market view). For a
-        // listing with events it is its last event's state (the state stage
-        // applied this epoch and nothing since); only market re-evaluations
-        // read the stage (RocksDB or its unwritten changes).
+        // Every listing's gate memory (hash of its last document, revision).
+        // For a listing with events it is its last event's state (the state
+        // stage applied this epoch and nothing since); only market
+        // re-evaluations read the stage (RocksDB or its unwritten changes).
         let mut last_own: FxHashMap<(u32, &str), &Enriched> =
             FxHashMap::with_capacity_and_hasher(own.len(), Default::default());
         for row in &own {
             last_own.insert((row.position.partition, row.key.as_str()), row);
         }
-        let mut states: FxHashMap<(u32, &str), Option<&ListingState>> = last_own
-            .iter()
-            .map(|(listing, row)| (*listing, Some(&row.state)))
-            .collect();
+        // indexed, not held in the map: lookups by a row's key then only
+        // borrow the rows briefly, and the market rows can be moved out later
+        let mut gates: Vec<(u64, u32)> = Vec::with_capacity(last_own.len() + changes.len());
+        let mut gate_of: FxHashMap<(u32, &str), usize> =
+            FxHashMap::with_capacity_and_hasher(gates.capacity(), Default::default());
+        for (listing, row) in &last_own {
+            gate_of.insert(*listing, gates.len());
+            gates.push((row.state.emitted_hash, row.state.revision));
+        }
         let mut market_only: Vec<(u32, &str)> = changes
             .iter()
-            .filter(|listing| !states.contains_key(*listing))
+            .filter(|listing| !gate_of.contains_key(*listing))
             .copied()
             .collect();
         market_only.sort();
@@ -263,33 +267,37 @@ impl Evaluator {
             .map(|(partition, key)| Store::state_key(*partition, key))
             .collect();
         let fetched = self.stage.borrow().current(&market_keys)?;
-        for (listing, state) in market_only.iter().zip(&fetched) {
-            states.insert(*listing, state.as_ref());
-        }
 
+        // The fetched states move into the rows (one copy of each); the
+        // state keys of the rows evaluated stay beside them for recording.
         let mut market_rows: Vec<Enriched> = Vec::new();
-        let mut market_views: Vec<Vec<f64>> = Vec::with_capacity(market_only.len());
-        for (listing, state) in market_only.iter().zip(&fetched) {
-            let Some(state) = state.as_ref().filter(|s| !s.deleted) else {
-                market_views.push(Vec::new());
+        let mut market_row_keys: Vec<Vec<u8>> = Vec::new();
+        for ((listing, state), state_key) in market_only.iter().zip(fetched).zip(market_keys) {
+            gate_of.insert(*listing, gates.len());
+            gates.push(
+                state
+                    .as_ref()
+                    .map(|s| (s.emitted_hash, s.revision))
+                    .unwrap_or((0, 0)),
+            );
+            let Some(state) = state.filter(|s| !s.deleted) else {
                 continue;
             };
             let view = self.view_of(&state.fields);
             // the rebuild after a restart, a change that nets out, or a move of
             // statistics no document reads: nothing new to see
             if same_read_view(&view, &state.market, &self.statistics_read) {
-                market_views.push(view);
                 continue;
             }
-            let features = compute_features(&self.plan, state, state.last_event_time, &view);
+            let features = compute_features(&self.plan, &state, state.last_event_time, &view);
             market_rows.push(Enriched {
                 key: listing.1.to_string(),
                 version: state.version,
                 event_time: state.last_event_time,
                 deleted: false,
-                state: state.clone(),
+                state,
                 features,
-                market: view.clone(),
+                market: view,
                 position: SourcePosition {
                     partition: listing.0,
                     offset: 0,
@@ -299,28 +307,17 @@ impl Evaluator {
                 read_at_nanos: 0,
                 cause: Cause::Market,
             });
-            market_views.push(view);
+            market_row_keys.push(state_key);
         }
         let rows: Vec<&Enriched> = own.iter().chain(&market_rows).collect();
 
         let bodies = self.scorer.score_batch(&rows)?;
-        let mut memory: FxHashMap<(u32, &str), (u64, u32)> = states
-            .iter()
-            .map(|(listing, state)| {
-                (
-                    *listing,
-                    state
-                        .map(|s| (s.emitted_hash, s.revision))
-                        .unwrap_or((0, 0)),
-                )
-            })
-            .collect();
         let mut documents = Vec::with_capacity(rows.len());
         for (row, body) in rows.iter().zip(bodies) {
             let listing = (row.position.partition, row.key.as_str());
-            let gate = memory
-                .get_mut(&listing)
-                .expect("every row's listing was fetched");
+            let gate = &mut gates[*gate_of
+                .get(&listing)
+                .expect("every row's listing was fetched")];
             let market = row.cause == Cause::Market;
             let own = own_revision(self.incarnation);
             let Some((body, gate_start)) = body else {
@@ -372,7 +369,7 @@ impl Evaluator {
         let mut stage = self.stage.borrow_mut();
         // own events: the stage holds their state unwritten; record on it
         for (listing, row) in last_own {
-            let (hash, revision) = memory[&listing];
+            let (hash, revision) = gates[gate_of[&listing]];
             stage.record_evaluation(
                 Store::state_key(listing.0, listing.1),
                 None,
@@ -387,20 +384,15 @@ impl Evaluator {
         // lags; that is safe, because the view only decides whether the next
         // move is worth evaluating (a lagging view makes that more likely),
         // and an own event takes its statistics from the broadcast, never
-        // from the stored view.
-        for (((listing, state), state_key), view) in market_only
-            .iter()
-            .zip(fetched)
-            .zip(market_keys)
-            .zip(market_views)
-        {
-            let (hash, revision) = memory[listing];
-            let unchanged = state
-                .as_ref()
-                .is_some_and(|s| s.emitted_hash == hash && s.revision == revision);
-            if !unchanged {
-                stage.record_evaluation(state_key, state, hash, revision, view);
+        // from the stored view. (Listings not evaluated, deleted or absent
+        // keep their memory unchanged: nothing to record.)
+        drop(rows);
+        for (row, state_key) in market_rows.into_iter().zip(market_row_keys) {
+            let (hash, revision) = gates[gate_of[&(row.position.partition, row.key.as_str())]];
+            if row.state.emitted_hash == hash && row.state.revision == revision {
+                continue;
             }
+            stage.record_evaluation(state_key, Some(row.state), hash, revision, row.market);
         }
         Ok(documents)
     }

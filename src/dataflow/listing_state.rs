@@ -20,7 +20,7 @@
 //! tombstone state holding its last version, so a late event cannot bring it
 //! back.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Arc;
 
 use crate::dataflow::decode::ChangeEvent;
@@ -78,10 +78,10 @@ pub struct GateCounts {
 pub struct ListingStateStage {
     plan: Arc<Plan>,
     store: Store,
-    dirty: HashMap<Vec<u8>, ListingState>,
+    dirty: FxHashMap<Vec<u8>, ListingState>,
     pub counts: GateCounts,
     /// Segments this worker has labelled already.
-    labelled: HashSet<u64>,
+    labelled: FxHashSet<u64>,
 }
 
 impl ListingStateStage {
@@ -89,45 +89,39 @@ impl ListingStateStage {
         ListingStateStage {
             plan,
             store,
-            dirty: HashMap::new(),
+            dirty: FxHashMap::default(),
             counts: GateCounts::default(),
-            labelled: HashSet::new(),
+            labelled: FxHashSet::default(),
         }
     }
 
     /// Member updates for a listing going from `old` to `new` (either may be absent or deleted).
+    /// `labelled`: the segments this worker has labelled already.
     fn member_updates(
-        &mut self,
-        partition: u32,
-        key: &str,
+        plan: &Plan,
+        labelled: &mut FxHashSet<u64>,
+        (partition, key): (u32, &str),
         old: Option<&ListingState>,
         new: Option<&ListingState>,
         time: u64,
         out: &mut Vec<StateOutput>,
     ) {
-        for aggregate_index in 0..self.plan.aggregates.len() {
+        for aggregate_index in 0..plan.aggregates.len() {
             for (state, diff) in [(old, -1isize), (new, 1)] {
                 let Some(state) = state.filter(|s| !s.deleted) else {
                     continue;
                 };
-                let Some(segment) = market::segment_of(&self.plan, aggregate_index, &state.fields)
-                else {
+                let Some(segment) = market::segment_of(plan, aggregate_index, &state.fields) else {
                     continue;
                 };
-                if diff > 0 && self.labelled.insert(segment) {
-                    if let Some(label) =
-                        market::segment_label(&self.plan, aggregate_index, &state.fields)
+                if diff > 0 && labelled.insert(segment) {
+                    if let Some(label) = market::segment_label(plan, aggregate_index, &state.fields)
                     {
                         out.push(StateOutput::Label(segment, label));
                     }
                 }
-                let member = market::encode_member(
-                    &self.plan,
-                    aggregate_index,
-                    &state.fields,
-                    partition,
-                    key,
-                );
+                let member =
+                    market::encode_member(plan, aggregate_index, &state.fields, partition, key);
                 out.push(StateOutput::Member(((segment, member), time, diff)));
             }
         }
@@ -144,7 +138,7 @@ impl ListingStateStage {
         if self.plan.aggregates.is_empty() {
             return Ok(0);
         }
-        let owned: HashSet<u32> = partitions.iter().copied().collect();
+        let owned: FxHashSet<u32> = partitions.iter().copied().collect();
         let mut listings = Vec::new();
         self.store.for_each_listing(|partition, key, state| {
             if owned.contains(&partition) && !state.deleted {
@@ -152,7 +146,15 @@ impl ListingStateStage {
             }
         })?;
         for (partition, key, state) in &listings {
-            self.member_updates(*partition, key, None, Some(state), time, out);
+            Self::member_updates(
+                &self.plan,
+                &mut self.labelled,
+                (*partition, key),
+                None,
+                Some(state),
+                time,
+                out,
+            );
         }
         Ok(listings.len() as u64)
     }
@@ -217,7 +219,8 @@ impl ListingStateStage {
             .collect();
         wanted.sort();
         wanted.dedup();
-        let mut fetched: HashMap<Vec<u8>, ListingState> = HashMap::with_capacity(wanted.len());
+        let mut fetched: FxHashMap<Vec<u8>, ListingState> =
+            FxHashMap::with_capacity_and_hasher(wanted.len(), Default::default());
         for (key, state) in wanted.iter().zip(self.store.get_many(&wanted)?) {
             if let Some(state) = state {
                 fetched.insert(key.clone(), state);
@@ -272,11 +275,11 @@ impl ListingStateStage {
                 },
             };
             if !self.plan.aggregates.is_empty() {
-                let old = current.cloned();
-                self.member_updates(
-                    event.position.partition,
-                    &event.key,
-                    old.as_ref(),
+                Self::member_updates(
+                    &self.plan,
+                    &mut self.labelled,
+                    (event.position.partition, &event.key),
+                    current,
                     Some(&next),
                     time,
                     out,

@@ -285,7 +285,8 @@ pub fn run(
         worker.dataflow::<u64, _, _>(|scope| {
             let raw = scope.input_from(&mut input_handle);
             let decode_plan = plan.clone();
-            let (events, decode_dead) = raw.ok_err::<Vec<_>, _, Vec<_>, _, _>(move |raw: RawRecord| decode::decode(&decode_plan, max_record_bytes, raw));
+            let decode_slots = decode::Slots::new(&plan);
+            let (events, decode_dead) = raw.ok_err::<Vec<_>, _, Vec<_>, _, _>(move |raw: RawRecord| decode::decode(&decode_plan, &decode_slots, max_record_bytes, raw));
 
             let (documents, state_dead) = if pass_through {
                 let encode_plan = plan.clone();
