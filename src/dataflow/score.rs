@@ -15,11 +15,13 @@ pub struct Scorer {
     plan: Arc<Plan>,
     models: Arc<Vec<LoadedModel>>,
     encoded: Vec<f32>,
+    shaper: shape::Shaper,
 }
 
 impl Scorer {
     pub fn new(plan: Arc<Plan>, models: Arc<Vec<LoadedModel>>) -> Self {
         Scorer {
+            shaper: shape::Shaper::new(&plan, &models),
             plan,
             models,
             encoded: Vec::new(),
@@ -97,8 +99,8 @@ impl Scorer {
                 })
                 .collect();
             documents.push(Some(shape::document_body(
+                &self.shaper,
                 &self.plan,
-                &self.models,
                 row,
                 &model_values,
             )));

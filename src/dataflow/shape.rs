@@ -19,12 +19,57 @@ enum Shaped<'a> {
     Text(&'a str),
 }
 
+/// What every document of a topology writes the same way, escaped once:
+/// the envelope's keys, each output field's `,"name":` and the models' tail.
+pub struct Shaper {
+    key_prefix: String,
+    version_prefix: String,
+    event_time_prefix: String,
+    field_prefixes: Vec<String>,
+    /// `,"scored_by":{...}}`, or `}` without models.
+    tail: String,
+}
+
+impl Shaper {
+    pub fn new(plan: &Plan, models: &[LoadedModel]) -> Self {
+        let prefix = |lead: &str, name: &str| {
+            let mut out = String::from(lead);
+            write_key(&mut out, name);
+            out
+        };
+        let mut tail = String::new();
+        if !models.is_empty() {
+            tail.push_str(",\"scored_by\":{");
+            for (i, model) in models.iter().enumerate() {
+                if i > 0 {
+                    tail.push(',');
+                }
+                write_key(&mut tail, &model.name);
+                write_string(&mut tail, &model.version);
+            }
+            tail.push('}');
+        }
+        tail.push('}');
+        Shaper {
+            key_prefix: prefix("{", &plan.key_field),
+            version_prefix: prefix(",", &plan.version_field),
+            event_time_prefix: prefix(",", &plan.event_time_field),
+            field_prefixes: plan
+                .output_fields
+                .iter()
+                .map(|field| prefix(",", &field.name))
+                .collect(),
+            tail,
+        }
+    }
+}
+
 /// The JSON document for a live listing, and the byte offset where its output
 /// fields start: the envelope before it (key, version, event time) is not
 /// what the change gate compares.
 pub fn document_body(
+    shaper: &Shaper,
     plan: &Plan,
-    models: &[LoadedModel],
     row: &Enriched,
     model_values: &[&[f32]],
 ) -> (String, usize) {
@@ -62,17 +107,14 @@ pub fn document_body(
         .collect();
 
     let mut out = String::with_capacity(512);
-    out.push('{');
-    write_key(&mut out, &plan.key_field);
+    out.push_str(&shaper.key_prefix);
     write_string(&mut out, &row.key);
-    out.push(',');
-    write_key(&mut out, &plan.version_field);
+    out.push_str(&shaper.version_prefix);
     write_integer(&mut out, row.version as i64);
-    out.push(',');
-    write_key(&mut out, &plan.event_time_field);
+    out.push_str(&shaper.event_time_prefix);
     write_integer(&mut out, row.event_time);
     let gate_start = out.len();
-    for field in &plan.output_fields {
+    for (field, prefix) in plan.output_fields.iter().zip(&shaper.field_prefixes) {
         let value = match field.source {
             ValueRef::Lookup(i) => match lookup_value(plan, i, &row.state.fields, &mut false) {
                 Some(Value::Str(s)) => Some(Shaped::Text(s)),
@@ -104,8 +146,7 @@ pub fn document_body(
             }
             (value, _) => value,
         };
-        out.push(',');
-        write_key(&mut out, &field.name);
+        out.push_str(prefix);
         match value {
             Shaped::Text(s) => write_string(&mut out, s),
             Shaped::Integer(v) => write_integer(&mut out, v),
@@ -116,18 +157,7 @@ pub fn document_body(
             Shaped::Number(v) => write_float(&mut out, v),
         }
     }
-    if !models.is_empty() {
-        out.push_str(",\"scored_by\":{");
-        for (i, model) in models.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            write_key(&mut out, &model.name);
-            write_string(&mut out, &model.version);
-        }
-        out.push('}');
-    }
-    out.push('}');
+    out.push_str(&shaper.tail);
     (out, gate_start)
 }
 
@@ -164,8 +194,12 @@ fn write_key(out: &mut String, key: &str) {
 }
 
 fn write_string(out: &mut String, text: &str) {
-    // most values need no escaping: copy them straight in
-    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    // most values need no escaping: copy them straight in (a check without
+    // an early exit, which the compiler vectorizes)
+    let needs_escape = text.bytes().fold(false, |any, b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !needs_escape {
         out.push('"');
         out.push_str(text);
         out.push('"');
