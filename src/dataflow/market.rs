@@ -73,8 +73,11 @@ use crate::hash::{FNV_OFFSET, fnv1a_extend as fnv};
 use crate::record::Value;
 use crate::topology::{Aggregate, Function, OutputField, Plan, ValueRef};
 
-/// A member of a segment: see `encode_member`.
-pub type Member = Box<[u8]>;
+/// A member of a segment: see `encode_member`. Inline up to 48 bytes (a
+/// listing id of about 20 bytes with its measures): the arrangement's merges
+/// copy members, and a boxed member made each copy a malloc and each merged
+/// batch's drop a free per member.
+pub type Member = smallvec::SmallVec<[u8; 48]>;
 /// Statistics as the bits of f64s (NaN: no value), so they are `Ord`.
 pub type StatisticBits = Vec<u64>;
 /// A differential update of the member collection.
@@ -214,7 +217,7 @@ pub fn encode_member(
     key: &str,
 ) -> Member {
     let aggregate = &plan.aggregates[aggregate_index];
-    let mut bytes = Vec::with_capacity(carried_count(aggregate) * 8 + 4 + key.len());
+    let mut bytes = Member::new();
     let carried = aggregate
         .projection
         .as_ref()
@@ -226,7 +229,7 @@ pub fn encode_member(
     }
     bytes.extend_from_slice(&partition.to_be_bytes());
     bytes.extend_from_slice(key.as_bytes());
-    bytes.into_boxed_slice()
+    bytes
 }
 
 pub fn member_measure(member: &[u8], index: usize) -> f64 {
@@ -630,8 +633,8 @@ pub struct MarketTraces {
 }
 
 /// What the arrangements hold, counted from their batches: the containers'
-/// capacities and each boxed value's heap block (glibc: 16-byte aligned, 8
-/// bytes of header, 32 at least). Allocator slack and freed pages are not in
+/// capacities and each value's heap block, if it has one (glibc: 16-byte
+/// aligned, 8 bytes of header, 32 at least). Allocator slack and freed pages are not in
 /// it; peak RSS in the summary is the upper bound.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ArrangementMemory {
@@ -658,11 +661,18 @@ impl MarketTraces {
         self.members.map_spans(|span| {
             if let Some(batch) = &span.inner {
                 let storage = &batch.storage;
-                let values: usize = storage.vals.vals.iter().map(|v| heap_block(v.len())).sum();
+                // a member longer than its inline capacity lives on the heap
+                let values: usize = storage
+                    .vals
+                    .vals
+                    .iter()
+                    .filter(|v| v.spilled())
+                    .map(|v| heap_block(v.capacity()))
+                    .sum();
                 memory.member_updates += batch.updates as u64;
                 memory.member_bytes += (storage.keys.capacity() * std::mem::size_of::<(u64, u16)>()
                     + offsets_bytes(&storage.vals.offs)
-                    + storage.vals.vals.capacity() * 16
+                    + storage.vals.vals.capacity() * std::mem::size_of::<Member>()
                     + values
                     + offsets_bytes(&storage.upds.offs)
                     + storage.upds.times.capacity() * 8
