@@ -112,12 +112,16 @@ pub struct StateConfig {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("state")
 }
-/// 64 MiB keeps a million listings' hot set in memory within the 300 MB budget.
+/// Kafka Streams' budget for one store (50 MB cache, 16 MB memtables) is the
+/// model: a million live listings' state with its market arrangements then
+/// fits in about 330 MB. At 64/32 RocksDB alone held 115 MB of it (the
+/// cache filled with the blocks market re-evaluations read; up to two
+/// memtables), for no throughput measurable on `assay bench`.
 fn default_block_cache_mb() -> usize {
-    64
+    32
 }
 fn default_write_buffer_mb() -> usize {
-    32
+    16
 }
 
 impl Default for StateConfig {
