@@ -134,12 +134,4 @@ impl Sink {
             kafka.wake_with(waker);
         }
     }
-
-    /// Returns when everything written is handed to the OS (files) or delivered (Kafka).
-    pub fn flush(&mut self) -> Result<(), String> {
-        match self {
-            Sink::File(file) => file.flush().map_err(|e| e.to_string()),
-            Sink::Kafka(kafka) => kafka.flush().map_err(|e| e.to_string()),
-        }
-    }
 }

@@ -411,18 +411,11 @@ pub fn run(
                 // worker 0 holds the sink
                 if statistics_enabled {
                     let statistics_plan = plan.clone();
-                    statistics::write_statistics(statistics_changes, labels, statistics_plan, skip_epoch, move |documents| {
-                        let Some(statistics_out) = statistics_out.as_mut() else { return };
-                        for document in &documents {
-                            if let Err(e) = statistics_out.write_document(document) {
-                                fail_output("writing statistics", &e);
-                            }
-                        }
-                        if let Err(e) = statistics_out.flush() {
-                            fail_output("writing statistics", &e);
-                        }
-                    })
-                    .probe_with(&probe);
+                    // written like the documents: without waiting for the
+                    // broker on the worker thread, released once delivered
+                    let changelog = statistics::statistics_changelog(statistics_changes, labels, statistics_plan, skip_epoch);
+                    sink::write_in_epoch_order(changelog, "StatisticsSink", statistics::changelog_order, sink::SinkWriter::new(statistics_out.take(), counts.clone(), started, plan.input_binding.clone()))
+                        .probe_with(&probe);
                 }
                 (documents, state_dead)
             };

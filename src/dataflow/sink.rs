@@ -170,6 +170,20 @@ impl SinkRecord for OutputDocument {
     }
 }
 
+impl SinkRecord for crate::dataflow::statistics::StatisticsRecord {
+    const WHAT: &'static str = "writing statistics";
+    fn write_counted(
+        &self,
+        out: &mut Sink,
+        _counts: &mut SinkCounts,
+        _source_binding: &str,
+    ) -> Result<Option<u64>, String> {
+        out.write_document(&self.0)?;
+        // not a document of the search index, and no input's latency
+        Ok(None)
+    }
+}
+
 impl SinkRecord for DeadLetter {
     const WHAT: &'static str = "writing dead letters";
     fn write_counted(

@@ -9,28 +9,27 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::{Stream, StreamVec};
 
 use crate::dataflow::market::{StatisticBits, from_bits};
 use crate::record::{OutputDocument, SourcePosition};
 use crate::topology::{MEASURE_STATISTICS, Plan};
 
-/// Writes each epoch's statistics changes, in segment order, with `write`.
-pub fn write_statistics<'scope, W>(
+/// Each epoch's statistics changes as changelog records (in segment order),
+/// on worker 0, at the epoch's time: the ordered sink stage writes them and
+/// holds the epoch until they are delivered.
+pub fn statistics_changelog<'scope>(
     changes: StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>,
     labels: StreamVec<'scope, u64, (u64, String)>,
     plan: Arc<Plan>,
     skip_epoch: Option<u64>,
-    mut write: W,
-) -> Stream<'scope, u64, Vec<()>>
-where
-    W: FnMut(Vec<OutputDocument>) + 'static,
-{
+) -> StreamVec<'scope, u64, StatisticsRecord> {
     type Pending = (Capability<u64>, Vec<((u64, StatisticBits), u64, isize)>);
-    changes.binary_frontier::<_, timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _, _>(
+    changes.binary_frontier::<_, timely::container::CapacityContainerBuilder<Vec<StatisticsRecord>>, _, _, _, _>(
         labels,
         Exchange::new(|_: &((u64, StatisticBits), u64, isize)| 0u64),
         Exchange::new(|_: &(u64, String)| 0u64),
@@ -38,7 +37,7 @@ where
         move |_, _| {
             let mut names: HashMap<u64, String> = HashMap::new();
             let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
-            move |(changes, changes_frontier), (labels, labels_frontier), _output| {
+            move |(changes, changes_frontier), (labels, labels_frontier), output| {
                 labels.for_each(|_, containers| {
                     for (segment, label) in containers.drain(..) {
                         names.entry(segment).or_insert(label);
@@ -56,7 +55,7 @@ where
                     if changes_frontier.less_equal(&epoch) || labels_frontier.less_equal(&epoch) {
                         break;
                     }
-                    let (_capability, mut updates) = entry.remove();
+                    let (capability, mut updates) = entry.remove();
                     // the rebuild of statistics the changelog already holds
                     if skip_epoch == Some(epoch) {
                         continue;
@@ -102,9 +101,19 @@ where
                         });
                     }
                     documents.sort_by(|a, b| a.key.cmp(&b.key));
-                    write(documents);
+                    output.session(&capability).give_iterator(documents.into_iter().map(StatisticsRecord));
                 }
             }
         },
     )
+}
+
+/// A record of the statistics changelog: written like a document (keyed by
+/// segment, a tombstone when the segment empties), counted as none.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatisticsRecord(pub OutputDocument);
+
+/// Records of one epoch in segment order, as `statistics_changelog` made them.
+pub fn changelog_order(a: &StatisticsRecord, b: &StatisticsRecord) -> std::cmp::Ordering {
+    a.0.key.cmp(&b.0.key)
 }

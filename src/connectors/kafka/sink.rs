@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message};
 use timely::scheduling::SyncActivator;
 
@@ -275,42 +275,6 @@ impl KafkaSink {
                 value: Some(offset.as_str()),
             });
         self.send(None, Some(&letter.bytes), headers)
-    }
-
-    /// Waits until every record sent so far is delivered; a failed delivery is an error.
-    ///
-    /// Calls librdkafka's `rd_kafka_flush` itself: rdkafka's `Producer::flush`
-    /// polls in slices of up to 100 ms that run to their end even when the
-    /// last acknowledgement arrives at once, so each flush cost about 100 ms
-    /// and bounded a sink to about ten epochs per second. `rd_kafka_flush`
-    /// waits on librdkafka's in-flight count and returns as soon as it reaches
-    /// zero (the delivery reports are served by the producer's own thread).
-    pub fn flush(&mut self) -> Result<(), KafkaSinkError> {
-        loop {
-            // SAFETY: the pointer is the live producer's client handle, owned by `self.producer`
-            // for the whole call; rd_kafka_flush is thread-safe.
-            let code: RDKafkaErrorCode = unsafe {
-                rdkafka::bindings::rd_kafka_flush(self.producer.client().native_ptr(), 5000)
-            }
-            .into();
-            match code {
-                RDKafkaErrorCode::NoError => break,
-                RDKafkaErrorCode::OperationTimedOut => {
-                    eprintln!(
-                        "warning: kafka sink `{}`: {} record(s) not yet delivered, still trying",
-                        self.topic,
-                        self.producer.in_flight_count()
-                    );
-                }
-                error => {
-                    return Err(KafkaSinkError {
-                        topic: self.topic.clone(),
-                        detail: KafkaError::Flush(error).to_string(),
-                    });
-                }
-            }
-        }
-        self.delivered_below().map(|_| ())
     }
 }
 
