@@ -9,6 +9,11 @@
 //!    at half the measured rate; a consumer reads the output and records
 //!    `now - input record timestamp` (header `assay.source.timestamp`), i.e.
 //!    append to the input topic until readable from the output topic.
+//!    Split at the engine's send (the output record's create time): append
+//!    until sent (the broker's fetch path, the engine's queue and work) and
+//!    sent until readable (the broker's produce path and the reader's fetch);
+//!    the engine's own read-to-acknowledged comes from its summary, so what
+//!    the broker and the clients add can be told from what the engine adds.
 //! 3. **CPU per component**: engine (its own /proc), broker (its /proc, when
 //!    `--broker-pid` is given), and this process's producer and consumer.
 
@@ -90,13 +95,14 @@ fn engine_config(
     brokers: &str,
     prefix: &str,
     workers: usize,
+    epoch_ms: u64,
 ) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("{prefix}.toml"));
     std::fs::write(
         &path,
         format!(
             "[runtime]\nworkers = {workers}\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n[kafka]\nbootstrap_servers = \"{brokers}\"\n\n\
-         [bindings.listing_changes]\ntype = \"kafka\"\ntopic = \"{prefix}-in\"\nstop_when_idle_ms = {IDLE_MS}\nproperties = {{ \"fetch.wait.max.ms\" = \"{FETCH_WAIT_MS}\" }}\n\n\
+         [bindings.listing_changes]\ntype = \"kafka\"\ntopic = \"{prefix}-in\"\nstop_when_idle_ms = {IDLE_MS}\nepoch_ms = {epoch_ms}\nproperties = {{ \"fetch.wait.max.ms\" = \"{FETCH_WAIT_MS}\" }}\n\n\
          [bindings.search_documents]\ntype = \"kafka\"\ntopic = \"{prefix}-out\"\n\n[bindings.dead_letters]\ntype = \"kafka\"\ntopic = \"{prefix}-dead\"\n",
             dir.join(format!("{prefix}-state"))
         ),
@@ -129,7 +135,7 @@ fn measure_latency(
     brokers: &str,
     topic: &str,
     stop: Arc<AtomicBool>,
-    histogram: Arc<Mutex<LatencyHistogram>>,
+    histograms: Arc<Mutex<Latencies>>,
 ) -> anyhow::Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -155,65 +161,99 @@ fn measure_latency(
                 .as_millis() as i64;
             // the engine's documents carry their input's append time; a record
             // of the broker-only baseline has its own
-            let sent = message
-                .headers()
-                .and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == "assay.source.timestamp")
-                        .and_then(|h| h.value)
-                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
-                })
-                .or_else(|| message.timestamp().to_millis());
-            if let Some(sent) = sent {
-                histogram
-                    .lock()
-                    .unwrap()
-                    .record(((now - sent).max(0) as u64) * 1_000_000);
+            let appended = message.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "assay.source.timestamp")
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
+            });
+            let created = message.timestamp().to_millis();
+            let millis = |from: i64, to: i64| ((to - from).max(0) as u64) * 1_000_000;
+            let mut histograms = histograms.lock().unwrap();
+            match (appended, created) {
+                (Some(appended), Some(created)) => {
+                    histograms.total.record(millis(appended, now));
+                    histograms.until_sent.record(millis(appended, created));
+                    histograms.after_sent.record(millis(created, now));
+                }
+                (Some(appended), None) => histograms.total.record(millis(appended, now)),
+                // a market re-emission (no input record of its own) or a record
+                // of the broker-only baseline: its own create time
+                (None, Some(created)) => histograms.total.record(millis(created, now)),
+                (None, None) => {}
             }
         }
     }
     Ok(())
 }
 
+/// What a `LatencyReader` records, per output record.
+#[derive(Default)]
+struct Latencies {
+    /// Append to the input topic (or, without an input record, the engine's
+    /// send) until readable from the output topic.
+    total: LatencyHistogram,
+    /// Append until the engine sent the document (records with an input record).
+    until_sent: LatencyHistogram,
+    /// The engine's send until readable (records with an input record).
+    after_sent: LatencyHistogram,
+}
+
+/// p50 and p99 in ms of each of `Latencies`' histograms.
+#[derive(Clone, Copy, Default)]
+struct LatencyFigures {
+    total: (f64, f64),
+    until_sent: (f64, f64),
+    after_sent: (f64, f64),
+}
+
+fn p50_p99_ms(histogram: &LatencyHistogram) -> (f64, f64) {
+    (
+        histogram.quantile(0.5).as_secs_f64() * 1e3,
+        histogram.quantile(0.99).as_secs_f64() * 1e3,
+    )
+}
+
 /// `measure_latency` on its own thread, from `start` until `finish`.
 struct LatencyReader {
     stop: Arc<AtomicBool>,
-    histogram: Arc<Mutex<LatencyHistogram>>,
+    histograms: Arc<Mutex<Latencies>>,
     thread: std::thread::JoinHandle<anyhow::Result<()>>,
 }
 
 impl LatencyReader {
     fn start(brokers: &str, topic: &str) -> LatencyReader {
         let stop = Arc::new(AtomicBool::new(false));
-        let histogram = Arc::new(Mutex::new(LatencyHistogram::default()));
+        let histograms = Arc::new(Mutex::new(Latencies::default()));
         let thread = {
-            let (brokers, topic, stop, histogram) = (
+            let (brokers, topic, stop, histograms) = (
                 brokers.to_string(),
                 topic.to_string(),
                 stop.clone(),
-                histogram.clone(),
+                histograms.clone(),
             );
-            std::thread::spawn(move || measure_latency(&brokers, &topic, stop, histogram))
+            std::thread::spawn(move || measure_latency(&brokers, &topic, stop, histograms))
         };
         LatencyReader {
             stop,
-            histogram,
+            histograms,
             thread,
         }
     }
 
-    /// Stops reading; returns the p50 and p99 latency in ms.
-    fn finish(self) -> anyhow::Result<(f64, f64)> {
+    /// Stops reading; returns the p50 and p99 latencies in ms.
+    fn finish(self) -> anyhow::Result<LatencyFigures> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("latency reader panicked"))?
             .context("latency reader")?;
-        let histogram = self.histogram.lock().unwrap();
-        Ok((
-            histogram.quantile(0.5).as_secs_f64() * 1e3,
-            histogram.quantile(0.99).as_secs_f64() * 1e3,
-        ))
+        let histograms = self.histograms.lock().unwrap();
+        Ok(LatencyFigures {
+            total: p50_p99_ms(&histograms.total),
+            until_sent: p50_p99_ms(&histograms.until_sent),
+            after_sent: p50_p99_ms(&histograms.after_sent),
+        })
     }
 }
 
@@ -226,7 +266,7 @@ fn broker_round_trip(
     lines: &[Vec<u8>],
     rate: f64,
     partitions: u32,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<(f64, f64)> {
     create_topics(brokers, &[topic], partitions)?;
     let reader = LatencyReader::start(brokers, topic);
     std::thread::sleep(Duration::from_millis(500));
@@ -236,16 +276,18 @@ fn broker_round_trip(
     );
     produce(brokers, topic, lines, rate)?;
     std::thread::sleep(Duration::from_millis(IDLE_MS));
-    let (p50_ms, p99_ms) = reader.finish()?;
-    Ok((rate, p50_ms, p99_ms))
+    Ok(reader.finish()?.total)
 }
 
 struct Row {
     label: &'static str,
     events_per_second: f64,
     half_rate: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+    latencies: LatencyFigures,
+    /// The engine's own read to acknowledged, p50 and p99 ms, from its summary.
+    engine_latency: (f64, f64),
+    /// The broker alone at the latency run's rate, p50 and p99 ms.
+    broker_alone: (f64, f64),
     engine_cpu: f64,
     broker_cpu: f64,
     client_cpu: f64,
@@ -254,18 +296,49 @@ struct Row {
     events: u64,
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    topology: &Path,
-    brokers: &str,
+/// `assay bench-kafka`'s options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    #[arg(long, default_value = "topologies/listings.toml")]
+    topology: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    #[arg(long, default_value_t = 1_000_000)]
     events: u64,
+    /// Events produced during the latency measurement.
+    #[arg(long, default_value_t = 200_000)]
     latency_events: u64,
+    /// The latency run's rate as a fraction of the measured maximum (the target is set at 0.5).
+    #[arg(long, default_value_t = 0.5)]
     latency_rate_fraction: f64,
+    #[arg(long, default_value_t = 2)]
     workers: usize,
+    #[arg(long, default_value_t = 4)]
     partitions: u32,
+    /// The engine's input `epoch_ms` (the binding's default is 5).
+    #[arg(long, default_value_t = 5)]
+    epoch_ms: u64,
+    /// The broker's process id, to report its CPU.
+    #[arg(long)]
     broker_pid: Option<u32>,
-    dir: &Path,
-) -> anyhow::Result<()> {
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    let Options {
+        topology,
+        brokers,
+        dir,
+        ..
+    } = options;
+    let brokers = brokers.as_str();
+    let (events, workers, partitions, epoch_ms) = (
+        options.events,
+        options.workers,
+        options.partitions,
+        options.epoch_ms,
+    );
     std::fs::create_dir_all(dir)?;
     let sample = topology
         .parent()
@@ -285,7 +358,6 @@ pub fn run(
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     let mut rows = Vec::new();
-    let mut broker_baseline = None;
     for (label, pass_through) in [("pass-through", true), ("full", false)] {
         // 1. maximum throughput on a pre-filled topic
         let prefix = format!("bench{run_id}-{label}");
@@ -302,20 +374,26 @@ pub fn run(
         let produce_rate = produce(brokers, &format!("{prefix}-in"), &lines, 0.0)?;
         eprintln!("bench-kafka: {label}: produced at {produce_rate:.0} events/s; consuming");
         let summary_path = dir.join(format!("{prefix}-summary.json"));
-        let config = engine_config(dir, brokers, &prefix, workers)?;
-        let broker_cpu_before = broker_pid.map(|p| cpu_seconds(Some(p))).unwrap_or(0.0);
+        let config = engine_config(dir, brokers, &prefix, workers, epoch_ms)?;
+        let broker_cpu_before = options
+            .broker_pid
+            .map(|p| cpu_seconds(Some(p)))
+            .unwrap_or(0.0);
         let status = start_engine(topology, &config, &summary_path, pass_through)?.wait()?;
         if !status.success() {
             bail!("{label} engine failed ({status})");
         }
-        let broker_cpu =
-            broker_pid.map(|p| cpu_seconds(Some(p))).unwrap_or(0.0) - broker_cpu_before;
+        let broker_cpu = options
+            .broker_pid
+            .map(|p| cpu_seconds(Some(p)))
+            .unwrap_or(0.0)
+            - broker_cpu_before;
         let summary = crate::bench_command::summary_from(&summary_path)?;
         let busy = (summary.elapsed_seconds - IDLE_MS as f64 / 1000.0).max(1e-3);
         let events_per_second = summary.records_in as f64 / busy;
 
         // 2. latency at half of that rate, engine running while records arrive
-        let half_rate = events_per_second * latency_rate_fraction;
+        let half_rate = events_per_second * options.latency_rate_fraction;
         let latency_prefix = format!("{prefix}-latency");
         create_topics(
             brokers,
@@ -326,24 +404,27 @@ pub fn run(
             ],
             partitions,
         )?;
-        let count = (latency_events as usize).min(lines.len());
-        if pass_through {
-            broker_baseline = Some(broker_round_trip(
-                brokers,
-                &format!("{prefix}-echo"),
-                &lines[..count],
-                half_rate,
-                partitions,
-            )?);
-        }
-        let latency_config = engine_config(dir, brokers, &latency_prefix, workers)?;
+        let count = (options.latency_events as usize).min(lines.len());
+        // the broker alone at the same rate and count, on a fresh topic: what
+        // the latency run would see with no engine in between
+        let broker_alone = broker_round_trip(
+            brokers,
+            &format!("{prefix}-echo"),
+            &lines[..count],
+            half_rate,
+            partitions,
+        )?;
+        let latency_config = engine_config(dir, brokers, &latency_prefix, workers, epoch_ms)?;
         let latency_summary = dir.join(format!("{latency_prefix}-summary.json"));
         let mut engine = start_engine(topology, &latency_config, &latency_summary, pass_through)?;
         let reader = LatencyReader::start(brokers, &format!("{latency_prefix}-out"));
         std::thread::sleep(Duration::from_millis(500)); // let the engine and the reader assign their partitions
         let client_cpu_before = cpu_seconds(None);
         let latency_started = Instant::now();
-        let broker_cpu_before = broker_pid.map(|p| cpu_seconds(Some(p))).unwrap_or(0.0);
+        let broker_cpu_before = options
+            .broker_pid
+            .map(|p| cpu_seconds(Some(p)))
+            .unwrap_or(0.0);
         let engine_cpu_before = cpu_seconds(Some(engine.id()));
         eprintln!(
             "bench-kafka: {label}: producing {count} events at {half_rate:.0}/s while the engine runs"
@@ -357,20 +438,23 @@ pub fn run(
         // the engine's and the broker's share of one core while records were produced
         let producing = latency_started.elapsed().as_secs_f64();
         let engine_load = (cpu_seconds(Some(engine.id())) - engine_cpu_before) / producing;
-        let broker_load =
-            broker_pid.map(|p| (cpu_seconds(Some(p)) - broker_cpu_before) / producing);
+        let broker_load = options
+            .broker_pid
+            .map(|p| (cpu_seconds(Some(p)) - broker_cpu_before) / producing);
         let status = engine.wait()?;
-        let (p50_ms, p99_ms) = reader.finish()?;
+        let latencies = reader.finish()?;
         if !status.success() {
             bail!("{label} latency engine failed ({status})");
         }
+        let latency_run = crate::bench_command::summary_from(&latency_summary)?;
         let client_cpu = cpu_seconds(None) - client_cpu_before;
         rows.push(Row {
             label,
             events_per_second,
             half_rate,
-            p50_ms,
-            p99_ms,
+            latencies,
+            engine_latency: (latency_run.latency_p50_ms, latency_run.latency_p99_ms),
+            broker_alone,
             engine_cpu: summary.cpu_seconds,
             broker_cpu,
             client_cpu,
@@ -380,7 +464,7 @@ pub fn run(
         });
     }
     println!(
-        "\nassay bench-kafka: {events} generated events, {partitions} partitions, {workers} worker(s), broker {brokers}"
+        "\nassay bench-kafka: {events} generated events, {partitions} partitions, {workers} worker(s), epoch_ms {epoch_ms}, broker {brokers}"
     );
     println!(
         "{:<13} {:>10} {:>8} {:>11} {:>8} {:>8}   {}",
@@ -400,10 +484,10 @@ pub fn run(
             r.events_per_second,
             100.0 * r.events_per_second / baseline,
             r.half_rate,
-            r.p50_ms,
-            r.p99_ms,
+            r.latencies.total.0,
+            r.latencies.total.1,
             r.engine_cpu,
-            if broker_pid.is_some() {
+            if options.broker_pid.is_some() {
                 format!("{:.1}", r.broker_cpu)
             } else {
                 "n/a (pass --broker-pid)".into()
@@ -423,10 +507,28 @@ pub fn run(
                 .unwrap_or_else(|| "n/a (pass --broker-pid)".into())
         );
     }
-    if let Some((rate, p50, p99)) = broker_baseline {
+    println!(
+        "\nwhere the latency goes (p50 / p99 ms; documents of an input record, split at the engine's send):"
+    );
+    for r in &rows {
         println!(
-            "{:<13} {:>10} {:>8} {:>11.0} {:>8.1} {:>8.1}   the bench's producer and reader with no engine in between",
-            "broker alone", "", "", rate, p50, p99
+            "  {:<13} append -> sent {:>7.1} / {:>7.1}   sent -> readable {:>7.1} / {:>7.1}   engine read -> acknowledged {:>7.1} / {:>7.1}",
+            r.label,
+            r.latencies.until_sent.0,
+            r.latencies.until_sent.1,
+            r.latencies.after_sent.0,
+            r.latencies.after_sent.1,
+            r.engine_latency.0,
+            r.engine_latency.1,
+        );
+    }
+    println!(
+        "\nthe broker alone at each latency run's rate and count (the bench's producer and reader, no engine):"
+    );
+    for r in &rows {
+        println!(
+            "  {:<13} at {:>7.0}/s   p50 {:>7.1} ms   p99 {:>7.1} ms",
+            r.label, r.half_rate, r.broker_alone.0, r.broker_alone.1
         );
     }
     println!(

@@ -88,29 +88,7 @@ enum Command {
     },
     /// Benchmark against a running broker: pass-through and full topology,
     /// throughput, end-to-end latency at half the maximum rate, CPU.
-    BenchKafka {
-        #[arg(long, default_value = "topologies/listings.toml")]
-        topology: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:9092")]
-        brokers: String,
-        #[arg(long, default_value_t = 1_000_000)]
-        events: u64,
-        /// Events produced during the latency measurement.
-        #[arg(long, default_value_t = 200_000)]
-        latency_events: u64,
-        /// The latency run's rate as a fraction of the measured maximum (the target is set at 0.5).
-        #[arg(long, default_value_t = 0.5)]
-        latency_rate_fraction: f64,
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-        #[arg(long, default_value_t = 4)]
-        partitions: u32,
-        /// The broker's process id, to report its CPU.
-        #[arg(long)]
-        broker_pid: Option<u32>,
-        #[arg(long, default_value = "target/bench")]
-        dir: PathBuf,
-    },
+    BenchKafka(bench_kafka::Options),
     /// Benchmark: generate a stream calibrated on the sample, run the full
     /// topology and a pass-through baseline on 1 and 2 workers, print
     /// throughput, latency percentiles and peak memory.
@@ -271,28 +249,8 @@ fn main() -> anyhow::Result<ExitCode> {
             eprintln!("{seen} record(s) from topic {topic}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchKafka {
-            topology,
-            brokers,
-            events,
-            latency_events,
-            latency_rate_fraction,
-            workers,
-            partitions,
-            broker_pid,
-            dir,
-        } => {
-            bench_kafka::run(
-                &topology,
-                &brokers,
-                events,
-                latency_events,
-                latency_rate_fraction,
-                workers,
-                partitions,
-                broker_pid,
-                &dir,
-            )?;
+        Command::BenchKafka(options) => {
+            bench_kafka::run(&options)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
