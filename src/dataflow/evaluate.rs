@@ -79,10 +79,10 @@ pub fn next_market_revision(last: u32, incarnation: u32) -> u32 {
     }
 }
 
-/// FNV-1a over the output fields: stable across builds (it is persisted).
+/// A word-wise hash of the output fields: stable across builds (it is persisted).
 pub fn gate_hash(bytes: &[u8]) -> u64 {
     // 0 means "nothing emitted yet"
-    crate::hash::fnv1a(bytes).max(1)
+    crate::hash::words_hash(bytes).max(1)
 }
 
 #[derive(Debug, thiserror::Error)]
