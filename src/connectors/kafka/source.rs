@@ -124,8 +124,10 @@ impl KafkaSource {
     /// Takes the records librdkafka has queued, without waiting, up to
     /// `epoch_records` for `epoch`, and returns the epoch the next records
     /// belong to: `epoch` again while the shared clock (`epoch_ms` per tick)
-    /// has not moved past it and it is not full. Epochs follow a clock shared
-    /// by all workers, so their epochs line up.
+    /// has not moved past it and it is not full; the next epoch once it holds
+    /// records and is full or its tick has ended; the clock's epoch when it
+    /// holds none. Idle sources follow a clock shared by all workers, so their
+    /// epochs line up.
     ///
     /// It never blocks: the worker steps the dataflow between calls (and
     /// parks briefly when there is nothing to do). Waiting in `poll` for a
@@ -219,9 +221,18 @@ impl KafkaSource {
         }
         self.filling.1 += out.len() - taken_before;
         let clock = self.started.elapsed().as_millis() as u64 / self.epoch_ms;
-        if self.filling.1 >= self.epoch_records {
-            clock.max(epoch + 1)
+        if self.filling.1 >= self.epoch_records || (self.filling.1 > 0 && clock > epoch) {
+            // An epoch with records moves on by one, never to the clock: after a
+            // wait (back-pressure, a long step) the clock is many ticks ahead,
+            // and jumping there left the epochs between empty. Back-pressure
+            // counts epoch numbers, so only one epoch with records was then in
+            // flight, and a source behind its input read in stop-and-wait (one
+            // epoch, then a wait for its delivery): the full topology fell
+            // seconds behind at half its maximum rate.
+            epoch + 1
         } else {
+            // nothing taken in this epoch: follow the clock, so that the
+            // workers' epochs line up
             clock.max(epoch)
         }
     }
