@@ -38,6 +38,8 @@ pub fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
         latency_p50_ms: number("latency_p50_ms"),
         latency_p99_ms: number("latency_p99_ms"),
         latency_max_ms: number("latency_max_ms"),
+        source_lag_p50_ms: value["source_lag_p50_ms"].as_f64(),
+        source_lag_p99_ms: value["source_lag_p99_ms"].as_f64(),
         peak_rss_mb: number("peak_rss_mb"),
         cpu_seconds: number("cpu_seconds"),
         unchanged: count("unchanged"),

@@ -32,12 +32,6 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const IDLE_MS: u64 = 2000;
-/// The engine consumer's `fetch.wait.max.ms`, as in `config/kafka.toml`:
-/// tansu 0.6.0 answers every fetch only after sleeping for at least half of
-/// the request's maximum wait (a full one below 250 ms), even when records
-/// are there at once, so librdkafka's default of 500 ms puts 250 ms into
-/// every fetch round trip. A Kafka broker answers as soon as records arrive.
-const FETCH_WAIT_MS: u64 = 10;
 
 fn create_topics(brokers: &str, names: &[&str], partitions: u32) -> anyhow::Result<()> {
     let kafka = assay::config::KafkaConfig {
@@ -96,13 +90,15 @@ fn engine_config(
     prefix: &str,
     workers: usize,
     epoch_ms: u64,
+    max_epochs_in_flight: u64,
+    fetch_wait_ms: u64,
 ) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("{prefix}.toml"));
     std::fs::write(
         &path,
         format!(
-            "[runtime]\nworkers = {workers}\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n[kafka]\nbootstrap_servers = \"{brokers}\"\n\n\
-         [bindings.listing_changes]\ntype = \"kafka\"\ntopic = \"{prefix}-in\"\nstop_when_idle_ms = {IDLE_MS}\nepoch_ms = {epoch_ms}\nproperties = {{ \"fetch.wait.max.ms\" = \"{FETCH_WAIT_MS}\" }}\n\n\
+            "[runtime]\nworkers = {workers}\nmax_epochs_in_flight = {max_epochs_in_flight}\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n[kafka]\nbootstrap_servers = \"{brokers}\"\n\n\
+         [bindings.listing_changes]\ntype = \"kafka\"\ntopic = \"{prefix}-in\"\nstop_when_idle_ms = {IDLE_MS}\nepoch_ms = {epoch_ms}\nproperties = {{ \"fetch.wait.max.ms\" = \"{fetch_wait_ms}\" }}\n\n\
          [bindings.search_documents]\ntype = \"kafka\"\ntopic = \"{prefix}-out\"\n\n[bindings.dead_letters]\ntype = \"kafka\"\ntopic = \"{prefix}-dead\"\n",
             dir.join(format!("{prefix}-state"))
         ),
@@ -257,6 +253,48 @@ impl LatencyReader {
     }
 }
 
+/// Waits until the engine reads every partition of `input`: one record it
+/// cannot decode per partition, then its dead letters on `dead_letters`. The
+/// warm-up is in the engine's counts (records in, dead letters), not in the
+/// latency figures (dead letters are not on the output topic).
+fn warm_up(brokers: &str, input: &str, dead_letters: &str, partitions: u32) -> anyhow::Result<()> {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    for partition in 0..partitions as i32 {
+        let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(input)
+            .partition(partition)
+            .payload(b"bench-kafka warm-up: not a listing change");
+        producer
+            .send(record)
+            .map_err(|(error, _)| anyhow::anyhow!("warm-up record: {error}"))?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "assay-bench-warm-up")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions as i32 {
+        assignment.add_partition_offset(dead_letters, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = 0;
+    while seen < partitions {
+        if Instant::now() > deadline {
+            bail!(
+                "the engine did not dead-letter its warm-up records within 60 s ({seen} of {partitions} seen on {dead_letters})"
+            );
+        }
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(50)) {
+            seen += 1;
+        }
+    }
+    Ok(())
+}
+
 /// The broker alone: records produced at `rate` into `topic` and read back by
 /// the same reader as the engine's output, with no engine in between. What
 /// the engine adds is the difference to this.
@@ -280,12 +318,17 @@ fn broker_round_trip(
 }
 
 struct Row {
-    label: &'static str,
+    /// The pipeline, with its round when there are several.
+    label: String,
+    pipeline: &'static str,
+    round: u32,
     events_per_second: f64,
     half_rate: f64,
     latencies: LatencyFigures,
     /// The engine's own read to acknowledged, p50 and p99 ms, from its summary.
     engine_latency: (f64, f64),
+    /// The engine's record timestamp -> read (its source lag), p50 / p99.
+    engine_source_lag: (f64, f64),
     /// The broker alone at the latency run's rate, p50 and p99 ms.
     broker_alone: (f64, f64),
     engine_cpu: f64,
@@ -315,9 +358,25 @@ pub struct Options {
     workers: usize,
     #[arg(long, default_value_t = 4)]
     partitions: u32,
+    /// Rounds of the whole measurement, interleaved (pass-through, full,
+    /// pass-through, ...), each on fresh topics; with more than one, the
+    /// medians follow the rounds. This machine's noise can be larger than a
+    /// change being measured.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
     /// The engine's input `epoch_ms` (the binding's default is 5).
     #[arg(long, default_value_t = 5)]
     epoch_ms: u64,
+    /// The engine's `runtime.max_epochs_in_flight`, as in `config/kafka.toml`.
+    #[arg(long, default_value_t = 8)]
+    max_epochs_in_flight: u64,
+    /// The engine consumer's `fetch.wait.max.ms`, as in `config/kafka.toml`:
+    /// tansu 0.6.0 answers every fetch only after sleeping for at least half of
+    /// the request's maximum wait (a full one below 250 ms), even when records
+    /// are there at once, so librdkafka's default of 500 ms puts 250 ms into
+    /// every fetch round trip. A Kafka broker answers as soon as records arrive.
+    #[arg(long, default_value_t = 10)]
+    fetch_wait_ms: u64,
     /// The broker's process id, to report its CPU.
     #[arg(long)]
     broker_pid: Option<u32>,
@@ -358,9 +417,18 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     let mut rows = Vec::new();
-    for (label, pass_through) in [("pass-through", true), ("full", false)] {
+    let rounds = options.rounds.max(1);
+    let pipelines = [("pass-through", true), ("full", false)];
+    for (round, (pipeline, pass_through)) in
+        (1..=rounds).flat_map(|round| pipelines.into_iter().map(move |pipeline| (round, pipeline)))
+    {
+        let label = if rounds > 1 {
+            format!("{pipeline} #{round}")
+        } else {
+            pipeline.to_string()
+        };
         // 1. maximum throughput on a pre-filled topic
-        let prefix = format!("bench{run_id}-{label}");
+        let prefix = format!("bench{run_id}-r{round}-{pipeline}");
         create_topics(
             brokers,
             &[
@@ -374,7 +442,15 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         let produce_rate = produce(brokers, &format!("{prefix}-in"), &lines, 0.0)?;
         eprintln!("bench-kafka: {label}: produced at {produce_rate:.0} events/s; consuming");
         let summary_path = dir.join(format!("{prefix}-summary.json"));
-        let config = engine_config(dir, brokers, &prefix, workers, epoch_ms)?;
+        let config = engine_config(
+            dir,
+            brokers,
+            &prefix,
+            workers,
+            epoch_ms,
+            options.max_epochs_in_flight,
+            options.fetch_wait_ms,
+        )?;
         let broker_cpu_before = options
             .broker_pid
             .map(|p| cpu_seconds(Some(p)))
@@ -389,6 +465,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .unwrap_or(0.0)
             - broker_cpu_before;
         let summary = crate::bench_command::summary_from(&summary_path)?;
+        // the summary stays for reading; the engine's state would pile up run after run
+        let _ = std::fs::remove_dir_all(dir.join(format!("{prefix}-state")));
         let busy = (summary.elapsed_seconds - IDLE_MS as f64 / 1000.0).max(1e-3);
         let events_per_second = summary.records_in as f64 / busy;
 
@@ -414,11 +492,27 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             half_rate,
             partitions,
         )?;
-        let latency_config = engine_config(dir, brokers, &latency_prefix, workers, epoch_ms)?;
+        let latency_config = engine_config(
+            dir,
+            brokers,
+            &latency_prefix,
+            workers,
+            epoch_ms,
+            options.max_epochs_in_flight,
+            options.fetch_wait_ms,
+        )?;
         let latency_summary = dir.join(format!("{latency_prefix}-summary.json"));
         let mut engine = start_engine(topology, &latency_config, &latency_summary, pass_through)?;
         let reader = LatencyReader::start(brokers, &format!("{latency_prefix}-out"));
-        std::thread::sleep(Duration::from_millis(500)); // let the engine and the reader assign their partitions
+        // Records produced before the engine's consumers fetch wait for them:
+        // with a fixed half-second pause, that start-up wait was most of the
+        // reported p99 (pass-through p99 480 -> 55 ms once it was left out).
+        warm_up(
+            brokers,
+            &format!("{latency_prefix}-in"),
+            &format!("{latency_prefix}-dead"),
+            partitions,
+        )?;
         let client_cpu_before = cpu_seconds(None);
         let latency_started = Instant::now();
         let broker_cpu_before = options
@@ -447,13 +541,20 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             bail!("{label} latency engine failed ({status})");
         }
         let latency_run = crate::bench_command::summary_from(&latency_summary)?;
+        let _ = std::fs::remove_dir_all(dir.join(format!("{latency_prefix}-state")));
         let client_cpu = cpu_seconds(None) - client_cpu_before;
         rows.push(Row {
-            label,
+            label: label.clone(),
+            pipeline,
+            round,
             events_per_second,
             half_rate,
             latencies,
             engine_latency: (latency_run.latency_p50_ms, latency_run.latency_p99_ms),
+            engine_source_lag: (
+                latency_run.source_lag_p50_ms.unwrap_or(f64::NAN),
+                latency_run.source_lag_p99_ms.unwrap_or(f64::NAN),
+            ),
             broker_alone,
             engine_cpu: summary.cpu_seconds,
             broker_cpu,
@@ -476,13 +577,18 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "p99 ms",
         "CPU s for the max-rate run (engine, broker) / latency run (bench producer+consumer)"
     );
-    let baseline = rows[0].events_per_second;
+    let baseline = |round: u32| {
+        rows.iter()
+            .find(|r| r.round == round && r.pipeline == "pass-through")
+            .map(|r| r.events_per_second)
+            .unwrap_or(f64::NAN)
+    };
     for r in &rows {
         println!(
             "{:<13} {:>10.0} {:>7.0}% {:>11.0} {:>8.1} {:>8.1}   engine {:.1}, broker {}, bench clients {:.1} ({} events)",
             r.label,
             r.events_per_second,
-            100.0 * r.events_per_second / baseline,
+            100.0 * r.events_per_second / baseline(r.round),
             r.half_rate,
             r.latencies.total.0,
             r.latencies.total.1,
@@ -508,16 +614,19 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\nwhere the latency goes (p50 / p99 ms; documents of an input record, split at the engine's send):"
+        "\nwhere the latency goes (p50 / p99 ms): documents of an input record, split at the engine's send (output record timestamp);\n\
+         the engine's own split of its input records at their read (append -> read) and their acknowledgement"
     );
     for r in &rows {
         println!(
-            "  {:<13} append -> sent {:>7.1} / {:>7.1}   sent -> readable {:>7.1} / {:>7.1}   engine read -> acknowledged {:>7.1} / {:>7.1}",
+            "  {:<13} append -> sent {:>7.1} / {:>7.1}   sent -> readable {:>6.1} / {:>6.1}   engine: append -> read {:>7.1} / {:>7.1}   read -> acknowledged {:>7.1} / {:>7.1}",
             r.label,
             r.latencies.until_sent.0,
             r.latencies.until_sent.1,
             r.latencies.after_sent.0,
             r.latencies.after_sent.1,
+            r.engine_source_lag.0,
+            r.engine_source_lag.1,
             r.engine_latency.0,
             r.engine_latency.1,
         );
@@ -531,8 +640,58 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             r.label, r.half_rate, r.broker_alone.0, r.broker_alone.1
         );
     }
+    if rounds > 1 {
+        println!("\nmedians of {rounds} rounds:");
+        for (pipeline, _) in pipelines {
+            let of = |figure: &dyn Fn(&Row) -> f64| {
+                median(
+                    rows.iter()
+                        .filter(|r| r.pipeline == pipeline)
+                        .map(figure)
+                        .collect(),
+                )
+            };
+            println!(
+                "  {:<13} {:>8.0} events/s {:>5.0}% of pass-through   append -> readable p50 {:>7.1} ms p99 {:>7.1} ms   source lag p50 {:>7.1} ms p99 {:>7.1} ms",
+                pipeline,
+                of(&|r| r.events_per_second),
+                of(&|r| 100.0 * r.events_per_second / baseline(r.round)),
+                of(&|r| r.latencies.total.0),
+                of(&|r| r.latencies.total.1),
+                of(&|r| r.engine_source_lag.0),
+                of(&|r| r.engine_source_lag.1),
+            );
+        }
+    }
     println!(
-        "\nlatency: append to the input topic until readable from the output topic; one run on a shared 2-core machine"
+        "\nlatency: append to the input topic until readable from the output topic; {} on a shared 2-core machine",
+        if rounds > 1 { "rounds" } else { "one run" }
     );
     Ok(())
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
 }

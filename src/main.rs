@@ -171,7 +171,20 @@ fn prepare(
 #[global_allocator]
 static GLOBAL_ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-fn main() -> anyhow::Result<ExitCode> {
+/// Errors end the process as `error: ...` with their causes, like the
+/// validation messages, and without a backtrace even when RUST_BACKTRACE is
+/// set: they are answers for the person running assay, not crashes.
+fn main() -> ExitCode {
+    match run_command() {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { topology, config } => {

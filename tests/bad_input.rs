@@ -168,6 +168,8 @@ fn every_bad_record_is_dead_lettered_with_its_reason_and_bytes() {
         "{summary:?}"
     );
     assert!(summary.reconciled);
+    // a file's records carry no append time: no source lag to report
+    assert_eq!(summary.source_lag_p50_ms, None);
     let documents = read_lines(&config.documents);
     assert_eq!(documents.len(), 3);
     assert!(

@@ -27,6 +27,22 @@ fn line_count(path: &std::path::Path) -> usize {
 
 #[test]
 fn killed_and_resumed_run_equals_a_clean_run() {
+    killed_and_resumed_equals_clean("1");
+}
+
+/// With a market window the checkpoints fall on window ends, so the resumed
+/// run sees the windows the clean run saw and writes no document it does not.
+#[test]
+fn with_a_market_window_a_killed_and_resumed_run_equals_a_clean_run() {
+    killed_and_resumed_equals_clean("3");
+}
+
+fn killed_and_resumed_equals_clean(market_window_epochs: &str) {
+    let assay = || {
+        let mut command = assay();
+        command.env("ASSAY_RUNTIME__MARKET_WINDOW_EPOCHS", market_window_epochs);
+        command
+    };
     // the uninterrupted run
     let clean_dir = tempfile::tempdir().unwrap();
     let clean = write_config(clean_dir.path(), &sample_stream(), 2, 256, "");
@@ -108,4 +124,55 @@ fn killed_and_resumed_run_equals_a_clean_run() {
         line_count(&crashed.documents) < before_restart + total_documents,
         "the rerun replayed everything: no checkpoint was used"
     );
+}
+
+/// State deleted by hand (or a config pointing at a new state directory)
+/// while the output files still hold a run's documents: a rerun would read
+/// the input from its beginning and append a second copy. It is refused with
+/// the file named; `--from-scratch` starts afresh and gives the same output.
+#[test]
+fn a_new_state_beside_old_outputs_is_refused_and_from_scratch_starts_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = sample_prefix(dir.path(), 400);
+    let config = write_config(dir.path(), &input, 1, 64, "");
+    let first = run_in_process(&listings_topology(), &config, false);
+    assert!(first.documents_emitted > 0);
+    let documents = std::fs::read(&config.documents).unwrap();
+
+    // the state is there: the rerun resumes and adds nothing
+    let resumed = run_in_process(&listings_topology(), &config, false);
+    assert_eq!(resumed.records_in, 0, "{resumed:?}");
+    assert_eq!(std::fs::read(&config.documents).unwrap(), documents);
+
+    std::fs::remove_dir_all(&config.state).unwrap();
+    let prepared = assay::prepare(&listings_topology(), Some(&config.path), &[]).unwrap();
+    let options = assay::dataflow::RunOptions {
+        from_scratch: false,
+        progress: Some(false),
+        pass_through: false,
+    };
+    match assay::dataflow::run(prepared.plan, &prepared.config, prepared.models, &options) {
+        Err(error @ assay::dataflow::RunError::OutputWithoutState { .. }) => {
+            let message = error.to_string();
+            assert!(
+                message.contains(&config.documents.display().to_string())
+                    && message.contains("--from-scratch"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(&config.documents).unwrap(),
+        documents,
+        "the refused run wrote nothing"
+    );
+    assert!(
+        !config.state.exists(),
+        "the refused run left no state behind"
+    );
+
+    let afresh = run_in_process(&listings_topology(), &config, true);
+    assert_eq!(afresh.records_in, first.records_in);
+    assert_eq!(std::fs::read(&config.documents).unwrap(), documents);
 }

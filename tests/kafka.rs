@@ -260,12 +260,28 @@ fn the_sample_through_kafka_on_four_partitions_and_two_workers_equals_the_file_r
     let broker = Broker::memory(dir.path());
     let brokers = broker.address();
     create_topic(&brokers, "listing_changes", 4);
+    let produced_from = std::time::Instant::now();
     produce_lines(&producer(&brokers), "listing_changes", &sample_lines());
 
     let config = kafka_config(dir.path(), &brokers, 2, 4, 2000);
     let summary = run_kafka(&config);
     assert!(summary.reconciled, "{summary:?}");
     assert_eq!(summary.records_in, sample_lines().len() as u64);
+    // every record was appended after `produced_from` and read before now: its
+    // source lag is at most that long (histogram buckets round up by < 2%)
+    let (lag_p50, lag_p99) = (
+        summary
+            .source_lag_p50_ms
+            .expect("a Kafka source reports its lag"),
+        summary
+            .source_lag_p99_ms
+            .expect("a Kafka source reports its lag"),
+    );
+    let at_most = produced_from.elapsed().as_secs_f64() * 1e3 * 1.02 + 1.0;
+    assert!(
+        lag_p50 <= lag_p99 && lag_p99 <= at_most && lag_p50 >= 0.0,
+        "source lag p50 {lag_p50} ms, p99 {lag_p99} ms, appended at most {at_most} ms ago"
+    );
 
     let file_dir = tempfile::tempdir().unwrap();
     let (expected, file_config) = file_run_documents(file_dir.path());

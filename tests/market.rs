@@ -33,10 +33,15 @@ struct RentalConfig {
 }
 
 fn rental_config(dir: &Path, input: &Path, workers: usize) -> RentalConfig {
+    rental_config_windowed(dir, input, workers, 1)
+}
+
+/// With `runtime.market_window_epochs` = `window`.
+fn rental_config_windowed(dir: &Path, input: &Path, workers: usize, window: u64) -> RentalConfig {
     let documents = dir.join("documents.jsonl");
     let statistics = dir.join("statistics.jsonl");
     let text = format!(
-        "[runtime]\nworkers = {workers}\nepoch_records = {EPOCH}\ncheckpoint_interval_ms = 50\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n\
+        "[runtime]\nworkers = {workers}\nepoch_records = {EPOCH}\nmarket_window_epochs = {window}\ncheckpoint_interval_ms = 50\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n\
          [bindings.rental_changes]\ntype = \"file\"\npath = {input:?}\npartitions = 4\n\n\
          [bindings.rental_documents]\ntype = \"file\"\npath = {documents:?}\n\n\
          [bindings.rental_dead_letters]\ntype = \"file\"\npath = {:?}\n\n\
@@ -443,26 +448,87 @@ fn count_known_metro(events: &[Json]) -> u64 {
 
 #[test]
 fn a_run_resumed_in_the_middle_writes_what_an_uninterrupted_run_writes() {
+    resumed_in_the_middle_equals_uninterrupted(1, 20);
+}
+
+/// With a market window, the resumed run must see the windows the
+/// uninterrupted one saw: the first part ends at a window's end, and the
+/// checkpoints in between are proposed at window ends. (A clean end inside a
+/// window flushes it, so that run would emit its neighbours' documents
+/// earlier than an uninterrupted one; the index would end the same.)
+#[test]
+fn with_a_market_window_a_resumed_run_writes_what_an_uninterrupted_run_writes() {
+    resumed_in_the_middle_equals_uninterrupted(4, 20);
+}
+
+/// A window of 4 epochs: fewer market documents, since statistics that move
+/// and move back inside a window re-evaluate nobody, and the same index at
+/// the end as re-evaluating every epoch.
+#[test]
+fn a_market_window_emits_fewer_documents_and_leaves_the_same_index() {
+    let events = random_events(11, 1500);
+    let mut summaries = Vec::new();
+    let mut indexes = Vec::new();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (dir, window) in dirs.iter().zip([1, 4]) {
+        let input = dir.path().join("events.jsonl");
+        write_events(&input, &events);
+        let config = rental_config_windowed(dir.path(), &input, 2, window);
+        summaries.push(run(&config, true));
+        // the fields the change gate compares: without the envelope's version
+        // and event time, which say which event's document passed the gate last
+        let index: BTreeMap<String, Option<Json>> = current_documents(&config.documents)
+            .into_iter()
+            .map(|(key, (_version, mut document))| {
+                if let Some(Json::Object(fields)) = &mut document {
+                    fields.remove("version");
+                    fields.remove("event_time");
+                }
+                (key, document)
+            })
+            .collect();
+        indexes.push(index);
+    }
+    let (every_epoch, windowed) = (&summaries[0], &summaries[1]);
+    assert!(every_epoch.market_documents > 0, "{every_epoch:?}");
+    assert!(
+        windowed.market_documents < every_epoch.market_documents,
+        "window of 4: {} market documents, every epoch: {}",
+        windowed.market_documents,
+        every_epoch.market_documents
+    );
+    // every event is evaluated either way; whether its document changed (the
+    // gate) can differ, since it may see older statistics
+    let evaluated_events =
+        |s: &assay::observe::RunSummary| s.documents_emitted - s.market_documents + s.unchanged;
+    assert_eq!(evaluated_events(windowed), evaluated_events(every_epoch));
+    assert_eq!(indexes[0].len(), indexes[1].len());
+    for (key, document) in &indexes[0] {
+        assert_eq!(Some(document), indexes[1].get(key), "listing {key}");
+    }
+}
+
+fn resumed_in_the_middle_equals_uninterrupted(window: u64, first_epochs: usize) {
     let events = random_events(7, 1200);
     let clean_dir = tempfile::tempdir().unwrap();
     let clean_input = clean_dir.path().join("events.jsonl");
     write_events(&clean_input, &events);
-    let clean = rental_config(clean_dir.path(), &clean_input, 2);
+    let clean = rental_config_windowed(clean_dir.path(), &clean_input, 2, window);
     run(&clean, true);
 
     // the first half, then the rest appended to the same file: the second run
     // rebuilds the arrangements from RocksDB and resumes at the checkpoint
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
-    write_events(&input, &events[..20 * EPOCH]);
-    let resumed = rental_config(dir.path(), &input, 2);
+    write_events(&input, &events[..first_epochs * EPOCH]);
+    let resumed = rental_config_windowed(dir.path(), &input, 2, window);
     let first = run(&resumed, true);
-    assert_eq!(first.records_in, 20 * EPOCH as u64);
+    assert_eq!(first.records_in, (first_epochs * EPOCH) as u64);
     write_events(&input, &events);
     let second = run(&resumed, false);
     assert_eq!(
         second.records_in,
-        (events.len() - 20 * EPOCH) as u64,
+        (events.len() - first_epochs * EPOCH) as u64,
         "the second run resumes after the first half"
     );
 

@@ -56,6 +56,16 @@ pub struct RuntimeConfig {
     /// the cost of a pipeline drain and a RocksDB batch each time.
     #[serde(default = "default_checkpoint_interval_ms")]
     pub checkpoint_interval_ms: u64,
+    /// Epochs over which moves of the market statistics are gathered before
+    /// neighbours are re-evaluated (and before documents see them). With 1,
+    /// every epoch's moves re-evaluate at once. With K, the statistics seen
+    /// change only at epochs that are multiples of K, so a statistic that
+    /// moves and moves back within the window re-evaluates nobody: fewer
+    /// documents and less work when epochs are small (Kafka's are ticks of
+    /// `epoch_ms`), at the price of documents seeing statistics up to K
+    /// epochs old. The exact statistics changelog stays per epoch.
+    #[serde(default = "default_market_window_epochs")]
+    pub market_window_epochs: u64,
     /// Progress bar on stderr: `auto` (when stderr is a terminal), `always`, `never`.
     #[serde(default)]
     pub progress: ProgressMode,
@@ -73,6 +83,9 @@ fn default_max_epochs_in_flight() -> u64 {
 fn default_checkpoint_interval_ms() -> u64 {
     1000
 }
+fn default_market_window_epochs() -> u64 {
+    1
+}
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
@@ -81,6 +94,7 @@ impl Default for RuntimeConfig {
             epoch_records: default_epoch_records(),
             max_epochs_in_flight: default_max_epochs_in_flight(),
             checkpoint_interval_ms: default_checkpoint_interval_ms(),
+            market_window_epochs: default_market_window_epochs(),
             progress: ProgressMode::default(),
         }
     }
@@ -329,6 +343,13 @@ fn check(config: &EnvConfig, file: &Path, plan: Option<&Plan>, diagnostics: &mut
     }
     if config.runtime.epoch_records == 0 {
         diagnostics.error(file, "runtime.epoch_records must be at least 1", None);
+    }
+    if config.runtime.market_window_epochs == 0 {
+        diagnostics.error(
+            file,
+            "runtime.market_window_epochs must be at least 1",
+            Some("1 re-evaluates neighbours every epoch; K gathers K epochs of market moves".into()),
+        );
     }
     if config.runtime.max_epochs_in_flight == 0 {
         diagnostics.error(

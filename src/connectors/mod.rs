@@ -60,6 +60,15 @@ impl Source {
         }
     }
 
+    /// How long records waited between their append to the input and their
+    /// read, when the source knows the append time (Kafka's record timestamp).
+    pub fn lag(&self) -> Option<&crate::observe::LatencyHistogram> {
+        match self {
+            Source::File(_) => None,
+            Source::Kafka(kafka) => Some(&kafka.lag),
+        }
+    }
+
     /// (done, total) bytes, when the source has an end.
     pub fn progress(&self) -> Option<(u64, u64)> {
         match self {

@@ -624,6 +624,41 @@ pub fn band_stand_in(value: f64, cuts: &[f64]) -> f64 {
         .unwrap_or(f64::NEG_INFINITY)
 }
 
+/// When moves of the seen statistics become visible: with `epochs` = K > 1, at
+/// the next dataflow time that is a multiple of K, so the bucket views, the
+/// neighbours' re-evaluations and the statistics documents read all change
+/// once per window, with what netted out inside it gone. The rebuild's time
+/// (`rebuild_time`, at or below which nothing waits) is visible at once:
+/// the first epoch after a restart reads the rebuilt statistics. Checkpoints
+/// are proposed at window ends (`aligned_checkpoint`), so a restart's rebuild
+/// falls on one, and a resumed run sees the windows an uninterrupted one saw.
+#[derive(Debug, Clone, Copy)]
+pub struct MarketWindow {
+    pub epochs: u64,
+    pub rebuild_time: u64,
+}
+
+impl MarketWindow {
+    pub fn visible_at(&self, time: u64) -> u64 {
+        if self.epochs <= 1 || time <= self.rebuild_time {
+            time
+        } else {
+            time.div_ceil(self.epochs) * self.epochs
+        }
+    }
+}
+
+/// The first input epoch at or after `epoch` that is a multiple of the
+/// window: a run resumed from a checkpoint there rebuilds at dataflow time
+/// `epoch` (its records run at epoch + 1), which ends a window.
+pub fn aligned_checkpoint(epoch: u64, window_epochs: u64) -> u64 {
+    if window_epochs <= 1 {
+        epoch
+    } else {
+        epoch.div_ceil(window_epochs) * window_epochs
+    }
+}
+
 /// Handles on the arrangements, to measure their memory (see [`ArrangementMemory`]).
 pub struct MarketTraces {
     members: TraceAgent<ValSpine<(u64, u16), Member, u64, isize>>,
@@ -720,6 +755,7 @@ fn reader<Tr: differential_dataflow::trace::TraceReader<Time = u64>>(mut trace: 
 pub fn build<'scope>(
     plan: Arc<Plan>,
     members: StreamVec<'scope, u64, MemberUpdate>,
+    window: MarketWindow,
 ) -> (
     StreamVec<'scope, u64, (MarketInput, u64, isize)>,
     StreamVec<'scope, u64, ((u64, StatisticBits), u64, isize)>,
@@ -769,6 +805,13 @@ pub fn build<'scope>(
             .collect();
         (segment, to_bits(&rounded))
     });
+    // moves of the seen statistics wait for the end of their window, where the
+    // moves inside it have netted out (see `MarketWindow`)
+    let seen_changes = if window.epochs > 1 {
+        seen_changes.delay(move |time| window.visible_at(*time))
+    } else {
+        seen_changes
+    };
     // each member's bucket, as the arrangement keys it
     let bucket_changes = members_by_bucket.map(|(segment_bucket, _member)| segment_bucket);
     let views = bucket_views::build(

@@ -81,6 +81,16 @@ pub enum RunError {
     Worker { worker: usize, detail: String },
     #[error("cannot discard old state at {path}: {detail}")]
     Reset { path: PathBuf, detail: String },
+    #[error(
+        "output file {} already holds {bytes} bytes, but the state directory {} is new: this run would read its input from the beginning and append a second copy after them\n  hint: pass --from-scratch to start the outputs afresh, or move the file away to keep it",
+        path.display(),
+        state.display()
+    )]
+    OutputWithoutState {
+        path: PathBuf,
+        bytes: u64,
+        state: PathBuf,
+    },
 }
 
 /// Choices made on the command line rather than in the config.
@@ -169,6 +179,29 @@ pub fn run(
             path: state_path.clone(),
             detail: e.to_string(),
         })?;
+    }
+    // A new state directory next to output files that already hold documents:
+    // the state was deleted by hand or the config points elsewhere. Appending
+    // would mix two runs in one file, so say so instead. (An existing state
+    // directory without a checkpoint is a crash before the first one: its
+    // rerun appends, as the restart rules allow.)
+    if !options.from_scratch && !state_path.exists() {
+        let outputs = [Some(&plan.output_binding), Some(&plan.dead_letter_binding)]
+            .into_iter()
+            .chain([plan.statistics_binding.as_ref()])
+            .flatten();
+        for name in outputs {
+            if let Some(Binding::File(file)) = config.binding(name) {
+                let bytes = std::fs::metadata(&file.path).map(|m| m.len()).unwrap_or(0);
+                if bytes > 0 {
+                    return Err(RunError::OutputWithoutState {
+                        path: file.path.clone(),
+                        bytes,
+                        state: state_path.clone(),
+                    });
+                }
+            }
+        }
     }
     let tuning = StoreTuning {
         block_cache_bytes: config.state.block_cache_mb << 20,
@@ -352,7 +385,8 @@ pub fn run(
                 let members = members.map(|o| match o { StateOutput::Member(m) => m, _ => unreachable!("partitioned") });
                 let labels = labels.map(|o| match o { StateOutput::Label(segment, label) => (segment, label), _ => unreachable!("partitioned") });
 
-                let (market_updates, statistics_changes, traces) = market::build(plan.clone(), members);
+                let window = market::MarketWindow { epochs: runtime.market_window_epochs, rebuild_time: first_epoch };
+                let (market_updates, statistics_changes, traces) = market::build(plan.clone(), members, window);
                 *market_traces.borrow_mut() = Some(traces);
 
                 let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone(), incarnation, skip_epoch);
@@ -488,7 +522,10 @@ pub fn run(
             if index == 0 && requested == served_request && checkpoint_served.load(Ordering::SeqCst) == served_request_count * peers as u64
                 && last_checkpoint.elapsed() >= checkpoint_interval
             {
-                checkpoint_request.store(epoch + runtime.max_epochs_in_flight + 1, Ordering::SeqCst);
+                checkpoint_request.store(
+                    market::aligned_checkpoint(epoch + runtime.max_epochs_in_flight + 1, runtime.market_window_epochs),
+                    Ordering::SeqCst,
+                );
             }
             let requested = checkpoint_request.load(Ordering::SeqCst);
             if requested > served_request && epoch >= requested {
@@ -516,6 +553,9 @@ pub fn run(
         }
         checkpoint(&stage, &source, &mut report)?;
         progress.finish();
+        if let Some(lag) = source.lag() {
+            report.source_lag.merge(lag);
+        }
         let gate = stage.borrow().counts;
         report.stale = gate.stale;
         report.duplicates = gate.duplicates;

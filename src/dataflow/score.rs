@@ -89,7 +89,7 @@ impl Scorer {
                 documents.push(None);
                 continue;
             }
-            let model_values: Vec<&[f32]> = self
+            let model_values: smallvec::SmallVec<[&[f32]; 4]> = self
                 .models
                 .iter()
                 .enumerate()

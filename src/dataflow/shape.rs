@@ -5,6 +5,8 @@
 
 use std::fmt::Write as _;
 
+use smallvec::SmallVec;
+
 use crate::dataflow::listing_state::Enriched;
 use crate::dataflow::market::lookup_value;
 use crate::features;
@@ -28,6 +30,10 @@ pub struct Shaper {
     field_prefixes: Vec<String>,
     /// `,"scored_by":{...}}`, or `}` without models.
     tail: String,
+    /// The longest document so far (capped), to size the next one's buffer:
+    /// documents of a topology are about the same length, and growing a
+    /// buffer past a guess copied each one once more.
+    longest_document: std::cell::Cell<usize>,
 }
 
 impl Shaper {
@@ -60,6 +66,7 @@ impl Shaper {
                 .map(|field| prefix(",", &field.name))
                 .collect(),
             tail,
+            longest_document: std::cell::Cell::new(512),
         }
     }
 }
@@ -73,7 +80,7 @@ pub fn document_body(
     row: &Enriched,
     model_values: &[&[f32]],
 ) -> (String, usize) {
-    let mut derived: Vec<Option<f64>> = Vec::with_capacity(plan.derived.len());
+    let mut derived: SmallVec<[Option<f64>; 8]> = SmallVec::with_capacity(plan.derived.len());
     for value in &plan.derived {
         let number =
             |r: ValueRef, derived: &[Option<f64>]| numeric(plan, r, row, model_values, derived);
@@ -94,7 +101,7 @@ pub fn document_body(
             _ => None,
         });
     }
-    let bands: Vec<Option<&str>> = plan
+    let bands: SmallVec<[Option<&str>; 8]> = plan
         .bands
         .iter()
         .map(|band| {
@@ -106,7 +113,7 @@ pub fn document_body(
         })
         .collect();
 
-    let mut out = String::with_capacity(512);
+    let mut out = String::with_capacity(shaper.longest_document.get());
     out.push_str(&shaper.key_prefix);
     write_string(&mut out, &row.key);
     out.push_str(&shaper.version_prefix);
@@ -158,6 +165,9 @@ pub fn document_body(
         }
     }
     out.push_str(&shaper.tail);
+    if out.len() > shaper.longest_document.get() {
+        shaper.longest_document.set(out.len().min(64 * 1024));
+    }
     (out, gate_start)
 }
 

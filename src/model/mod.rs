@@ -121,13 +121,11 @@ impl LoadedModel {
                         InputValue::Text(t) => Some(t),
                         _ => None,
                     };
-                    row.extend(categories.iter().map(|c| {
-                        if Some(c.as_str()) == text {
-                            1.0f32
-                        } else {
-                            0.0
-                        }
-                    }));
+                    let start = row.len();
+                    row.resize(start + categories.len(), 0.0);
+                    if let Some(hit) = text.and_then(|t| categories.iter().position(|c| c == t)) {
+                        row[start + hit] = 1.0;
+                    }
                 }
             }
         }

@@ -104,6 +104,8 @@ pub struct WorkerReport {
     pub checkpoints: u64,
     pub resumed_from_line: u64,
     pub latency: LatencyHistogram,
+    /// Record timestamp until read, for sources that know it (Kafka).
+    pub source_lag: LatencyHistogram,
     /// Documents the sink wrote because the market moved.
     pub market_documents: u64,
     pub evaluate: crate::dataflow::evaluate::EvaluateCounts,
@@ -124,6 +126,7 @@ impl WorkerReport {
         self.duplicates += other.duplicates;
         self.checkpoints += other.checkpoints;
         self.latency.merge(&other.latency);
+        self.source_lag.merge(&other.source_lag);
         self.market_documents += other.market_documents;
         self.arrangement_member_bytes += other.arrangement_member_bytes;
         self.arrangement_statistics_bytes += other.arrangement_statistics_bytes;
@@ -170,6 +173,11 @@ pub struct RunSummary {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+    /// Record timestamp (its append to a Kafka input) until the engine read
+    /// it: broker fetch, librdkafka's queue and back-pressure. Absent for
+    /// files, whose records carry no append time.
+    pub source_lag_p50_ms: Option<f64>,
+    pub source_lag_p99_ms: Option<f64>,
     pub peak_rss_mb: f64,
     /// CPU time (user + system) this process used.
     pub cpu_seconds: f64,
@@ -232,6 +240,10 @@ impl RunSummary {
             latency_p50_ms: report.latency.quantile(0.50).as_secs_f64() * 1e3,
             latency_p99_ms: report.latency.quantile(0.99).as_secs_f64() * 1e3,
             latency_max_ms: report.latency.quantile(1.0).as_secs_f64() * 1e3,
+            source_lag_p50_ms: (report.source_lag.count() > 0)
+                .then(|| report.source_lag.quantile(0.50).as_secs_f64() * 1e3),
+            source_lag_p99_ms: (report.source_lag.count() > 0)
+                .then(|| report.source_lag.quantile(0.99).as_secs_f64() * 1e3),
             peak_rss_mb: peak_rss_bytes() as f64 / (1024.0 * 1024.0),
             cpu_seconds: cpu_seconds(None),
             state_open_seconds: 0.0,
@@ -294,6 +306,11 @@ impl RunSummary {
             "  latency             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (read to written)\n",
             self.latency_p50_ms, self.latency_p99_ms, self.latency_max_ms
         ));
+        if let (Some(p50), Some(p99)) = (self.source_lag_p50_ms, self.source_lag_p99_ms) {
+            out.push_str(&format!(
+                "  source lag          p50 {p50:.2} ms, p99 {p99:.2} ms (record timestamp to read)\n"
+            ));
+        }
         out.push_str(&format!(
             "  peak memory (RSS)   {:>10.1} MB, CPU {:.2} s\n",
             self.peak_rss_mb, self.cpu_seconds
