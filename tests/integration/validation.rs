@@ -2,11 +2,10 @@
 //! column and a hint; `assay validate` exits non-zero and `assay run` refuses
 //! to start.
 
-mod common;
 
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 /// The listings topology with three independent mistakes.
 fn broken_topology(dir: &std::path::Path) -> std::path::PathBuf {

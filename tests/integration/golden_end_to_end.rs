@@ -4,9 +4,8 @@
 //! To accept a reviewed change of output: `ASSAY_BLESS=1 cargo nextest run --release golden`
 //! and review the diff of tests/golden/ before committing it.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 
 const EVENTS: usize = 3000;
 

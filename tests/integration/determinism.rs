@@ -1,9 +1,8 @@
 //! The same input and config give the same output, byte for byte; and the
 //! output does not depend on the number of workers.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn same_input_twice_gives_identical_bytes_and_workers_do_not_change_output() {

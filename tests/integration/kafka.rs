@@ -1,14 +1,13 @@
 //! Kafka in, Kafka out, against a real broker (tansu on loopback).
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::broker::Broker;
-use common::*;
+use crate::common::broker::Broker;
+use crate::common::*;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 

@@ -9,7 +9,6 @@
 //!   RocksDB) writes the same documents as an uninterrupted run.
 //! - The change gate on a workload where most changes are immaterial.
 
-mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,7 +17,7 @@ use assay::dataflow::market::round_significant;
 use assay::features::round_to_step;
 use serde_json::{Value as Json, json};
 
-use common::*;
+use crate::common::*;
 
 const EPOCH: usize = 25;
 

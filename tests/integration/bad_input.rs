@@ -2,10 +2,9 @@
 //! the right reason, its original bytes and its position, the pipeline goes
 //! on, and the counts reconcile.
 
-mod common;
 
 use base64::Engine;
-use common::*;
+use crate::common::*;
 
 fn line(json: &str) -> Vec<u8> {
     json.as_bytes().to_vec()

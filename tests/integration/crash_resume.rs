@@ -2,13 +2,12 @@
 //! union of outputs equals an uninterrupted run's output apart from
 //! duplicates of identical documents.
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn assay() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_assay"));

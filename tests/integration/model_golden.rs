@@ -1,10 +1,9 @@
 //! A model whose predictions differ from its golden file is refused at load.
 
-mod common;
 
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use prost::Message;
 
 fn copy_dir(from: &Path, to: &Path) {
