@@ -45,6 +45,7 @@ pub fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
         unchanged: count("unchanged"),
         market_reevaluations: count("market_reevaluations"),
         market_documents: count("market_documents"),
+        market_scored: count("market_scored"),
         fan_out: number("fan_out"),
         state_open_seconds: number("state_open_seconds"),
         arrangement_member_bytes: count("arrangement_member_bytes"),

@@ -36,6 +36,7 @@
 //! whatever it writes outranks what a crashed run wrote past its checkpoint.
 
 use rustc_hash::{FxHashMap, FxHashSet};
+use smallvec::SmallVec;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -103,6 +104,8 @@ pub struct EvaluateCounts {
     /// Market re-evaluations whose document changed, and those that did not.
     pub market_emitted: u64,
     pub market_suppressed: u64,
+    /// Market re-evaluations that ran the models (no valid kept outputs).
+    pub market_scored: u64,
     /// Own events whose lookup key was missing from a table, per lookup.
     pub lookup_misses: Vec<u64>,
 }
@@ -120,6 +123,11 @@ pub struct Evaluator {
     /// The rebuild's time, when the market fingerprint says the stored views
     /// are what the rebuilt join gives: nothing to evaluate then.
     skip_epoch: Option<u64>,
+    /// `Plan::scoring_fingerprint`: `Some` when market re-evaluations may
+    /// reuse the model outputs kept in a listing's state.
+    scoring_fingerprint: Option<u64>,
+    /// Every model's outputs, added up: the length of kept outputs.
+    scores_width: usize,
     /// Every segment's statistics as documents see them, as of the epoch
     /// being evaluated (see "Statistics as documents see them" in market.rs).
     statistics: FxHashMap<u64, StatisticBits>,
@@ -139,7 +147,10 @@ impl Evaluator {
             ..EvaluateCounts::default()
         };
         let statistics_read = plan.statistics_read();
+        let scores_width = models.iter().map(LoadedModel::outputs).sum();
         Evaluator {
+            scoring_fingerprint: plan.scoring_fingerprint(),
+            scores_width,
             scorer: Scorer::new(plan.clone(), models),
             plan,
             stage,
@@ -242,19 +253,20 @@ impl Evaluator {
         // For a listing with events it is its last event's state (the state
         // stage applied this epoch and nothing since); only market
         // re-evaluations read the stage (RocksDB or its unwritten changes).
-        let mut last_own: FxHashMap<(u32, &str), &Enriched> =
+        // (by index into `own`)
+        let mut last_own: FxHashMap<(u32, &str), usize> =
             FxHashMap::with_capacity_and_hasher(own.len(), Default::default());
-        for row in &own {
-            last_own.insert((row.position.partition, row.key.as_str()), row);
+        for (index, row) in own.iter().enumerate() {
+            last_own.insert((row.position.partition, row.key.as_str()), index);
         }
         // indexed, not held in the map: lookups by a row's key then only
         // borrow the rows briefly, and the market rows can be moved out later
         let mut gates: Vec<(u64, u32)> = Vec::with_capacity(last_own.len() + changes.len());
         let mut gate_of: FxHashMap<(u32, &str), usize> =
             FxHashMap::with_capacity_and_hasher(gates.capacity(), Default::default());
-        for (listing, row) in &last_own {
+        for (listing, index) in &last_own {
             gate_of.insert(*listing, gates.len());
-            gates.push((row.state.emitted_hash, row.state.revision));
+            gates.push((own[*index].state.emitted_hash, own[*index].state.revision));
         }
         let mut market_only: Vec<(u32, &str)> = changes
             .iter()
@@ -311,9 +323,34 @@ impl Evaluator {
         }
         let rows: Vec<&Enriched> = own.iter().chain(&market_rows).collect();
 
-        let bodies = self.scorer.score_batch(&rows)?;
+        // A market re-evaluation of a listing whose models read nothing of the
+        // market reuses the outputs of its last own evaluation (a third of the
+        // rows of a market-heavy epoch are scored otherwise for nothing).
+        let (scoring_fingerprint, scores_width) = (self.scoring_fingerprint, self.scores_width);
+        let cached = |i: usize| -> Option<&[f32]> {
+            let row: &Enriched = rows[i];
+            let fingerprint = scoring_fingerprint?;
+            (row.cause == Cause::Market
+                && row.state.scores_stamp == Plan::scoring_stamp(fingerprint, row.state.version)
+                && row.state.scores.len() == scores_width)
+                .then_some(row.state.scores.as_slice())
+        };
+        self.counts.market_scored += (own.len()..rows.len())
+            .filter(|i| cached(*i).is_none())
+            .count() as u64;
+        let bodies = self.scorer.score_batch(&rows, cached)?;
         let mut documents = Vec::with_capacity(rows.len());
+        // each row's model outputs, to keep in its state (own rows: always;
+        // market rows: when scored and recorded)
+        let mut row_scores: Vec<Option<SmallVec<[f32; 4]>>> = Vec::with_capacity(rows.len());
         for (row, body) in rows.iter().zip(bodies) {
+            let body = body.map(|scored| {
+                row_scores.push(Some(scored.scores));
+                (scored.body, scored.gate_start)
+            });
+            if body.is_none() {
+                row_scores.push(None);
+            }
             let listing = (row.position.partition, row.key.as_str());
             let gate = &mut gates[*gate_of
                 .get(&listing)
@@ -366,16 +403,22 @@ impl Evaluator {
             });
         }
 
+        let stamp_of = |version: u64| scoring_fingerprint.map(|f| Plan::scoring_stamp(f, version));
         let mut stage = self.stage.borrow_mut();
         // own events: the stage holds their state unwritten; record on it
-        for (listing, row) in last_own {
+        for (listing, row_index) in last_own {
+            let row = &own[row_index];
             let (hash, revision) = gates[gate_of[&listing]];
+            let scores = stamp_of(row.version)
+                .zip(row_scores[row_index].as_ref())
+                .map(|(stamp, scores)| (stamp, scores.as_slice()));
             stage.record_evaluation(
                 Store::state_key(listing.0, listing.1),
                 None,
                 hash,
                 revision,
                 row.market.clone(),
+                scores,
             );
         }
         // A listing whose document did not change is not rewritten, even when
@@ -387,12 +430,25 @@ impl Evaluator {
         // from the stored view. (Listings not evaluated, deleted or absent
         // keep their memory unchanged: nothing to record.)
         drop(rows);
-        for (row, state_key) in market_rows.into_iter().zip(market_row_keys) {
+        let own_rows = own.len();
+        for (market_index, (row, state_key)) in
+            market_rows.into_iter().zip(market_row_keys).enumerate()
+        {
             let (hash, revision) = gates[gate_of[&(row.position.partition, row.key.as_str())]];
             if row.state.emitted_hash == hash && row.state.revision == revision {
                 continue;
             }
-            stage.record_evaluation(state_key, Some(row.state), hash, revision, row.market);
+            // outputs reused from the state are in it already; fresh ones
+            // (a state from before they were kept) are worth keeping
+            let scores = row_scores[own_rows + market_index].take();
+            let stamp = stamp_of(row.state.version);
+            let keep = match (&scores, stamp) {
+                (Some(scores), Some(stamp)) if row.state.scores_stamp != stamp => {
+                    Some((stamp, scores.as_slice()))
+                }
+                _ => None,
+            };
+            stage.record_evaluation(state_key, Some(row.state), hash, revision, row.market, keep);
         }
         Ok(documents)
     }

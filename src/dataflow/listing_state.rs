@@ -176,9 +176,11 @@ impl ListingStateStage {
             .collect())
     }
 
-    /// Records what the evaluator decided for a listing: the gate's memory and
-    /// the market view. Only those parts of the state change, so a newer
-    /// event already applied (when no aggregates hold the stages in step) is kept.
+    /// Records what the evaluator decided for a listing: the gate's memory, the
+    /// market view and, when given, the model outputs with their stamp. Only
+    /// those parts of the state change, so a newer event already applied (when
+    /// no aggregates hold the stages in step) is kept; its version then no
+    /// longer matches the outputs' stamp, which makes them unused.
     pub fn record_evaluation(
         &mut self,
         key: Vec<u8>,
@@ -186,6 +188,7 @@ impl ListingStateStage {
         emitted_hash: u64,
         revision: u32,
         market: Vec<f64>,
+        scores: Option<(u64, &[f32])>,
     ) {
         let entry = match self.dirty.entry(key) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
@@ -200,6 +203,11 @@ impl ListingStateStage {
         entry.emitted_hash = emitted_hash;
         entry.revision = revision;
         entry.market = market;
+        if let Some((stamp, scores)) = scores {
+            entry.scores_stamp = stamp;
+            entry.scores.clear();
+            entry.scores.extend_from_slice(scores);
+        }
     }
 
     pub fn process(
@@ -253,6 +261,8 @@ impl ListingStateStage {
                     market: Vec::new(),
                     emitted_hash: 0,
                     revision: 0,
+                    scores: smallvec::SmallVec::new(),
+                    scores_stamp: 0,
                 },
                 KindAction::Upsert => match live {
                     Some(current) => merge(&self.plan, current, &event, kind.complete),
@@ -337,6 +347,8 @@ fn create(plan: &Plan, event: &ChangeEvent) -> ListingState {
         market: Vec::new(),
         emitted_hash: 0,
         revision: 0,
+        scores: smallvec::SmallVec::new(),
+        scores_stamp: 0,
     }
 }
 

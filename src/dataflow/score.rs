@@ -1,15 +1,28 @@
 //! Scoring: every model once per epoch batch, in topology order.
 //!
 //! A model's inputs come from fields, features or earlier models' outputs
-//! (resolved at compile time). Tombstones skip scoring.
+//! (resolved at compile time). Tombstones skip scoring, and so do rows whose
+//! outputs the caller already knows (a market re-evaluation of a listing
+//! whose models read nothing of the market: see `Plan::scoring_fingerprint`).
 
 use std::sync::Arc;
+
+use smallvec::SmallVec;
 
 use crate::dataflow::listing_state::Enriched;
 use crate::dataflow::market::lookup_value;
 use crate::dataflow::shape;
 use crate::model::{InputValue, LoadedModel, ModelError};
 use crate::topology::{Plan, ValueRef};
+
+/// A shaped document and the model outputs it was shaped from.
+pub struct ScoredDocument {
+    pub body: String,
+    /// Where the output fields start in `body`: what the change gate hashes.
+    pub gate_start: usize,
+    /// Every model's outputs, in topology order, flattened.
+    pub scores: SmallVec<[f32; 4]>,
+}
 
 pub struct Scorer {
     plan: Arc<Plan>,
@@ -28,26 +41,30 @@ impl Scorer {
         }
     }
 
-    /// Scores one batch and shapes every row: the document body and where its
-    /// output fields start (what the change gate compares), or `None` for a
-    /// tombstone.
-    pub fn score_batch(
+    /// Scores one batch and shapes every row: the document body, where its
+    /// output fields start (what the change gate compares) and the models'
+    /// outputs (every model's, flattened), or `None` for a tombstone.
+    ///
+    /// `cached(i)` gives row i's model outputs when they are known already
+    /// (see `scoring_stamp`): such a row is shaped from them, not scored.
+    pub fn score_batch<'r>(
         &mut self,
         rows: &[&Enriched],
-    ) -> Result<Vec<Option<(String, usize)>>, ModelError> {
-        let live: Vec<usize> = rows
+        cached: impl Fn(usize) -> Option<&'r [f32]>,
+    ) -> Result<Vec<Option<ScoredDocument>>, ModelError> {
+        let scored_rows: Vec<usize> = rows
             .iter()
             .enumerate()
-            .filter(|(_, r)| !r.deleted)
+            .filter(|(i, r)| !r.deleted && cached(*i).is_none())
             .map(|(i, _)| i)
             .collect();
-        // outputs[model][live_row * outputs + column]
+        // outputs[model][scored_row * outputs + column]
         let mut outputs: Vec<Vec<f32>> = Vec::with_capacity(self.models.len());
         for (model_index, model) in self.models.iter().enumerate() {
             let refs = &self.plan.models[model_index].input_refs;
             self.encoded.clear();
-            self.encoded.reserve(live.len() * model.width());
-            for (live_row, row_index) in live.iter().enumerate() {
+            self.encoded.reserve(scored_rows.len() * model.width());
+            for (scored_row, row_index) in scored_rows.iter().enumerate() {
                 let row = &rows[*row_index];
                 let outputs_so_far = &outputs;
                 let mut encoded = std::mem::take(&mut self.encoded);
@@ -70,7 +87,9 @@ impl Scorer {
                         },
                         ValueRef::ModelOutput { model: m, output } => {
                             let width = self.models[m].outputs();
-                            InputValue::Number(outputs_so_far[m][live_row * width + output] as f64)
+                            InputValue::Number(
+                                outputs_so_far[m][scored_row * width + output] as f64,
+                            )
                         }
                         ValueRef::Derived(_) | ValueRef::Band(_) => InputValue::Missing,
                     },
@@ -79,32 +98,52 @@ impl Scorer {
                 self.encoded = encoded;
             }
             let encoded = std::mem::take(&mut self.encoded);
-            let scores = model.score_batch(live.len(), encoded)?;
+            let scores = if scored_rows.is_empty() {
+                Vec::new()
+            } else {
+                model.score_batch(scored_rows.len(), encoded)?
+            };
             outputs.push(scores);
         }
         let mut documents = Vec::with_capacity(rows.len());
-        let mut live_row = 0;
-        for row in rows {
+        let mut scored_row = 0;
+        for (row_index, row) in rows.iter().enumerate() {
             if row.deleted {
                 documents.push(None);
                 continue;
             }
-            let model_values: smallvec::SmallVec<[&[f32]; 4]> = self
-                .models
-                .iter()
-                .enumerate()
-                .map(|(m, model)| {
-                    let width = model.outputs();
-                    &outputs[m][live_row * width..(live_row + 1) * width]
-                })
-                .collect();
-            documents.push(Some(shape::document_body(
-                &self.shaper,
-                &self.plan,
-                row,
-                &model_values,
-            )));
-            live_row += 1;
+            let scores: SmallVec<[f32; 4]> = match cached(row_index) {
+                Some(scores) => scores.iter().copied().collect(),
+                None => {
+                    let scores = self
+                        .models
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(m, model)| {
+                            let width = model.outputs();
+                            outputs[m][scored_row * width..(scored_row + 1) * width]
+                                .iter()
+                                .copied()
+                        })
+                        .collect();
+                    scored_row += 1;
+                    scores
+                }
+            };
+            let (body, gate_start) = {
+                let mut model_values: SmallVec<[&[f32]; 4]> = SmallVec::new();
+                let mut at = 0;
+                for model in self.models.iter() {
+                    model_values.push(&scores[at..at + model.outputs()]);
+                    at += model.outputs();
+                }
+                shape::document_body(&self.shaper, &self.plan, row, &model_values)
+            };
+            documents.push(Some(ScoredDocument {
+                body,
+                gate_start,
+                scores,
+            }));
         }
         Ok(documents)
     }

@@ -135,6 +135,7 @@ impl WorkerReport {
         mine.event_suppressed += theirs.event_suppressed;
         mine.market_emitted += theirs.market_emitted;
         mine.market_suppressed += theirs.market_suppressed;
+        mine.market_scored += theirs.market_scored;
         mine.lookup_misses
             .resize(theirs.lookup_misses.len().max(mine.lookup_misses.len()), 0);
         for (a, b) in mine.lookup_misses.iter_mut().zip(&theirs.lookup_misses) {
@@ -162,6 +163,9 @@ pub struct RunSummary {
     /// those, the documents emitted (the rest were unchanged).
     pub market_reevaluations: u64,
     pub market_documents: u64,
+    /// Market re-evaluations that ran the models; the others reused the
+    /// outputs kept from the listing's own last evaluation.
+    pub market_scored: u64,
     /// Documents emitted per record in.
     pub fan_out: f64,
     /// Records whose lookup key was missing from the table, per lookup.
@@ -215,6 +219,7 @@ impl RunSummary {
             unchanged: evaluate.event_suppressed,
             market_reevaluations: evaluate.market_emitted + evaluate.market_suppressed,
             market_documents: report.market_documents,
+            market_scored: evaluate.market_scored,
             fan_out: emitted as f64 / report.records_in.max(1) as f64,
             lookup_misses: lookup_names
                 .iter()
@@ -278,10 +283,11 @@ impl RunSummary {
         ));
         if self.market_reevaluations > 0 || self.market_documents > 0 {
             out.push_str(&format!(
-                "  market re-evaluated {:>10}  ({} emitted, {} unchanged)\n",
+                "  market re-evaluated {:>10}  ({} emitted, {} unchanged; {} scored, the rest reused kept model outputs)\n",
                 self.market_reevaluations,
                 self.market_documents,
-                self.market_reevaluations - self.market_documents.min(self.market_reevaluations)
+                self.market_reevaluations - self.market_documents.min(self.market_reevaluations),
+                self.market_scored
             ));
         }
         out.push_str(&format!(

@@ -24,8 +24,9 @@ const LISTINGS: &str = "listings";
 const META: &str = "meta";
 const KEY_FORMAT: u8 = 1;
 /// 2 added the change gate's memory (market view, emitted hash, revision);
-/// format 1 is still read, as a listing that was never gated.
-const VALUE_FORMAT: u8 = 2;
+/// 3 the model outputs of the last own evaluation. Formats 1 and 2 are still
+/// read, as a listing that was never gated or never scored.
+const VALUE_FORMAT: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -73,6 +74,12 @@ pub struct ListingState {
     /// Documents emitted because the market moved since the listing's own
     /// last event: the low bits of the document version.
     pub revision: u32,
+    /// Every model's outputs (flattened, topology order) at the listing's
+    /// last own evaluation, valid while `scores_stamp` is
+    /// `Plan::scoring_stamp` of the current scoring fingerprint and this
+    /// state's version (0: none kept).
+    pub scores: smallvec::SmallVec<[f32; 4]>,
+    pub scores_stamp: u64,
 }
 
 /// A source position as checkpointed.
@@ -364,6 +371,16 @@ pub fn encode(state: &ListingState, out: &mut Vec<u8>) {
     for value in &state.market {
         out.extend_from_slice(&value.to_le_bytes());
     }
+    // more outputs than a count byte holds are not kept (scored again instead)
+    let (stamp, scores) = match u8::try_from(state.scores.len()) {
+        Ok(_) => (state.scores_stamp, state.scores.as_slice()),
+        Err(_) => (0, &[][..]),
+    };
+    out.extend_from_slice(&stamp.to_le_bytes());
+    out.push(scores.len() as u8);
+    for score in scores {
+        out.extend_from_slice(&score.to_le_bytes());
+    }
     out.extend_from_slice(&(state.fields.len() as u16).to_le_bytes());
     for field in &state.fields {
         match field {
@@ -419,10 +436,10 @@ impl<'a> Reader<'a> {
 pub fn decode(bytes: &[u8]) -> Result<ListingState, StateError> {
     let mut r = Reader { bytes, at: 0 };
     let format = r.u8()?;
-    if format != VALUE_FORMAT && format != 1 {
+    if !(1..=VALUE_FORMAT).contains(&format) {
         return Err(StateError::Corrupt {
             format,
-            detail: format!("this build reads formats 1 and {VALUE_FORMAT}"),
+            detail: format!("this build reads formats 1 to {VALUE_FORMAT}"),
         });
     }
     let version = r.u64()?;
@@ -438,6 +455,14 @@ pub fn decode(bytes: &[u8]) -> Result<ListingState, StateError> {
         revision = u32::from_le_bytes(r.take(4)?.try_into().unwrap());
         let count = u16::from_le_bytes(r.take(2)?.try_into().unwrap()) as usize;
         market = (0..count).map(|_| r.f64()).collect::<Result<_, _>>()?;
+    }
+    let (mut scores_stamp, mut scores) = (0, smallvec::SmallVec::new());
+    if format >= 3 {
+        scores_stamp = r.u64()?;
+        let count = r.u8()? as usize;
+        scores = (0..count)
+            .map(|_| Ok(f32::from_le_bytes(r.take(4)?.try_into().unwrap())))
+            .collect::<Result<_, StateError>>()?;
     }
     let count = u16::from_le_bytes(r.take(2)?.try_into().unwrap()) as usize;
     let mut fields = Vec::with_capacity(count);
@@ -474,6 +499,8 @@ pub fn decode(bytes: &[u8]) -> Result<ListingState, StateError> {
         market,
         emitted_hash,
         revision,
+        scores,
+        scores_stamp,
     })
 }
 
@@ -509,6 +536,8 @@ mod tests {
             market: (0..(seed % 3)).map(|i| i as f64 * 100.5).collect(),
             emitted_hash: seed * 7919,
             revision: (seed % 11) as u32,
+            scores: (0..(seed % 4)).map(|i| i as f32 * 0.25 - 1.0).collect(),
+            scores_stamp: seed * 31,
         }
     }
 

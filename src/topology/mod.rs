@@ -405,6 +405,14 @@ impl Plan {
             self.statistics_read(),
             self.statistics_band_cuts()
         ));
+        feed(&self.lookup_tables_text());
+        format!("{hash:016x}")
+    }
+
+    /// Every lookup table's name, key, default and entries (sorted), as text
+    /// to fingerprint.
+    fn lookup_tables_text(&self) -> String {
+        let mut text = String::new();
         for lookup in &self.lookups {
             let mut entries: Vec<String> = lookup
                 .table
@@ -412,12 +420,81 @@ impl Plan {
                 .map(|(k, v)| format!("{k:?}={v:?}"))
                 .collect();
             entries.sort();
-            feed(&format!(
+            text.push_str(&format!(
                 "|{}:{:?}:{:?}:{:?}",
                 lookup.name, lookup.key, lookup.default, entries
             ));
         }
-        format!("{hash:016x}")
+        text
+    }
+
+    /// Whether a value depends, directly or through features and models, on
+    /// market statistics.
+    fn reads_market(&self, value: &ValueRef) -> bool {
+        match value {
+            ValueRef::Statistic { .. } => true,
+            ValueRef::Field(_) | ValueRef::Lookup(_) => false,
+            ValueRef::Feature(i) | ValueRef::Derived(i) => {
+                let computed = match value {
+                    ValueRef::Feature(_) => &self.features[*i],
+                    _ => &self.derived[*i],
+                };
+                match &computed.function {
+                    Function::YearsSince { field } => self.reads_market(field),
+                    Function::Ratio {
+                        numerator,
+                        denominator,
+                        ..
+                    } => self.reads_market(numerator) || self.reads_market(denominator),
+                    Function::DaysOnMarket
+                    | Function::PriceChangeCount
+                    | Function::PriceDropPercent
+                    | Function::DaysSincePriceChange => false,
+                }
+            }
+            ValueRef::ModelOutput { model, .. } => self.models[*model]
+                .input_refs
+                .iter()
+                .any(|input| self.reads_market(input)),
+            ValueRef::Band(i) => self.reads_market(&self.bands[*i].source),
+        }
+    }
+
+    /// What the models' outputs for a listing are a function of, besides its
+    /// state: the ONNX files, their sidecars and input bindings, the features
+    /// and the lookup tables. A listing's state keeps the outputs of its last
+    /// own evaluation stamped with this and its version, and a market
+    /// re-evaluation reuses them instead of scoring again. `None` when some
+    /// model reads the market (directly or through a feature): then its
+    /// outputs move with the statistics and are always scored.
+    pub fn scoring_fingerprint(&self) -> Option<u64> {
+        let reads_market = self
+            .models
+            .iter()
+            .flat_map(|model| &model.input_refs)
+            .any(|input| self.reads_market(input));
+        if reads_market || self.models.is_empty() {
+            return None;
+        }
+        let mut hash = crate::hash::FNV_OFFSET;
+        for model in &self.models {
+            // the file's bytes: a retrained model under the same path counts
+            let onnx = std::fs::read(&model.onnx_path).ok()?;
+            hash = crate::hash::fnv1a_extend(hash, &onnx);
+            hash = crate::hash::fnv1a_extend(
+                hash,
+                format!("|{:?}|{:?}|", model.sidecar, model.input_refs).as_bytes(),
+            );
+        }
+        hash = crate::hash::fnv1a_extend(hash, format!("{:?}", self.features).as_bytes());
+        hash = crate::hash::fnv1a_extend(hash, self.lookup_tables_text().as_bytes());
+        Some(hash)
+    }
+
+    /// The stamp of model outputs computed for one listing version under
+    /// `scoring_fingerprint` (never 0, which marks "no outputs kept").
+    pub fn scoring_stamp(fingerprint: u64, listing_version: u64) -> u64 {
+        crate::hash::fnv1a_extend(fingerprint, &listing_version.to_le_bytes()).max(1)
     }
 
     /// The names of the input fields, in order: stored with the state so that a
@@ -1576,5 +1653,84 @@ pub fn name_of(plan: &Plan, value: ValueRef) -> String {
             aggregate,
             statistic,
         } => plan.aggregates[aggregate].statistic_name(&plan.fields, statistic),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listings() -> Plan {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/listings.toml");
+        load(&path).expect("the shipped topology compiles")
+    }
+
+    /// Kept model outputs are reused only when no model reads the market, and
+    /// only under the models, features and lookups they were computed with.
+    #[test]
+    fn scoring_fingerprint_is_absent_when_a_model_reads_the_market_and_moves_with_its_inputs() {
+        let plan = listings();
+        let fingerprint = plan
+            .scoring_fingerprint()
+            .expect("the shipped models read no statistics");
+        assert_eq!(plan.scoring_fingerprint(), Some(fingerprint), "stable");
+
+        // a model input bound to a statistic, directly
+        let mut direct = listings();
+        direct.models[0].input_refs[0] = ValueRef::Statistic {
+            aggregate: 0,
+            statistic: 0,
+        };
+        assert_eq!(direct.scoring_fingerprint(), None);
+
+        // through a feature that reads a statistic
+        let market_feature = plan
+            .features
+            .iter()
+            .position(|f| match &f.function {
+                Function::Ratio {
+                    numerator,
+                    denominator,
+                    ..
+                } => plan.reads_market(numerator) || plan.reads_market(denominator),
+                _ => false,
+            })
+            .expect("the listings topology has a feature against the segment");
+        let mut through_feature = listings();
+        let last = through_feature.models.len() - 1;
+        through_feature.models[last].input_refs[0] = ValueRef::Feature(market_feature);
+        assert_eq!(through_feature.scoring_fingerprint(), None);
+
+        // a model fed by one that reads the market reads it too
+        let mut through_model = listings();
+        through_model.models[0].input_refs[0] = ValueRef::Feature(market_feature);
+        assert!(
+            through_model.models[last]
+                .input_refs
+                .iter()
+                .any(|input| matches!(input, ValueRef::ModelOutput { model: 0, .. })),
+            "days to sell reads the valuation"
+        );
+        assert!(through_model.reads_market(&ValueRef::ModelOutput {
+            model: 0,
+            output: 0
+        }));
+
+        // a changed lookup table or feature changes what outputs are worth
+        let mut other_table = listings();
+        let lookup = other_table.lookups.first_mut().expect("a lookup table");
+        let (key, _) = lookup.table.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+        lookup
+            .table
+            .insert(key, crate::record::Value::Str("changed".into()));
+        assert_ne!(other_table.scoring_fingerprint(), Some(fingerprint));
+        let mut other_feature = listings();
+        other_feature.features.swap(0, 1);
+        assert_ne!(other_feature.scoring_fingerprint(), Some(fingerprint));
+
+        assert_ne!(
+            Plan::scoring_stamp(fingerprint, 7),
+            Plan::scoring_stamp(fingerprint, 8)
+        );
     }
 }
