@@ -348,7 +348,9 @@ fn check(config: &EnvConfig, file: &Path, plan: Option<&Plan>, diagnostics: &mut
         diagnostics.error(
             file,
             "runtime.market_window_epochs must be at least 1",
-            Some("1 re-evaluates neighbours every epoch; K gathers K epochs of market moves".into()),
+            Some(
+                "1 re-evaluates neighbours every epoch; K gathers K epochs of market moves".into(),
+            ),
         );
     }
     if config.runtime.max_epochs_in_flight == 0 {

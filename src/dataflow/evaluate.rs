@@ -324,33 +324,38 @@ impl Evaluator {
         let rows: Vec<&Enriched> = own.iter().chain(&market_rows).collect();
 
         // A market re-evaluation of a listing whose models read nothing of the
-        // market reuses the outputs of its last own evaluation (a third of the
-        // rows of a market-heavy epoch are scored otherwise for nothing).
+        // market reuses the outputs of its last own evaluation (most rows of a
+        // market-heavy epoch would otherwise be scored for nothing).
         let (scoring_fingerprint, scores_width) = (self.scoring_fingerprint, self.scores_width);
-        let cached = |i: usize| -> Option<&[f32]> {
-            let row: &Enriched = rows[i];
-            let fingerprint = scoring_fingerprint?;
-            (row.cause == Cause::Market
-                && row.state.scores_stamp == Plan::scoring_stamp(fingerprint, row.state.version)
-                && row.state.scores.len() == scores_width)
-                .then_some(row.state.scores.as_slice())
-        };
-        self.counts.market_scored += (own.len()..rows.len())
-            .filter(|i| cached(*i).is_none())
-            .count() as u64;
-        let bodies = self.scorer.score_batch(&rows, cached)?;
+        let kept: Vec<Option<&[f32]>> = rows
+            .iter()
+            .map(|row| {
+                let fingerprint = scoring_fingerprint?;
+                (row.cause == Cause::Market
+                    && row.state.scores_stamp
+                        == Plan::scoring_stamp(fingerprint, row.state.version)
+                    && row.state.scores.len() == scores_width)
+                    .then_some(row.state.scores.as_slice())
+            })
+            .collect();
+        self.counts.market_scored +=
+            kept[own.len()..].iter().filter(|k| k.is_none()).count() as u64;
+        let bodies = self.scorer.score_batch(&rows, &kept)?;
         let mut documents = Vec::with_capacity(rows.len());
         // each row's model outputs, to keep in its state (own rows: always;
         // market rows: when scored and recorded)
         let mut row_scores: Vec<Option<SmallVec<[f32; 4]>>> = Vec::with_capacity(rows.len());
         for (row, body) in rows.iter().zip(bodies) {
-            let body = body.map(|scored| {
-                row_scores.push(Some(scored.scores));
-                (scored.body, scored.gate_start)
-            });
-            if body.is_none() {
-                row_scores.push(None);
-            }
+            let body = match body {
+                Some(scored) => {
+                    row_scores.push(Some(scored.scores));
+                    Some((scored.body, scored.gate_start))
+                }
+                None => {
+                    row_scores.push(None);
+                    None
+                }
+            };
             let listing = (row.position.partition, row.key.as_str());
             let gate = &mut gates[*gate_of
                 .get(&listing)
@@ -429,6 +434,7 @@ impl Evaluator {
         // and an own event takes its statistics from the broadcast, never
         // from the stored view. (Listings not evaluated, deleted or absent
         // keep their memory unchanged: nothing to record.)
+        drop(kept);
         drop(rows);
         let own_rows = own.len();
         for (market_index, (row, state_key)) in

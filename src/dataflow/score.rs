@@ -45,17 +45,17 @@ impl Scorer {
     /// output fields start (what the change gate compares) and the models'
     /// outputs (every model's, flattened), or `None` for a tombstone.
     ///
-    /// `cached(i)` gives row i's model outputs when they are known already
-    /// (see `scoring_stamp`): such a row is shaped from them, not scored.
-    pub fn score_batch<'r>(
+    /// `kept[i]` is row i's model outputs when they are known already (see
+    /// `Plan::scoring_stamp`): such a row is shaped from them, not scored.
+    pub fn score_batch(
         &mut self,
         rows: &[&Enriched],
-        cached: impl Fn(usize) -> Option<&'r [f32]>,
+        kept: &[Option<&[f32]>],
     ) -> Result<Vec<Option<ScoredDocument>>, ModelError> {
         let scored_rows: Vec<usize> = rows
             .iter()
             .enumerate()
-            .filter(|(i, r)| !r.deleted && cached(*i).is_none())
+            .filter(|(i, r)| !r.deleted && kept[*i].is_none())
             .map(|(i, _)| i)
             .collect();
         // outputs[model][scored_row * outputs + column]
@@ -112,7 +112,7 @@ impl Scorer {
                 documents.push(None);
                 continue;
             }
-            let scores: SmallVec<[f32; 4]> = match cached(row_index) {
+            let scores: SmallVec<[f32; 4]> = match kept[row_index] {
                 Some(scores) => scores.iter().copied().collect(),
                 None => {
                     let scores = self

@@ -172,6 +172,27 @@ pub enum Function {
     },
 }
 
+impl Function {
+    /// Every value the function reads.
+    fn for_each_input(&self, mut visit: impl FnMut(&ValueRef)) {
+        match self {
+            Function::YearsSince { field } => visit(field),
+            Function::Ratio {
+                numerator,
+                denominator,
+                ..
+            } => {
+                visit(numerator);
+                visit(denominator);
+            }
+            Function::DaysOnMarket
+            | Function::PriceChangeCount
+            | Function::PriceDropPercent
+            | Function::DaysSincePriceChange => {}
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelPlan {
     pub name: String,
@@ -227,21 +248,7 @@ impl Plan {
     /// fields read (bands are the other readers).
     fn for_each_value_read_outside_bands(&self, mut visit: impl FnMut(&ValueRef)) {
         for computed in self.features.iter().chain(&self.derived) {
-            match &computed.function {
-                Function::YearsSince { field } => visit(field),
-                Function::Ratio {
-                    numerator,
-                    denominator,
-                    ..
-                } => {
-                    visit(numerator);
-                    visit(denominator);
-                }
-                Function::DaysOnMarket
-                | Function::PriceChangeCount
-                | Function::PriceDropPercent
-                | Function::DaysSincePriceChange => {}
-            }
+            computed.function.for_each_input(&mut visit);
         }
         self.models
             .iter()
@@ -434,30 +441,20 @@ impl Plan {
         match value {
             ValueRef::Statistic { .. } => true,
             ValueRef::Field(_) | ValueRef::Lookup(_) => false,
-            ValueRef::Feature(i) | ValueRef::Derived(i) => {
-                let computed = match value {
-                    ValueRef::Feature(_) => &self.features[*i],
-                    _ => &self.derived[*i],
-                };
-                match &computed.function {
-                    Function::YearsSince { field } => self.reads_market(field),
-                    Function::Ratio {
-                        numerator,
-                        denominator,
-                        ..
-                    } => self.reads_market(numerator) || self.reads_market(denominator),
-                    Function::DaysOnMarket
-                    | Function::PriceChangeCount
-                    | Function::PriceDropPercent
-                    | Function::DaysSincePriceChange => false,
-                }
-            }
+            ValueRef::Feature(i) => self.function_reads_market(&self.features[*i].function),
+            ValueRef::Derived(i) => self.function_reads_market(&self.derived[*i].function),
             ValueRef::ModelOutput { model, .. } => self.models[*model]
                 .input_refs
                 .iter()
                 .any(|input| self.reads_market(input)),
             ValueRef::Band(i) => self.reads_market(&self.bands[*i].source),
         }
+    }
+
+    fn function_reads_market(&self, function: &Function) -> bool {
+        let mut reads = false;
+        function.for_each_input(|input| reads |= self.reads_market(input));
+        reads
     }
 
     /// What the models' outputs for a listing are a function of, besides its
@@ -1687,14 +1684,7 @@ mod tests {
         let market_feature = plan
             .features
             .iter()
-            .position(|f| match &f.function {
-                Function::Ratio {
-                    numerator,
-                    denominator,
-                    ..
-                } => plan.reads_market(numerator) || plan.reads_market(denominator),
-                _ => false,
-            })
+            .position(|f| plan.function_reads_market(&f.function))
             .expect("the listings topology has a feature against the segment");
         let mut through_feature = listings();
         let last = through_feature.models.len() - 1;
@@ -1719,7 +1709,7 @@ mod tests {
         // a changed lookup table or feature changes what outputs are worth
         let mut other_table = listings();
         let lookup = other_table.lookups.first_mut().expect("a lookup table");
-        let (key, _) = lookup.table.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+        let key = lookup.table.keys().next().cloned().unwrap();
         lookup
             .table
             .insert(key, crate::record::Value::Str("changed".into()));

@@ -2,9 +2,8 @@
 //! the right reason, its original bytes and its position, the pipeline goes
 //! on, and the counts reconcile.
 
-
-use base64::Engine;
 use crate::common::*;
+use base64::Engine;
 
 fn line(json: &str) -> Vec<u8> {
     json.as_bytes().to_vec()

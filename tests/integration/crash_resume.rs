@@ -2,7 +2,6 @@
 //! union of outputs equals an uninterrupted run's output apart from
 //! duplicates of identical documents.
 
-
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,7 +1,6 @@
 //! The same input and config give the same output, byte for byte; and the
 //! output does not depend on the number of workers.
 
-
 use crate::common::*;
 
 #[test]

@@ -4,7 +4,6 @@
 //! To accept a reviewed change of output: `ASSAY_BLESS=1 cargo nextest run --release golden`
 //! and review the diff of tests/golden/ before committing it.
 
-
 use crate::common::*;
 
 const EVENTS: usize = 3000;

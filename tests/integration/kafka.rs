@@ -1,6 +1,5 @@
 //! Kafka in, Kafka out, against a real broker (tansu on loopback).
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -9,7 +9,6 @@
 //!   RocksDB) writes the same documents as an uninterrupted run.
 //! - The change gate on a workload where most changes are immaterial.
 
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,5 @@
 //! A model whose predictions differ from its golden file is refused at load.
 
-
 use std::path::Path;
 
 use crate::common::*;

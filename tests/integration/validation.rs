@@ -2,7 +2,6 @@
 //! column and a hint; `assay validate` exits non-zero and `assay run` refuses
 //! to start.
 
-
 use std::process::Command;
 
 use crate::common::*;
