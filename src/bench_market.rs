@@ -193,6 +193,22 @@ fn generate(
     Ok((load, rest))
 }
 
+/// Live listings after the updates file: each create adds one, each removal
+/// takes a live one away (the generator only removes live listings).
+fn live_after(listings: u64, updates: &Path) -> anyhow::Result<u64> {
+    use std::io::BufRead;
+    let mut live = listings;
+    for line in std::io::BufReader::new(std::fs::File::open(updates)?).lines() {
+        let line = line?;
+        if line.starts_with("{\"kind\":\"create\"") {
+            live += 1;
+        } else if line.starts_with("{\"kind\":\"remove\"") {
+            live -= 1;
+        }
+    }
+    Ok(live)
+}
+
 fn run_phase(
     topology: &Path,
     run_dir: &Path,
@@ -299,6 +315,7 @@ pub fn run(
     let (_, on_load, on_updates, on_restart) = &results[1];
     // every create of the load is a new listing
     let live = listings as f64;
+    let live_after_updates = live_after(listings, &rest)? as f64;
     println!(
         "\nassay bench-market: {listings} listings over {segments} Zipf-sized segments, then {updates} updates; {workers} worker(s), epoch_records = {epoch_records}"
     );
@@ -373,8 +390,11 @@ pub fn run(
         (on_load.peak_rss_mb - off_load.peak_rss_mb) * 1024.0 * 1024.0 / live.max(1.0)
     );
     println!(
-        "  after the updates: members {:.1} bytes per live listing at the end",
-        on_updates.arrangement_member_bytes as f64 / live.max(1.0)
+        "  after the updates ({live_after_updates} live listings): members {:.1} + statistics {:.1} = {:.1} bytes per live listing",
+        on_updates.arrangement_member_bytes as f64 / live_after_updates.max(1.0),
+        on_updates.arrangement_statistics_bytes as f64 / live_after_updates.max(1.0),
+        (on_updates.arrangement_member_bytes + on_updates.arrangement_statistics_bytes) as f64
+            / live_after_updates.max(1.0)
     );
     let after_open = |s: &RunSummary| s.elapsed_seconds - s.state_open_seconds;
     println!(

@@ -167,7 +167,9 @@ fn prepare(
 
 /// jemalloc instead of glibc's malloc: the pipeline allocates and frees many
 /// small values per event (states, rows, documents, batches); with glibc
-/// malloc and free were a fifth of a run's CPU.
+/// malloc and free were a fifth of a run's CPU. The `system-allocator`
+/// feature keeps glibc's, so heap profilers (heaptrack) see every allocation.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL_ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -121,6 +121,13 @@ pub struct StateConfig {
     /// RocksDB memtable: absorbs writes between flushes.
     #[serde(default = "default_write_buffer_mb")]
     pub write_buffer_mb: usize,
+    /// Listings changed since the last checkpoint are held in memory until
+    /// the next one writes them with the source positions. When they reach
+    /// this many (over all workers), a checkpoint starts before
+    /// `checkpoint_interval_ms` is up: it bounds that memory (a listing's
+    /// state is a few hundred bytes) whatever the event rate. 0: no bound.
+    #[serde(default = "default_max_dirty_listings")]
+    pub max_dirty_listings: usize,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -137,6 +144,11 @@ fn default_block_cache_mb() -> usize {
 fn default_write_buffer_mb() -> usize {
     16
 }
+/// Measured on `assay bench` (1M creates): see README, `state.max_dirty_listings`.
+const MAX_DIRTY_LISTINGS_DEFAULT: usize = 32_768;
+fn default_max_dirty_listings() -> usize {
+    MAX_DIRTY_LISTINGS_DEFAULT
+}
 
 impl Default for StateConfig {
     fn default() -> Self {
@@ -144,6 +156,7 @@ impl Default for StateConfig {
             dir: default_state_dir(),
             block_cache_mb: default_block_cache_mb(),
             write_buffer_mb: default_write_buffer_mb(),
+            max_dirty_listings: default_max_dirty_listings(),
         }
     }
 }

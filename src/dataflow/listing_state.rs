@@ -82,6 +82,8 @@ pub struct ListingStateStage {
     pub counts: GateCounts,
     /// Segments this worker has labelled already.
     labelled: FxHashSet<u64>,
+    /// Where `rebuild_step` continues: (index into its partitions, key).
+    rebuild_cursor: Option<(usize, Option<Vec<u8>>)>,
 }
 
 impl ListingStateStage {
@@ -92,6 +94,7 @@ impl ListingStateStage {
             dirty: FxHashMap::default(),
             counts: GateCounts::default(),
             labelled: FxHashSet::default(),
+            rebuild_cursor: None,
         }
     }
 
@@ -127,36 +130,53 @@ impl ListingStateStage {
         }
     }
 
-    /// Every live listing of `partitions` as members at `time`: rebuilds the
-    /// market arrangements after a restart. Returns how many listings.
-    pub fn rebuild(
+    /// One step of rebuilding the market arrangements after a restart: the
+    /// next live listings of `partitions` (at most `limit` states read) as
+    /// members at `time`, into `out`. Returns `true` when every partition is
+    /// done; `listings` counts the live listings rebuilt.
+    ///
+    /// In steps, so that the worker hands each step's members on before it
+    /// reads more: reading every live state first held a million decoded
+    /// states and their members at once, and a restart peaked at three times
+    /// the memory of the run that wrote the state.
+    pub fn rebuild_step(
         &mut self,
         partitions: &[u32],
         time: u64,
+        limit: usize,
         out: &mut Vec<StateOutput>,
-    ) -> Result<u64, StateError> {
+        listings: &mut u64,
+    ) -> Result<bool, StateError> {
         if self.plan.aggregates.is_empty() {
-            return Ok(0);
+            return Ok(true);
         }
-        let owned: FxHashSet<u32> = partitions.iter().copied().collect();
-        let mut listings = Vec::new();
-        self.store.for_each_listing(|partition, key, state| {
-            if owned.contains(&partition) && !state.deleted {
-                listings.push((partition, key.to_string(), state));
-            }
-        })?;
-        for (partition, key, state) in &listings {
-            Self::member_updates(
-                &self.plan,
-                &mut self.labelled,
-                (*partition, key),
-                None,
-                Some(state),
-                time,
-                out,
-            );
-        }
-        Ok(listings.len() as u64)
+        let (partition_index, from) = self.rebuild_cursor.take().unwrap_or((0, None));
+        let Some(&partition) = partitions.get(partition_index) else {
+            return Ok(true);
+        };
+        let (plan, labelled) = (&self.plan, &mut self.labelled);
+        let next = self
+            .store
+            .scan_partition(partition, from.as_deref(), limit, |key, state| {
+                if !state.deleted {
+                    *listings += 1;
+                    Self::member_updates(
+                        plan,
+                        labelled,
+                        (partition, key),
+                        None,
+                        Some(&state),
+                        time,
+                        out,
+                    );
+                }
+            })?;
+        let partition_done = next.is_none();
+        self.rebuild_cursor = Some(match next {
+            Some(key) => (partition_index, Some(key)),
+            None => (partition_index + 1, None),
+        });
+        Ok(partition_done && partition_index + 1 == partitions.len())
     }
 
     /// Current states (as of the last processed event) of many listings.
@@ -310,6 +330,11 @@ impl ListingStateStage {
             self.dirty.insert(key, next);
         }
         Ok(())
+    }
+
+    /// Listings changed since the last checkpoint (held in memory until it).
+    pub fn dirty_listings(&self) -> usize {
+        self.dirty.len()
     }
 
     /// Writes every change since the last checkpoint with the positions, in one batch.

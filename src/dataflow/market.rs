@@ -648,6 +648,41 @@ impl MarketWindow {
     }
 }
 
+/// Records of merge work an arrangement does per scheduling when
+/// `merge_exertion` asks for it: about a millisecond, so a forced merge is
+/// spread over many schedulings instead of stalling the worker.
+const MERGE_EFFORT_PER_SCHEDULING: usize = 1 << 16;
+
+/// When an arrangement works on its merges beyond what its new updates pay
+/// for. Differential merges a batch only with one of similar size, so after
+/// many updates the largest batch still holds members that later, smaller
+/// batches retract: a listing whose price changed is held three times (its
+/// old member, the retraction, the new member) until those batches meet.
+/// Memory then grows with the history, not with the live listings. This
+/// asks for work while the smaller batches hold at least a quarter of the
+/// records of the largest (so the merge that cancels the retractions is
+/// reached) and while the largest is itself being merged (so that merge ends
+/// and frees its inputs). A quarter bounds the slack at about 25% of the
+/// arrangement and costs a few extra record copies per update; never asking
+/// (differential's default) let 1,000,000 updates grow the members
+/// arrangement from 66 to 107 bytes per live listing.
+pub fn merge_exertion(layers: &[(usize, usize, usize)]) -> Option<usize> {
+    // layers come largest level first: (level, batches in it, records)
+    let mut layers = layers.iter().filter(|(_, _, records)| *records > 0);
+    let (_, largest_batches, largest_records) = *layers.next()?;
+    let smaller_records: usize = layers.map(|(_, _, records)| records).sum();
+    (largest_batches > 1 || smaller_records * 4 >= largest_records)
+        .then_some(MERGE_EFFORT_PER_SCHEDULING)
+}
+
+/// Installs `merge_exertion` for every arrangement the workers build.
+pub fn configure_merging(worker: &mut timely::WorkerConfig) {
+    worker.set::<differential_dataflow::trace::ExertionLogic>(
+        "differential/default_exert_logic".to_string(),
+        Arc::new(merge_exertion),
+    );
+}
+
 /// The first input epoch at or after `epoch` that is a multiple of the
 /// window: a run resumed from a checkpoint there rebuilds at dataflow time
 /// `epoch` (its records run at epoch + 1), which ends a window.

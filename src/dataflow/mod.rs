@@ -166,6 +166,9 @@ pub(crate) fn fail_output(what: &str, error: &str) -> ! {
 }
 
 /// Runs the topology to the end of its input and returns the summary.
+/// Listings read per step of the market rebuild at start (see `rebuild_step`).
+const REBUILD_STEP_LISTINGS: usize = 16_384;
+
 pub fn run(
     plan: Arc<Plan>,
     config: &EnvConfig,
@@ -278,9 +281,16 @@ pub fn run(
     // checkpoints the workers have taken in all (see the worker loop)
     let checkpoint_request = Arc::new(AtomicU64::new(0));
     let checkpoint_served = Arc::new(AtomicU64::new(0));
+    // each worker's count of listings changed since its last checkpoint:
+    // worker 0 starts a checkpoint early when their sum reaches the bound
+    let dirty_listings: Arc<Vec<AtomicU64>> =
+        Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
+    let max_dirty_listings = config.state.max_dirty_listings as u64;
     let flush_store = store.clone();
     let worker_plan = plan.clone();
-    let guards = timely::execute(timely::Config::process(workers), move |worker| -> Result<WorkerReport, String> {
+    let mut timely_config = timely::Config::process(workers);
+    market::configure_merging(&mut timely_config.worker);
+    let guards = timely::execute(timely_config, move |worker| -> Result<WorkerReport, String> {
         let plan = worker_plan.clone();
         let index = worker.index();
         let peers = worker.peers();
@@ -346,15 +356,11 @@ pub fn run(
                 let rebuild_partitions = owned.clone();
                 let outputs = events.unary_frontier::<timely::container::CapacityContainerBuilder<Vec<StateOutput>>, _, _, _>(Pipeline, "ListingState", move |capability, info| {
                     *activator_slot.borrow_mut() = Some(scope.activator_for(info.address.clone()));
+                    let rebuild_activator = scope.activator_for(info.address.clone());
                     let mut rebuild_capability = Some(capability);
+                    let mut rebuilt_listings = 0u64;
                     let mut pending: BTreeMap<u64, (Capability<u64>, Vec<decode::ChangeEvent>)> = BTreeMap::new();
                     move |(input, _frontier), output| {
-                        if let Some(mut capability) = rebuild_capability.take() {
-                            capability.downgrade(&first_epoch);
-                            let mut out = Vec::new();
-                            state_stage.borrow_mut().rebuild(&rebuild_partitions, first_epoch, &mut out).unwrap_or_else(|e| panic!("rebuilding the market from state: {e}"));
-                            output.session(&capability).give_iterator(out.into_iter());
-                        }
                         input.for_each_stamp(|capability, containers| {
                             let Some(capability) = capability.retain_least(0) else { return };
                             let entry = pending.entry(*capability.time()).or_insert_with(|| (capability, Vec::new()));
@@ -362,6 +368,22 @@ pub fn run(
                                 entry.1.append(container);
                             }
                         });
+                        // the rebuild goes in steps, each handed on before the next is
+                        // read (memory), and before any event is applied (it reads the
+                        // state as the last run left it)
+                        if let Some(capability) = rebuild_capability.as_mut() {
+                            capability.downgrade(&first_epoch);
+                            let mut out = Vec::new();
+                            let done = state_stage.borrow_mut().rebuild_step(&rebuild_partitions, first_epoch, REBUILD_STEP_LISTINGS, &mut out, &mut rebuilt_listings)
+                                .unwrap_or_else(|e| panic!("rebuilding the market from state: {e}"));
+                            output.session(capability).give_iterator(out.into_iter());
+                            if done {
+                                rebuild_capability = None;
+                            } else {
+                                rebuild_activator.activate();
+                                return;
+                            }
+                        }
                         while let Some(entry) = pending.first_entry() {
                             if lockstep && *entry.key() > done.get() {
                                 break;
@@ -518,9 +540,11 @@ pub fn run(
             // ahead that no worker has sent it yet (back-pressure bounds every
             // worker to max_epochs_in_flight past worker 0's input); each worker
             // checks before it sends the next epoch.
+            dirty_listings[index].store(stage.borrow().dirty_listings() as u64, Ordering::Relaxed);
             let requested = checkpoint_request.load(Ordering::SeqCst);
             if index == 0 && requested == served_request && checkpoint_served.load(Ordering::SeqCst) == served_request_count * peers as u64
-                && last_checkpoint.elapsed() >= checkpoint_interval
+                && (last_checkpoint.elapsed() >= checkpoint_interval
+                    || (max_dirty_listings > 0 && dirty_listings.iter().map(|d| d.load(Ordering::Relaxed)).sum::<u64>() >= max_dirty_listings))
             {
                 checkpoint_request.store(
                     market::aligned_checkpoint(epoch + runtime.max_epochs_in_flight + 1, runtime.market_window_epochs),

@@ -315,28 +315,40 @@ impl Store {
         Ok(count)
     }
 
-    /// Every live listing of the given partitions (for rebuilding in-memory views).
-    pub fn for_each_listing(
+    /// Up to `limit` listings of `partition` (live and removed), in key
+    /// order, from the key `from` on (`None`: the partition's first). Returns
+    /// the key to continue from, or `None` when the partition is done: a
+    /// caller can scan a large store in steps without holding an iterator.
+    pub fn scan_partition(
         &self,
-        mut visit: impl FnMut(u32, &str, ListingState),
-    ) -> Result<(), StateError> {
+        partition: u32,
+        from: Option<&[u8]>,
+        limit: usize,
+        mut visit: impl FnMut(&str, ListingState),
+    ) -> Result<Option<Vec<u8>>, StateError> {
         let cf = self
             .db
             .cf_handle(LISTINGS)
             .expect("listings column family exists");
-        for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
+        let prefix = Self::state_key(partition, "");
+        let start = from.unwrap_or(&prefix);
+        let mut visited = 0;
+        let iterator = self.db.iterator_cf(
+            &cf,
+            rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward),
+        );
+        for item in iterator {
             let (key, value) = item?;
-            if key.len() < 5 || key[0] != KEY_FORMAT {
-                return Err(StateError::Corrupt {
-                    format: key.first().copied().unwrap_or(0),
-                    detail: "state key".into(),
-                });
+            if !key.starts_with(&prefix) {
+                return Ok(None);
             }
-            let partition = u32::from_be_bytes(key[1..5].try_into().unwrap());
-            let id = String::from_utf8_lossy(&key[5..]);
-            visit(partition, &id, decode(&value)?);
+            if visited == limit {
+                return Ok(Some(key.to_vec()));
+            }
+            visit(&String::from_utf8_lossy(&key[5..]), decode(&value)?);
+            visited += 1;
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -604,6 +616,76 @@ mod tests {
         match Store::open(dir.path(), "b:String", tuning) {
             Err(StateError::SchemaMismatch { .. }) => {}
             other => panic!("expected a schema mismatch, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn a_partition_scanned_in_steps_visits_what_one_scan_visits() {
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = StoreTuning {
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+        };
+        let store = Store::open(dir.path(), "a:String", tuning).unwrap();
+        // partitions 0..4 with 0, 1, 7 and 10 listings: neighbours must not leak in
+        let mut written: Vec<(u32, String, ListingState)> = Vec::new();
+        for (partition, count) in [(0u32, 0usize), (1, 1), (2, 7), (3, 10)] {
+            for n in 0..count {
+                written.push((partition, format!("l-{n}"), sample(n as u64)));
+            }
+        }
+        let keys: Vec<Vec<u8>> = written
+            .iter()
+            .map(|(p, id, _)| Store::state_key(*p, id))
+            .collect();
+        store
+            .checkpoint(
+                keys.iter()
+                    .zip(&written)
+                    .map(|(k, (_, _, state))| (k.as_slice(), Some(state))),
+                "in",
+                &[],
+            )
+            .unwrap();
+        for partition in 0..4u32 {
+            let mut whole = Vec::new();
+            let rest = store
+                .scan_partition(partition, None, usize::MAX, |id, state| {
+                    whole.push((id.to_string(), state))
+                })
+                .unwrap();
+            assert!(rest.is_none());
+            let mut expected: Vec<(String, ListingState)> = written
+                .iter()
+                .filter(|(p, _, _)| *p == partition)
+                .map(|(_, id, state)| (id.clone(), state.clone()))
+                .collect();
+            expected.sort_by(|a, b| a.0.cmp(&b.0));
+            assert_eq!(whole, expected, "partition {partition}");
+            for limit in [1, 3, 7] {
+                let (mut stepped, mut from, mut steps) = (Vec::new(), None, 0);
+                loop {
+                    steps += 1;
+                    let next = store
+                        .scan_partition(partition, from.as_deref(), limit, |id, state| {
+                            stepped.push((id.to_string(), state))
+                        })
+                        .unwrap();
+                    match next {
+                        Some(key) => from = Some(key),
+                        None => break,
+                    }
+                }
+                assert_eq!(
+                    stepped, expected,
+                    "partition {partition} in steps of {limit}"
+                );
+                assert_eq!(
+                    steps,
+                    expected.len().div_ceil(limit).max(1),
+                    "partition {partition} in steps of {limit}"
+                );
+            }
         }
     }
 }
