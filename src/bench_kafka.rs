@@ -166,6 +166,9 @@ fn measure_latency(
             let created = message.timestamp().to_millis();
             let millis = |from: i64, to: i64| ((to - from).max(0) as u64) * 1_000_000;
             let mut histograms = histograms.lock().unwrap();
+            if let Some(appended) = appended {
+                histograms.over_time.push((appended, now - appended));
+            }
             match (appended, created) {
                 (Some(appended), Some(created)) => {
                     histograms.total.record(millis(appended, now));
@@ -193,14 +196,38 @@ struct Latencies {
     until_sent: LatencyHistogram,
     /// The engine's send until readable (records with an input record).
     after_sent: LatencyHistogram,
+    /// (append time, append -> readable) in ms, per document of an input record.
+    over_time: Vec<(i64, i64)>,
 }
 
 /// p50 and p99 in ms of each of `Latencies`' histograms.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct LatencyFigures {
     total: (f64, f64),
     until_sent: (f64, f64),
     after_sent: (f64, f64),
+    /// The slowest document per `TREND_BUCKET_MS` of append time, in ms:
+    /// steady means the tail is stalls, growing means a queue (the engine
+    /// does not keep up at that rate).
+    trend: Vec<i64>,
+}
+
+const TREND_BUCKET_MS: i64 = 500;
+
+/// The slowest latency per bucket of append time, first append first.
+fn latency_trend(over_time: &[(i64, i64)]) -> Vec<i64> {
+    let Some(first) = over_time.iter().map(|(appended, _)| *appended).min() else {
+        return Vec::new();
+    };
+    let mut trend = Vec::new();
+    for (appended, latency) in over_time {
+        let bucket = ((appended - first) / TREND_BUCKET_MS) as usize;
+        if trend.len() <= bucket {
+            trend.resize(bucket + 1, 0);
+        }
+        trend[bucket] = trend[bucket].max(*latency);
+    }
+    trend
 }
 
 fn p50_p99_ms(histogram: &LatencyHistogram) -> (f64, f64) {
@@ -249,6 +276,7 @@ impl LatencyReader {
             total: p50_p99_ms(&histograms.total),
             until_sent: p50_p99_ms(&histograms.until_sent),
             after_sent: p50_p99_ms(&histograms.after_sent),
+            trend: latency_trend(&histograms.over_time),
         })
     }
 }
@@ -614,6 +642,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
     }
     println!(
+        "\nthe slowest document per {TREND_BUCKET_MS} ms of the latency run (append -> readable, ms): flat is stalls, growing is a queue"
+    );
+    for r in &rows {
+        let trend: Vec<String> = r.latencies.trend.iter().map(|ms| ms.to_string()).collect();
+        println!("  {:<13} {}", r.label, trend.join(" "));
+    }
+    println!(
         "\nwhere the latency goes (p50 / p99 ms): documents of an input record, split at the engine's send (output record timestamp);\n\
          the engine's own split of its input records at their read (append -> read) and their acknowledgement"
     );
@@ -686,7 +721,21 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{latency_trend, median};
+
+    #[test]
+    fn latency_trend_is_the_slowest_per_bucket_of_append_time() {
+        let over_time = [
+            (1_000, 40),
+            (1_100, 70),
+            (1_600, 30),
+            (2_700, 90),
+            (2_999, 95),
+        ];
+        // buckets of 500 ms from the first append: [1000, 1500), [1500, 2000), ..., [2500, 3000)
+        assert_eq!(latency_trend(&over_time), vec![70, 30, 0, 95]);
+        assert!(latency_trend(&[]).is_empty());
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

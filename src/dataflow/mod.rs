@@ -323,6 +323,9 @@ pub fn run(
         let state_activator: Rc<RefCell<Option<timely::scheduling::Activator>>> = Rc::new(RefCell::new(None));
 
         let market_traces: Rc<RefCell<Option<market::MarketTraces>>> = Rc::new(RefCell::new(None));
+        // the source reads nothing until the market rebuild is handed on: records
+        // read earlier would only wait for it (their latency) and hold memory
+        let rebuild_done = Rc::new(Cell::new(pass_through));
         let mut input_handle: InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<RawRecord>>> = InputHandle::new();
         let probe = ProbeHandle::new();
         worker.dataflow::<u64, _, _>(|scope| {
@@ -354,6 +357,7 @@ pub fn run(
                 let done = evaluated_below.clone();
                 let activator_slot = state_activator.clone();
                 let rebuild_partitions = owned.clone();
+                let rebuild_done = rebuild_done.clone();
                 let outputs = events.unary_frontier::<timely::container::CapacityContainerBuilder<Vec<StateOutput>>, _, _, _>(Pipeline, "ListingState", move |capability, info| {
                     *activator_slot.borrow_mut() = Some(scope.activator_for(info.address.clone()));
                     let rebuild_activator = scope.activator_for(info.address.clone());
@@ -379,6 +383,7 @@ pub fn run(
                             output.session(capability).give_iterator(out.into_iter());
                             if done {
                                 rebuild_capability = None;
+                                rebuild_done.set(true);
                             } else {
                                 rebuild_activator.activate();
                                 return;
@@ -506,6 +511,9 @@ pub fn run(
         };
         // records were sent at the current input time, which is still open
         let mut open_epoch_has_records = false;
+        while !rebuild_done.get() {
+            worker.step();
+        }
         while !source.finished() {
             let next_epoch = source.fill(epoch, epoch_records, &mut batch)?;
             report.records_in += batch.len() as u64;
