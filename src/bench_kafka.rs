@@ -402,11 +402,11 @@ pub struct Options {
     /// The engine's `runtime.max_epochs_in_flight`, as in `config/kafka.toml`.
     #[arg(long, default_value_t = 8)]
     max_epochs_in_flight: u64,
-    /// The engine's `runtime.market_window_epochs` (1, as in
-    /// `config/kafka.toml`). 20 made the full topology keep up at half its
-    /// maximum rate, but the engine refuses more than 1 with a Kafka input
-    /// for now (a known bug, see README): with more, the engine does not start.
-    #[arg(long, default_value_t = 1)]
+    /// The engine's `runtime.market_window_epochs`, as in `config/kafka.toml`:
+    /// 20 epochs of 5 ms. With 1, every tick re-evaluated the neighbours of
+    /// every statistic that moved, and at half of the maximum rate the full
+    /// topology fell behind (its trend line grew).
+    #[arg(long, default_value_t = 20)]
     market_window_epochs: u64,
     /// The engine consumer's `fetch.wait.max.ms`, as in `config/kafka.toml`:
     /// tansu 0.6.0 answers every fetch only after sleeping for at least half of

@@ -407,18 +407,6 @@ fn check(config: &EnvConfig, file: &Path, plan: Option<&Plan>, diagnostics: &mut
                 Some(format!("add [bindings.{name}] with type = \"file\" and a path, or type = \"kafka\" and a topic; bound here: {}", known.join(", "))));
         }
     }
-    if let Some(Binding::Kafka(_)) = config.bindings.get(&plan.input_binding) {
-        if config.runtime.market_window_epochs > 1 && !plan.aggregates.is_empty() {
-            // Known bug: with a Kafka input and a window of 20, the Kafka kill
-            // and broker-outage tests left a listing's market fields stale in the
-            // final index (about half of the runs); files are not affected.
-            diagnostics.error(
-                file,
-                "runtime.market_window_epochs > 1 with a Kafka input is not supported yet",
-                Some("set it to 1: with a Kafka input a window can leave a listing's market fields stale in the index (a known bug, see README)".into()),
-            );
-        }
-    }
     if let Some(Binding::File(input)) = config.bindings.get(&plan.input_binding) {
         if !input.path.is_file() {
             diagnostics.error(

@@ -437,11 +437,18 @@ pub fn run(
                                     entry.1.append(container);
                                 }
                             });
+                            // By each update's own time, not its message's: differential may send
+                            // an update at a later time than the capability it sends it with (a
+                            // join of a member at epoch 170 with a view delayed to 176 can travel
+                            // at 173), and evaluated at 173 it saw the statistics before the move
+                            // it was about (a market window left stale documents in the index).
                             market_input.for_each_stamp(|capability, containers| {
                                 let Some(capability) = capability.retain_least(0) else { return };
-                                let entry = pending.entry(*capability.time()).or_insert_with(|| (capability, Vec::new(), Vec::new()));
                                 for container in containers {
-                                    entry.2.append(container);
+                                    for update in container.drain(..) {
+                                        let time = update.1;
+                                        pending.entry(time).or_insert_with(|| (capability.delayed(&time), Vec::new(), Vec::new())).2.push(update);
+                                    }
                                 }
                             });
                             let passed = |time: &u64| !own_frontier.less_equal(time) && !market_frontier.less_equal(time);
@@ -492,7 +499,8 @@ pub fn run(
             .probe_with(&probe);
         });
 
-        let wait_park = Some(if matches!(source, Source::Kafka(_)) { LIVE_WAIT_PARK } else { Duration::ZERO });
+        let live_source = matches!(source, Source::Kafka(_));
+        let wait_park = Some(if live_source { LIVE_WAIT_PARK } else { Duration::ZERO });
         let mut report = WorkerReport { resumed_from_line: source.resume_offset(), ..WorkerReport::default() };
         let mut progress = ProgressBar::new(if index == 0 { progress_enabled } else { Some(false) });
         let epoch_records = runtime.epoch_records;
@@ -566,9 +574,18 @@ pub fn run(
                 // tick ends; a file's next epoch has nothing sent yet)
                 if open_epoch_has_records {
                     epoch += 1;
-                    input_handle.advance_to(epoch + 1);
                     open_epoch_has_records = false;
                 }
+                // A live source's epoch can be past the requested window end (it follows
+                // the clock when idle, and closing an open epoch moves it by one): go on
+                // to the next window end, so that the checkpoint does not cut a window in
+                // two. A restart trusts that the checkpointed documents saw every move of
+                // the checkpointed state's statistics; a move still waiting for its
+                // window's end would never re-evaluate anyone.
+                if live_source {
+                    epoch = market::aligned_checkpoint(epoch, runtime.market_window_epochs);
+                }
+                input_handle.advance_to(epoch + 1);
                 while probe.less_than(input_handle.time()) {
                     worker.step_or_park(wait_park);
                 }

@@ -43,11 +43,15 @@ pub fn statistics_changelog<'scope>(
                         names.entry(segment).or_insert(label);
                     }
                 });
+                // by each update's own time: differential may send an update with an
+                // earlier capability than its time (see the evaluator's market input)
                 changes.for_each_stamp(|capability, containers| {
                     let Some(capability) = capability.retain_least(0) else { return };
-                    let entry = pending.entry(*capability.time()).or_insert_with(|| (capability, Vec::new()));
                     for container in containers {
-                        entry.1.append(container);
+                        for update in container.drain(..) {
+                            let time = update.1;
+                            pending.entry(time).or_insert_with(|| (capability.delayed(&time), Vec::new())).1.push(update);
+                        }
                     }
                 });
                 while let Some(entry) = pending.first_entry() {

@@ -645,3 +645,54 @@ fn the_rentals_domain_runs_on_its_committed_sample() {
     assert!(live.len() > 50);
     assert!(live.iter().all(|d| d["rent_position"].is_string() && d["comparable_count"].as_u64().unwrap() >= 1), "every live flat has a market position");
 }
+
+/// The listings sample (real data) with market windows of 8 and 20 epochs
+/// leaves the index that re-evaluating every epoch leaves. Regression: the
+/// evaluator grouped the join's output by the capability it travelled with,
+/// not by its own time; with a window, a member at epoch 170 joined with a
+/// view delayed to 176 travelled at 173, was evaluated before the move it was
+/// about, and 527 listings (window 8) kept stale market fields.
+#[test]
+fn with_a_market_window_the_sample_leaves_the_index_of_every_epoch() {
+    let mut indexes = Vec::new();
+    for window in [1, 8, 20] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &sample_stream(), 1, 128, "");
+        let text = std::fs::read_to_string(&config.path).unwrap().replace(
+            "checkpoint_interval_ms = 100\n",
+            &format!("checkpoint_interval_ms = 100\nmarket_window_epochs = {window}\n"),
+        );
+        std::fs::write(&config.path, text).unwrap();
+        let summary = run_in_process(&&listings_topology(), &config, true);
+        assert!(summary.reconciled, "{summary:?}");
+        let index: BTreeMap<String, Option<Json>> = current_documents(&config.documents)
+            .into_iter()
+            .map(|(key, (_version, mut document))| {
+                if let Some(Json::Object(fields)) = &mut document {
+                    fields.remove("version");
+                }
+                (key, document)
+            })
+            .collect();
+        indexes.push((window, summary.market_documents, index));
+    }
+    let (_, every_epoch_market, every_epoch) = &indexes[0];
+    for (window, market_documents, index) in &indexes[1..] {
+        assert!(
+            market_documents < every_epoch_market,
+            "window {window}: {market_documents} market documents, every epoch {every_epoch_market}"
+        );
+        let differing: Vec<&String> = every_epoch
+            .iter()
+            .filter(|(key, document)| index.get(*key) != Some(*document))
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(index.len(), every_epoch.len(), "window {window}");
+        assert!(
+            differing.is_empty(),
+            "window {window}: {} listings end differently, first {:?}",
+            differing.len(),
+            differing.first()
+        );
+    }
+}
