@@ -133,7 +133,7 @@ impl ListingStateStage {
     /// One step of rebuilding the market arrangements after a restart: the
     /// next live listings of `partitions` (at most `limit` states read) as
     /// members at `time`, into `out`. Returns `true` when every partition is
-    /// done; `listings` counts the live listings rebuilt.
+    /// done.
     ///
     /// In steps, so that the worker hands each step's members on before it
     /// reads more: reading every live state first held a million decoded
@@ -145,7 +145,6 @@ impl ListingStateStage {
         time: u64,
         limit: usize,
         out: &mut Vec<StateOutput>,
-        listings: &mut u64,
     ) -> Result<bool, StateError> {
         if self.plan.aggregates.is_empty() {
             return Ok(true);
@@ -159,7 +158,6 @@ impl ListingStateStage {
             .store
             .scan_partition(partition, from.as_deref(), limit, |key, state| {
                 if !state.deleted {
-                    *listings += 1;
                     Self::member_updates(
                         plan,
                         labelled,

@@ -165,10 +165,10 @@ pub(crate) fn fail_output(what: &str, error: &str) -> ! {
     std::process::exit(70);
 }
 
-/// Runs the topology to the end of its input and returns the summary.
 /// Listings read per step of the market rebuild at start (see `rebuild_step`).
 const REBUILD_STEP_LISTINGS: usize = 16_384;
 
+/// Runs the topology to the end of its input and returns the summary.
 pub fn run(
     plan: Arc<Plan>,
     config: &EnvConfig,
@@ -362,7 +362,6 @@ pub fn run(
                     *activator_slot.borrow_mut() = Some(scope.activator_for(info.address.clone()));
                     let rebuild_activator = scope.activator_for(info.address.clone());
                     let mut rebuild_capability = Some(capability);
-                    let mut rebuilt_listings = 0u64;
                     let mut pending: BTreeMap<u64, (Capability<u64>, Vec<decode::ChangeEvent>)> = BTreeMap::new();
                     move |(input, _frontier), output| {
                         input.for_each_stamp(|capability, containers| {
@@ -378,7 +377,7 @@ pub fn run(
                         if let Some(capability) = rebuild_capability.as_mut() {
                             capability.downgrade(&first_epoch);
                             let mut out = Vec::new();
-                            let done = state_stage.borrow_mut().rebuild_step(&rebuild_partitions, first_epoch, REBUILD_STEP_LISTINGS, &mut out, &mut rebuilt_listings)
+                            let done = state_stage.borrow_mut().rebuild_step(&rebuild_partitions, first_epoch, REBUILD_STEP_LISTINGS, &mut out)
                                 .unwrap_or_else(|e| panic!("rebuilding the market from state: {e}"));
                             output.session(capability).give_iterator(out.into_iter());
                             if done {

@@ -575,14 +575,16 @@ mod tests {
         ));
     }
 
+    /// Small caches: the tests hold a handful of listings.
+    const SMALL: StoreTuning = StoreTuning {
+        block_cache_bytes: 1 << 20,
+        write_buffer_bytes: 1 << 20,
+    };
+
     #[test]
     fn checkpoint_writes_state_and_positions_together_and_schema_is_checked() {
         let dir = tempfile::tempdir().unwrap();
-        let tuning = StoreTuning {
-            block_cache_bytes: 1 << 20,
-            write_buffer_bytes: 1 << 20,
-        };
-        let store = Store::open(dir.path(), "a:String", tuning).unwrap();
+        let store = Store::open(dir.path(), "a:String", SMALL).unwrap();
         let key = Store::state_key(3, "cl-1");
         let state = sample(4);
         store
@@ -613,7 +615,7 @@ mod tests {
         );
         assert!(store.positions("other").unwrap().is_empty());
         drop(store);
-        match Store::open(dir.path(), "b:String", tuning) {
+        match Store::open(dir.path(), "b:String", SMALL) {
             Err(StateError::SchemaMismatch { .. }) => {}
             other => panic!("expected a schema mismatch, got {:?}", other.err()),
         }
@@ -622,11 +624,7 @@ mod tests {
     #[test]
     fn a_partition_scanned_in_steps_visits_what_one_scan_visits() {
         let dir = tempfile::tempdir().unwrap();
-        let tuning = StoreTuning {
-            block_cache_bytes: 1 << 20,
-            write_buffer_bytes: 1 << 20,
-        };
-        let store = Store::open(dir.path(), "a:String", tuning).unwrap();
+        let store = Store::open(dir.path(), "a:String", SMALL).unwrap();
         // partitions 0..4 with 0, 1, 7 and 10 listings: neighbours must not leak in
         let mut written: Vec<(u32, String, ListingState)> = Vec::new();
         for (partition, count) in [(0u32, 0usize), (1, 1), (2, 7), (3, 10)] {
