@@ -22,7 +22,9 @@ impl Source {
         }
     }
 
-    /// Reads the records of epoch `epoch` into `out`; returns the next epoch.
+    /// Reads the records of epoch `epoch` that are available now into `out`;
+    /// returns the epoch the next records belong to (`epoch` again while it
+    /// is not complete).
     pub fn fill(
         &mut self,
         epoch: u64,
@@ -31,11 +33,20 @@ impl Source {
     ) -> Result<u64, String> {
         match self {
             Source::File(file) => {
-                file.read_until((epoch + 1) * epoch_records, out)
-                    .map_err(|e| e.to_string())?;
-                Ok(epoch + 1)
+                let end = (epoch + 1) * epoch_records;
+                file.read_until(end, out).map_err(|e| e.to_string())?;
+                Ok(if file.reached(end) { epoch + 1 } else { epoch })
             }
             Source::Kafka(kafka) => Ok(kafka.fill(epoch, out)),
+        }
+    }
+
+    /// Whether records arrive over time (a topic, or a paced file replay)
+    /// rather than being all there: `fill` then often finds nothing new.
+    pub fn paced(&self) -> bool {
+        match self {
+            Source::File(file) => file.paced(),
+            Source::Kafka(_) => true,
         }
     }
 

@@ -4,8 +4,13 @@
 //! - `process`: one message of events, in order. Reads the listings it has not
 //!   seen since the last checkpoint with one `multi_get`, then applies each
 //!   event against the freshest state (dirty map first, then the store).
-//! - `checkpoint`: the worker loop calls it when every epoch it has sent is
-//!   complete; dirty states and source positions go to RocksDB in one batch.
+//! - `begin_checkpoint`: the worker loop calls it when every epoch it has sent
+//!   is complete; dirty states and source positions go to RocksDB in one
+//!   batch, written on a thread of its own while the worker goes on (the
+//!   write was the largest stall of a live run's tail latency). Until the
+//!   write is done, its states stay readable here (dirty map, then the states
+//!   being written, then the store); `finished_checkpoint` hands back the
+//!   positions once they are durable, and only then may a source commit them.
 //! - `rebuild`: at start, every live listing of the worker's partitions as a
 //!   member of its segments, so the market arrangements are rebuilt.
 //!
@@ -75,10 +80,20 @@ pub struct GateCounts {
     pub duplicates: u64,
 }
 
+/// A checkpoint on its way to RocksDB (see `begin_checkpoint`).
+struct CheckpointWrite {
+    states: Arc<FxHashMap<Vec<u8>, ListingState>>,
+    positions: Vec<(u32, CheckpointedPosition)>,
+    thread: std::thread::JoinHandle<Result<usize, StateError>>,
+}
+
 pub struct ListingStateStage {
     plan: Arc<Plan>,
     store: Store,
     dirty: FxHashMap<Vec<u8>, ListingState>,
+    /// The checkpoint being written, at most one: its states (read between
+    /// `dirty` and the store) and the thread writing them.
+    writing: Option<CheckpointWrite>,
     pub counts: GateCounts,
     /// Segments this worker has labelled already.
     labelled: FxHashSet<u64>,
@@ -92,6 +107,7 @@ impl ListingStateStage {
             plan,
             store,
             dirty: FxHashMap::default(),
+            writing: None,
             counts: GateCounts::default(),
             labelled: FxHashSet::default(),
             rebuild_cursor: None,
@@ -181,13 +197,13 @@ impl ListingStateStage {
     pub fn current(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<ListingState>>, StateError> {
         let missing: Vec<Vec<u8>> = keys
             .iter()
-            .filter(|k| !self.dirty.contains_key(*k))
+            .filter(|k| self.held(k).is_none())
             .cloned()
             .collect();
         let mut fetched = self.store.get_many(&missing)?.into_iter();
         Ok(keys
             .iter()
-            .map(|k| match self.dirty.get(k) {
+            .map(|k| match self.held(k) {
                 Some(state) => Some(state.clone()),
                 None => fetched.next().flatten(),
             })
@@ -240,7 +256,7 @@ impl ListingStateStage {
             .collect();
         let mut wanted: Vec<Vec<u8>> = keys
             .iter()
-            .filter(|k| !self.dirty.contains_key(*k))
+            .filter(|k| self.held(k).is_none())
             .cloned()
             .collect();
         wanted.sort();
@@ -253,7 +269,12 @@ impl ListingStateStage {
             }
         }
         for (event, key) in events.into_iter().zip(keys) {
-            let current = self.dirty.get(&key).or_else(|| fetched.get(&key));
+            // `held`, spelled out: `self.labelled` is borrowed mutably below
+            let current = self
+                .dirty
+                .get(&key)
+                .or_else(|| self.writing.as_ref().and_then(|w| w.states.get(&key)))
+                .or_else(|| fetched.get(&key));
             if let Some(current) = current {
                 if event.version == current.version {
                     self.counts.duplicates += 1;
@@ -335,19 +356,73 @@ impl ListingStateStage {
         self.dirty.len()
     }
 
-    /// Writes every change since the last checkpoint with the positions, in one batch.
-    pub fn checkpoint(
+    /// The freshest state this stage holds in memory: changed since the last
+    /// checkpoint, or in the checkpoint being written.
+    fn held(&self, key: &[u8]) -> Option<&ListingState> {
+        self.dirty
+            .get(key)
+            .or_else(|| self.writing.as_ref().and_then(|w| w.states.get(key)))
+    }
+
+    /// Starts writing every change since the last checkpoint with the
+    /// positions, in one batch, on a thread of its own. A checkpoint still
+    /// being written is finished first (at most one is in flight); its
+    /// positions are returned then, as by `finished_checkpoint`.
+    pub fn begin_checkpoint(
         &mut self,
         binding: &str,
-        positions: &[(u32, CheckpointedPosition)],
-    ) -> Result<usize, StateError> {
-        let written = self.store.checkpoint(
-            self.dirty.iter().map(|(k, v)| (k.as_slice(), Some(v))),
-            binding,
+        positions: Vec<(u32, CheckpointedPosition)>,
+    ) -> Result<Option<Vec<(u32, CheckpointedPosition)>>, StateError> {
+        let previous = self.wait_checkpoint()?;
+        let states = Arc::new(std::mem::take(&mut self.dirty));
+        let (store, binding, written_states, written_positions) = (
+            self.store.clone(),
+            binding.to_string(),
+            states.clone(),
+            positions.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("assay:checkpoint".to_string())
+            .spawn(move || {
+                store.checkpoint(
+                    written_states.iter().map(|(k, v)| (k.as_slice(), Some(v))),
+                    &binding,
+                    &written_positions,
+                )
+            })
+            .map_err(|e| StateError::Io(e.to_string()))?;
+        self.writing = Some(CheckpointWrite {
+            states,
             positions,
-        )?;
-        self.dirty.clear();
-        Ok(written)
+            thread,
+        });
+        Ok(previous)
+    }
+
+    /// The positions of the checkpoint being written, once the write is done
+    /// (durable: a restart resumes there); `None` while it is still writing or
+    /// when none is.
+    pub fn finished_checkpoint(
+        &mut self,
+    ) -> Result<Option<Vec<(u32, CheckpointedPosition)>>, StateError> {
+        match &self.writing {
+            Some(write) if write.thread.is_finished() => self.wait_checkpoint(),
+            _ => Ok(None),
+        }
+    }
+
+    /// Waits for the checkpoint being written, if any, and returns its positions.
+    pub fn wait_checkpoint(
+        &mut self,
+    ) -> Result<Option<Vec<(u32, CheckpointedPosition)>>, StateError> {
+        let Some(write) = self.writing.take() else {
+            return Ok(None);
+        };
+        write
+            .thread
+            .join()
+            .map_err(|_| StateError::Io("the checkpoint writer panicked".to_string()))??;
+        Ok(Some(write.positions))
     }
 }
 

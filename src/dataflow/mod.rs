@@ -58,12 +58,12 @@ use crate::state::{StateError, Store, StoreTuning};
 use crate::topology::Plan;
 use listing_state::{ListingStateStage, StateOutput};
 
-/// How long a worker reading a live source (Kafka) parks between steps when
+/// How long a worker reading a paced source (Kafka, a paced file) parks between steps when
 /// it waits (for records, back-pressure, a checkpoint or the end). Timely
 /// wakes a parked worker as soon as data or progress arrives for it, so this
 /// only bounds the wait for what timely does not signal (new records);
-/// spinning instead took a core from the broker on small machines. A file
-/// replay is never idle: its waits are short, and parking them cost about a
+/// spinning instead took a core from the broker on small machines. An unpaced
+/// file replay is never idle: its waits are short, and parking them cost about a
 /// tenth of the pass-through rate, so it steps without parking.
 const LIVE_WAIT_PARK: Duration = Duration::from_millis(1);
 
@@ -499,7 +499,7 @@ pub fn run(
         });
 
         let live_source = matches!(source, Source::Kafka(_));
-        let wait_park = Some(if live_source { LIVE_WAIT_PARK } else { Duration::ZERO });
+        let wait_park = Some(if source.paced() { LIVE_WAIT_PARK } else { Duration::ZERO });
         let mut report = WorkerReport { resumed_from_line: source.resume_offset(), ..WorkerReport::default() };
         let mut progress = ProgressBar::new(if index == 0 { progress_enabled } else { Some(false) });
         let epoch_records = runtime.epoch_records;
@@ -509,11 +509,17 @@ pub fn run(
         let mut last_checkpoint = Instant::now();
         let (mut served_request, mut served_request_count) = (0u64, 0u64);
         let mut batch: Vec<RawRecord> = Vec::with_capacity(epoch_records as usize);
-        let checkpoint = |stage: &Rc<RefCell<ListingStateStage>>, source: &Source, report: &mut WorkerReport| -> Result<(), String> {
-            let positions = source.positions();
-            stage.borrow_mut().checkpoint(&plan.input_binding, &positions).map_err(|e| e.to_string())?;
-            source.checkpointed(&positions);
-            report.checkpoints += 1;
+        // A checkpoint is written in the background (see `begin_checkpoint`); the
+        // source commits its positions only once they are durable.
+        let durable = |positions: Option<Vec<_>>, source: &Source, report: &mut WorkerReport| {
+            if let Some(positions) = positions {
+                source.checkpointed(&positions);
+                report.checkpoints += 1;
+            }
+        };
+        let begin_checkpoint = |stage: &Rc<RefCell<ListingStateStage>>, source: &Source, report: &mut WorkerReport| -> Result<(), String> {
+            let previous = stage.borrow_mut().begin_checkpoint(&plan.input_binding, source.positions()).map_err(|e| e.to_string())?;
+            durable(previous, source, report);
             Ok(())
         };
         // records were sent at the current input time, which is still open
@@ -546,6 +552,8 @@ pub fn run(
             while probe.less_than(&(epoch + 1).saturating_sub(runtime.max_epochs_in_flight)) {
                 worker.step_or_park(wait_park);
             }
+            let finished = stage.borrow_mut().finished_checkpoint().map_err(|e| e.to_string())?;
+            durable(finished, &source, &mut report);
             if let Some((done, total)) = source.progress() {
                 progress.update(done, total, report.records_in * peers as u64);
             }
@@ -567,7 +575,9 @@ pub fn run(
                 );
             }
             let requested = checkpoint_request.load(Ordering::SeqCst);
-            if requested > served_request && epoch >= requested {
+            // (a file's epochs are a pure function of line numbers: a paced file
+            // checkpoints only between epochs, never closing one early)
+            if requested > served_request && epoch >= requested && (live_source || !open_epoch_has_records) {
                 // the positions cover every record sent, so the epoch they were sent in
                 // must be complete too (a live source keeps an epoch open until its clock
                 // tick ends; a file's next epoch has nothing sent yet)
@@ -588,7 +598,7 @@ pub fn run(
                 while probe.less_than(input_handle.time()) {
                     worker.step_or_park(wait_park);
                 }
-                checkpoint(&stage, &source, &mut report)?;
+                begin_checkpoint(&stage, &source, &mut report)?;
                 served_request = requested;
                 served_request_count += 1;
                 checkpoint_served.fetch_add(1, Ordering::SeqCst);
@@ -599,7 +609,9 @@ pub fn run(
         while !probe.done() {
             worker.step_or_park(wait_park);
         }
-        checkpoint(&stage, &source, &mut report)?;
+        begin_checkpoint(&stage, &source, &mut report)?;
+        let last = stage.borrow_mut().wait_checkpoint().map_err(|e| e.to_string())?;
+        durable(last, &source, &mut report);
         progress.finish();
         if let Some(lag) = source.lag() {
             report.source_lag.merge(lag);

@@ -43,6 +43,10 @@ pub struct FileSource {
     started: Instant,
     records_per_second: u64,
     records_emitted: u64,
+    /// When the first read came (nanoseconds since `started`): the pace counts
+    /// from there, not from the start of the process (models and state load
+    /// first), or the first records would all be late.
+    pace_from_nanos: Option<u64>,
     line: Vec<u8>,
 }
 
@@ -94,6 +98,7 @@ impl FileSource {
             started,
             records_per_second,
             records_emitted: 0,
+            pace_from_nanos: None,
             line: Vec::with_capacity(1024),
         })
     }
@@ -129,12 +134,23 @@ impl FileSource {
     }
 
     /// Reads up to (not including) line `until_line`, appending owned records.
+    /// A paced replay (`records_per_second`) stops early at the first record
+    /// that is not due yet, like a live source with nothing new, so that the
+    /// worker goes on stepping the dataflow instead of sleeping in here; call
+    /// again until `reached(until_line)`.
     pub fn read_until(
         &mut self,
         until_line: u64,
         out: &mut Vec<RawRecord>,
     ) -> Result<(), FileSourceError> {
+        if self.pace_from_nanos.is_none() {
+            self.pace_from_nanos = Some(self.started.elapsed().as_nanos() as u64);
+        }
         while !self.finished && self.next_line < until_line {
+            let due_nanos = self.due_nanos();
+            if due_nanos > self.started.elapsed().as_nanos() as u64 {
+                break;
+            }
             self.line.clear();
             let read =
                 self.reader
@@ -168,7 +184,6 @@ impl FileSource {
             if !self.owned[partition as usize] || line_number < self.resume_at[&partition] {
                 continue;
             }
-            self.throttle();
             out.push(RawRecord {
                 bytes: bytes.to_vec(),
                 position: SourcePosition {
@@ -177,24 +192,39 @@ impl FileSource {
                     byte_offset,
                     timestamp_ms: 0,
                 },
-                read_at_nanos: self.started.elapsed().as_nanos() as u64,
+                // A paced record "arrives" when it is due, as a live record is
+                // appended to its topic: a worker that falls behind reads it
+                // late, and its latency shows the wait.
+                read_at_nanos: if self.records_per_second == 0 {
+                    self.started.elapsed().as_nanos() as u64
+                } else {
+                    due_nanos
+                },
             });
             self.records_emitted += 1;
         }
         Ok(())
     }
 
-    fn throttle(&self) {
+    /// Whether every line before `until_line` has been read (or the file ended).
+    pub fn reached(&self, until_line: u64) -> bool {
+        self.finished || self.next_line >= until_line
+    }
+
+    /// Whether the replay is paced (`records_per_second` > 0).
+    pub fn paced(&self) -> bool {
+        self.records_per_second > 0
+    }
+
+    /// When the next owned record is due, in nanoseconds since the start; 0
+    /// (always due) for an unpaced replay.
+    fn due_nanos(&self) -> u64 {
         if self.records_per_second == 0 {
-            return;
+            return 0;
         }
-        let due = std::time::Duration::from_secs_f64(
-            self.records_emitted as f64 / self.records_per_second as f64,
-        );
-        let elapsed = self.started.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
-        }
+        self.pace_from_nanos.unwrap_or(0)
+            + (self.records_emitted as u128 * 1_000_000_000 / self.records_per_second as u128)
+                as u64
     }
 }
 
