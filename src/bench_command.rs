@@ -50,6 +50,10 @@ pub fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
         state_open_seconds: number("state_open_seconds"),
         arrangement_member_bytes: count("arrangement_member_bytes"),
         arrangement_statistics_bytes: count("arrangement_statistics_bytes"),
+        worker_busy_seconds: number("worker_busy_seconds"),
+        worker_source_empty_seconds: number("worker_source_empty_seconds"),
+        worker_back_pressured_seconds: number("worker_back_pressured_seconds"),
+        worker_checkpoint_seconds: number("worker_checkpoint_seconds"),
         ..RunSummary::default()
     })
 }

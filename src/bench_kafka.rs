@@ -368,6 +368,9 @@ struct Row {
     client_cpu: f64,
     broker_load: Option<f64>,
     engine_load: f64,
+    /// The latency run's worker time: busy, source empty, back-pressured,
+    /// checkpoints (seconds, summed over workers).
+    engine_worker_time: [f64; 4],
     events: u64,
 }
 
@@ -584,6 +587,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             client_cpu,
             broker_load,
             engine_load,
+            engine_worker_time: [
+                latency_run.worker_busy_seconds,
+                latency_run.worker_source_empty_seconds,
+                latency_run.worker_back_pressured_seconds,
+                latency_run.worker_checkpoint_seconds,
+            ],
             events: summary.records_in,
         });
     }
@@ -634,6 +643,16 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             r.broker_load
                 .map(|l| format!("{:>5.0}%", 100.0 * l))
                 .unwrap_or_else(|| "n/a (pass --broker-pid)".into())
+        );
+    }
+    println!(
+        "\nthe engine's workers in the latency run (seconds, all workers): a slow source leaves them empty, a slow pipeline or sink back-pressures them"
+    );
+    for r in &rows {
+        let [busy, empty, back_pressured, checkpoint] = r.engine_worker_time;
+        println!(
+            "  {:<13} busy {busy:>6.2}   source empty {empty:>6.2}   back-pressured {back_pressured:>6.2}   checkpoints {checkpoint:>6.2}",
+            r.label
         );
     }
     println!(

@@ -528,6 +528,7 @@ pub fn run(
             worker.step();
         }
         while !source.finished() {
+            let read_at = Instant::now();
             let next_epoch = source.fill(epoch, epoch_records, &mut batch)?;
             report.records_in += batch.len() as u64;
             // a live source with nothing new: park until data or progress arrives for
@@ -545,13 +546,17 @@ pub fn run(
             }
             if idle {
                 worker.step_or_park(wait_park);
+                report.time.source_empty += read_at.elapsed();
             } else {
                 worker.step();
+                report.time.busy += read_at.elapsed();
             }
             // back-pressure: stay at most max_epochs_in_flight ahead of the sinks
+            let waited_at = Instant::now();
             while probe.less_than(&(epoch + 1).saturating_sub(runtime.max_epochs_in_flight)) {
                 worker.step_or_park(wait_park);
             }
+            report.time.back_pressured += waited_at.elapsed();
             let finished = stage.borrow_mut().finished_checkpoint().map_err(|e| e.to_string())?;
             durable(finished, &source, &mut report);
             if let Some((done, total)) = source.progress() {
@@ -595,10 +600,12 @@ pub fn run(
                     epoch = market::aligned_checkpoint(epoch, runtime.market_window_epochs);
                 }
                 input_handle.advance_to(epoch + 1);
+                let waited_at = Instant::now();
                 while probe.less_than(input_handle.time()) {
                     worker.step_or_park(wait_park);
                 }
                 begin_checkpoint(&stage, &source, &mut report)?;
+                report.time.checkpoint += waited_at.elapsed();
                 served_request = requested;
                 served_request_count += 1;
                 checkpoint_served.fetch_add(1, Ordering::SeqCst);

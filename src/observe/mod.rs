@@ -112,6 +112,31 @@ pub struct WorkerReport {
     /// Bytes the market arrangements held at the end (members; statistics).
     pub arrangement_member_bytes: u64,
     pub arrangement_statistics_bytes: u64,
+    pub time: WorkerTime,
+}
+
+/// Where a worker's loop spent its time, as Flink reports busy, idle and
+/// back-pressured time: it tells a slow source from a slow pipeline from a
+/// slow sink.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WorkerTime {
+    /// Reading the source and stepping the dataflow after new records.
+    pub busy: Duration,
+    /// The source had nothing new: stepping earlier epochs along, or parked.
+    pub source_empty: Duration,
+    /// Not reading: `max_epochs_in_flight` epochs were not yet delivered.
+    pub back_pressured: Duration,
+    /// Waiting for every sent epoch to complete before a checkpoint.
+    pub checkpoint: Duration,
+}
+
+impl WorkerTime {
+    fn merge(&mut self, other: &WorkerTime) {
+        self.busy += other.busy;
+        self.source_empty += other.source_empty;
+        self.back_pressured += other.back_pressured;
+        self.checkpoint += other.checkpoint;
+    }
 }
 
 impl WorkerReport {
@@ -130,6 +155,7 @@ impl WorkerReport {
         self.market_documents += other.market_documents;
         self.arrangement_member_bytes += other.arrangement_member_bytes;
         self.arrangement_statistics_bytes += other.arrangement_statistics_bytes;
+        self.time.merge(&other.time);
         let (mine, theirs) = (&mut self.evaluate, &other.evaluate);
         mine.event_emitted += theirs.event_emitted;
         mine.event_suppressed += theirs.event_suppressed;
@@ -191,6 +217,11 @@ pub struct RunSummary {
     /// batches: the member arrangement (per live listing) and the statistics.
     pub arrangement_member_bytes: u64,
     pub arrangement_statistics_bytes: u64,
+    /// Worker loop time, summed over the workers (see `WorkerTime`).
+    pub worker_busy_seconds: f64,
+    pub worker_source_empty_seconds: f64,
+    pub worker_back_pressured_seconds: f64,
+    pub worker_checkpoint_seconds: f64,
 }
 
 impl RunSummary {
@@ -254,6 +285,10 @@ impl RunSummary {
             state_open_seconds: 0.0,
             arrangement_member_bytes: report.arrangement_member_bytes,
             arrangement_statistics_bytes: report.arrangement_statistics_bytes,
+            worker_busy_seconds: report.time.busy.as_secs_f64(),
+            worker_source_empty_seconds: report.time.source_empty.as_secs_f64(),
+            worker_back_pressured_seconds: report.time.back_pressured.as_secs_f64(),
+            worker_checkpoint_seconds: report.time.checkpoint.as_secs_f64(),
         }
     }
 
@@ -311,6 +346,13 @@ impl RunSummary {
         out.push_str(&format!(
             "  latency             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (read to written)\n",
             self.latency_p50_ms, self.latency_p99_ms, self.latency_max_ms
+        ));
+        out.push_str(&format!(
+            "  worker time         busy {:.2} s, source empty {:.2} s, back-pressured {:.2} s, checkpoints {:.2} s\n",
+            self.worker_busy_seconds,
+            self.worker_source_empty_seconds,
+            self.worker_back_pressured_seconds,
+            self.worker_checkpoint_seconds
         ));
         if let (Some(p50), Some(p99)) = (self.source_lag_p50_ms, self.source_lag_p99_ms) {
             out.push_str(&format!(
