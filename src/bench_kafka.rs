@@ -403,7 +403,7 @@ pub struct Options {
     #[arg(long, default_value_t = 5)]
     epoch_ms: u64,
     /// The engine's `runtime.max_epochs_in_flight`, as in `config/kafka.toml`.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 32)]
     max_epochs_in_flight: u64,
     /// The engine's `runtime.market_window_epochs`, as in `config/kafka.toml`:
     /// 20 epochs of 5 ms. With 1, every tick re-evaluated the neighbours of

@@ -96,45 +96,68 @@ pub fn build<'scope>(
                     }
                     let (capability, member_changes, statistics_changes) = entry.remove();
                     let mut session = output.session(&capability);
-                    let mut touched: Vec<u64> = Vec::new();
+                    // Segments whose statistics moved: every bucket's view is checked.
+                    // Elsewhere only buckets whose member count changed can need a new
+                    // view (their first, or none once emptied): the others' views were
+                    // checked against these same statistics when they last moved.
+                    let mut moved: Vec<u64> = Vec::new();
                     for (segment, statistics) in net_statistics_changes(statistics_changes) {
                         segments.entry(segment).or_default().statistics = statistics;
-                        touched.push(segment);
+                        moved.push(segment);
                     }
+                    moved.sort_unstable();
+                    let mut counted: Vec<(u64, u16)> = Vec::with_capacity(member_changes.len());
                     for (segment, bucket, diff) in member_changes {
                         let state = segments.entry(segment).or_default();
                         state.buckets.entry(bucket).or_insert((0, Vec::new())).0 += diff as i64;
-                        touched.push(segment);
+                        if moved.binary_search(&segment).is_err() {
+                            counted.push((segment, bucket));
+                        }
                     }
+                    counted.sort_unstable();
+                    counted.dedup();
+                    let mut touched: Vec<u64> = moved.clone();
+                    touched.extend(counted.iter().map(|(segment, _)| *segment));
                     touched.sort_unstable();
                     touched.dedup();
+                    let mut counted = counted.into_iter().peekable();
                     for segment in touched {
                         let aggregate = (segment >> 56) as usize;
                         let state = segments.get_mut(&segment).expect("touched segments exist");
                         let current = state.statistics.clone();
-                        state.buckets.retain(|bucket, (count, view)| {
+                        let mut visit = |bucket: u16, (count, view): &mut (i64, StatisticBits)| -> bool {
                             let had_view = !view.is_empty();
                             match (&current, *count > 0) {
                                 (Some(statistics), true) => {
                                     if !had_view {
                                         *view = statistics.clone();
-                                        session.give((((segment, *bucket), view.clone()), time, 1));
-                                    } else if !bucket_unaffected(&plan, aggregate, *bucket, view, statistics) {
-                                        session.give((((segment, *bucket), std::mem::take(view)), time, -1));
+                                        session.give((((segment, bucket), view.clone()), time, 1));
+                                    } else if !bucket_unaffected(&plan, aggregate, bucket, view, statistics) {
+                                        session.give((((segment, bucket), std::mem::take(view)), time, -1));
                                         *view = statistics.clone();
-                                        session.give((((segment, *bucket), view.clone()), time, 1));
+                                        session.give((((segment, bucket), view.clone()), time, 1));
                                     }
                                     true
                                 }
                                 _ => {
                                     // emptied (or, transiently, without statistics): no view
                                     if had_view {
-                                        session.give((((segment, *bucket), std::mem::take(view)), time, -1));
+                                        session.give((((segment, bucket), std::mem::take(view)), time, -1));
                                     }
                                     *count > 0
                                 }
                             }
-                        });
+                        };
+                        if moved.binary_search(&segment).is_ok() {
+                            state.buckets.retain(|bucket, entry| visit(*bucket, entry));
+                        } else {
+                            while let Some((_, bucket)) = counted.next_if(|(s, _)| *s == segment) {
+                                let entry = state.buckets.get_mut(&bucket).expect("counted buckets exist");
+                                if !visit(bucket, entry) {
+                                    state.buckets.remove(&bucket);
+                                }
+                            }
+                        }
                         if state.buckets.is_empty() && state.statistics.is_none() {
                             segments.remove(&segment);
                         }
