@@ -145,7 +145,7 @@ fn default_write_buffer_mb() -> usize {
     16
 }
 /// Measured on `assay bench` (1M creates): see README, `state.max_dirty_listings`.
-const MAX_DIRTY_LISTINGS_DEFAULT: usize = 32_768;
+const MAX_DIRTY_LISTINGS_DEFAULT: usize = 16_384;
 fn default_max_dirty_listings() -> usize {
     MAX_DIRTY_LISTINGS_DEFAULT
 }
