@@ -54,6 +54,8 @@ pub fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
         worker_source_empty_seconds: number("worker_source_empty_seconds"),
         worker_back_pressured_seconds: number("worker_back_pressured_seconds"),
         worker_checkpoint_seconds: number("worker_checkpoint_seconds"),
+        worker_on_cpu_seconds: number("worker_on_cpu_seconds"),
+        worker_waiting_for_cpu_seconds: number("worker_waiting_for_cpu_seconds"),
         ..RunSummary::default()
     })
 }

@@ -370,7 +370,7 @@ struct Row {
     engine_load: f64,
     /// The latency run's worker time: busy, source empty, back-pressured,
     /// checkpoints (seconds, summed over workers).
-    engine_worker_time: [f64; 4],
+    engine_worker_time: [f64; 6],
     events: u64,
 }
 
@@ -592,6 +592,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 latency_run.worker_source_empty_seconds,
                 latency_run.worker_back_pressured_seconds,
                 latency_run.worker_checkpoint_seconds,
+                latency_run.worker_on_cpu_seconds,
+                latency_run.worker_waiting_for_cpu_seconds,
             ],
             events: summary.records_in,
         });
@@ -649,9 +651,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "\nthe engine's workers in the latency run (seconds, all workers): a slow source leaves them empty, a slow pipeline or sink back-pressures them"
     );
     for r in &rows {
-        let [busy, empty, back_pressured, checkpoint] = r.engine_worker_time;
+        let [busy, empty, back_pressured, checkpoint, on_cpu, waiting] = r.engine_worker_time;
         println!(
-            "  {:<13} busy {busy:>6.2}   source empty {empty:>6.2}   back-pressured {back_pressured:>6.2}   checkpoints {checkpoint:>6.2}",
+            "  {:<13} busy {busy:>6.2}   source empty {empty:>6.2}   back-pressured {back_pressured:>6.2}   checkpoints {checkpoint:>6.2}   (on a core {on_cpu:>6.2}, waiting for a core {waiting:>6.2})",
             r.label
         );
     }

@@ -527,6 +527,7 @@ pub fn run(
         while !rebuild_done.get() {
             worker.step();
         }
+        let scheduled_before = crate::observe::thread_schedule_times();
         while !source.finished() {
             let read_at = Instant::now();
             let next_epoch = source.fill(epoch, epoch_records, &mut batch)?;
@@ -615,6 +616,10 @@ pub fn run(
         drop(input_handle);
         while !probe.done() {
             worker.step_or_park(wait_park);
+        }
+        if let (Some(before), Some(after)) = (scheduled_before, crate::observe::thread_schedule_times()) {
+            report.time.on_cpu = after.0.saturating_sub(before.0);
+            report.time.waiting_for_cpu = after.1.saturating_sub(before.1);
         }
         begin_checkpoint(&stage, &source, &mut report)?;
         let last = stage.borrow_mut().wait_checkpoint().map_err(|e| e.to_string())?;

@@ -128,6 +128,12 @@ pub struct WorkerTime {
     pub back_pressured: Duration,
     /// Waiting for every sent epoch to complete before a checkpoint.
     pub checkpoint: Duration,
+    /// Of the loop's wall time, the worker thread's time on a core, and its
+    /// time runnable but waiting for one (the kernel's schedstat): the rest
+    /// it was parked. Waiting for a core means other processes (a broker on
+    /// the same machine) or threads took the CPU.
+    pub on_cpu: Duration,
+    pub waiting_for_cpu: Duration,
 }
 
 impl WorkerTime {
@@ -136,7 +142,20 @@ impl WorkerTime {
         self.source_empty += other.source_empty;
         self.back_pressured += other.back_pressured;
         self.checkpoint += other.checkpoint;
+        self.on_cpu += other.on_cpu;
+        self.waiting_for_cpu += other.waiting_for_cpu;
     }
+}
+
+/// The calling thread's time on a core and time runnable but waiting for
+/// one, from `/proc/thread-self/schedstat`; `None` where the kernel does not
+/// keep them.
+pub fn thread_schedule_times() -> Option<(Duration, Duration)> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let on_cpu = fields.next()??;
+    let waiting = fields.next()??;
+    Some((Duration::from_nanos(on_cpu), Duration::from_nanos(waiting)))
 }
 
 impl WorkerReport {
@@ -222,6 +241,8 @@ pub struct RunSummary {
     pub worker_source_empty_seconds: f64,
     pub worker_back_pressured_seconds: f64,
     pub worker_checkpoint_seconds: f64,
+    pub worker_on_cpu_seconds: f64,
+    pub worker_waiting_for_cpu_seconds: f64,
 }
 
 impl RunSummary {
@@ -289,6 +310,8 @@ impl RunSummary {
             worker_source_empty_seconds: report.time.source_empty.as_secs_f64(),
             worker_back_pressured_seconds: report.time.back_pressured.as_secs_f64(),
             worker_checkpoint_seconds: report.time.checkpoint.as_secs_f64(),
+            worker_on_cpu_seconds: report.time.on_cpu.as_secs_f64(),
+            worker_waiting_for_cpu_seconds: report.time.waiting_for_cpu.as_secs_f64(),
         }
     }
 
@@ -353,6 +376,10 @@ impl RunSummary {
             self.worker_source_empty_seconds,
             self.worker_back_pressured_seconds,
             self.worker_checkpoint_seconds
+        ));
+        out.push_str(&format!(
+            "                      on a core {:.2} s, waiting for a core {:.2} s\n",
+            self.worker_on_cpu_seconds, self.worker_waiting_for_cpu_seconds
         ));
         if let (Some(p50), Some(p99)) = (self.source_lag_p50_ms, self.source_lag_p99_ms) {
             out.push_str(&format!(
