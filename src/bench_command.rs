@@ -16,48 +16,7 @@ struct Measurement {
 }
 
 pub fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
-    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-    let number = |key: &str| value[key].as_f64().unwrap_or(0.0);
-    let count = |key: &str| value[key].as_u64().unwrap_or(0);
-    Ok(RunSummary {
-        topology: value["topology"].as_str().unwrap_or("").to_string(),
-        workers: count("workers") as usize,
-        records_in: count("records_in"),
-        documents_emitted: count("documents_emitted"),
-        upserts: count("upserts"),
-        tombstones: count("tombstones"),
-        dead_letters: count("dead_letters"),
-        dead_letters_by_reason: serde_json::from_value(value["dead_letters_by_reason"].clone())
-            .unwrap_or_default(),
-        stale: count("stale"),
-        duplicates: count("duplicates"),
-        reconciled: value["reconciled"].as_bool().unwrap_or(false),
-        checkpoints: count("checkpoints"),
-        elapsed_seconds: number("elapsed_seconds"),
-        events_per_second: number("events_per_second"),
-        latency_p50_ms: number("latency_p50_ms"),
-        latency_p99_ms: number("latency_p99_ms"),
-        latency_max_ms: number("latency_max_ms"),
-        source_lag_p50_ms: value["source_lag_p50_ms"].as_f64(),
-        source_lag_p99_ms: value["source_lag_p99_ms"].as_f64(),
-        peak_rss_mb: number("peak_rss_mb"),
-        cpu_seconds: number("cpu_seconds"),
-        unchanged: count("unchanged"),
-        market_reevaluations: count("market_reevaluations"),
-        market_documents: count("market_documents"),
-        market_scored: count("market_scored"),
-        fan_out: number("fan_out"),
-        state_open_seconds: number("state_open_seconds"),
-        arrangement_member_bytes: count("arrangement_member_bytes"),
-        arrangement_statistics_bytes: count("arrangement_statistics_bytes"),
-        worker_busy_seconds: number("worker_busy_seconds"),
-        worker_source_empty_seconds: number("worker_source_empty_seconds"),
-        worker_back_pressured_seconds: number("worker_back_pressured_seconds"),
-        worker_checkpoint_seconds: number("worker_checkpoint_seconds"),
-        worker_on_cpu_seconds: number("worker_on_cpu_seconds"),
-        worker_waiting_for_cpu_seconds: number("worker_waiting_for_cpu_seconds"),
-        ..RunSummary::default()
-    })
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
 }
 
 fn run_one(

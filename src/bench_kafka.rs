@@ -369,7 +369,7 @@ struct Row {
     broker_load: Option<f64>,
     engine_load: f64,
     /// The latency run's worker time: busy, source empty, back-pressured,
-    /// checkpoints (seconds, summed over workers).
+    /// checkpoints, on a core, waiting for a core (seconds, summed over workers).
     engine_worker_time: [f64; 6],
     events: u64,
 }

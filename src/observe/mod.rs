@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Latency histogram with ~1% relative precision: log-linear buckets.
 #[derive(Debug, Clone)]
@@ -189,8 +189,11 @@ impl WorkerReport {
     }
 }
 
-/// The end-of-run summary, printed for people and written as JSON for tools.
-#[derive(Debug, Clone, Default, Serialize)]
+/// The end-of-run summary, printed for people and written as JSON for tools
+/// (and read back by the benches; a key missing from the JSON reads as its
+/// default).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunSummary {
     pub topology: String,
     pub workers: usize,
