@@ -268,7 +268,7 @@ impl ListingStateStage {
                 fetched.insert(key.clone(), state);
             }
         }
-        for (event, key) in events.into_iter().zip(keys) {
+        for (mut event, key) in events.into_iter().zip(keys) {
             // `held`, spelled out: `self.labelled` is borrowed mutably below
             let current = self
                 .dirty
@@ -304,8 +304,8 @@ impl ListingStateStage {
                     scores_stamp: 0,
                 },
                 KindAction::Upsert => match live {
-                    Some(current) => merge(&self.plan, current, &event, kind.complete),
-                    None if kind.complete => create(&self.plan, &event),
+                    Some(current) => merge(&self.plan, current, &mut event, kind.complete),
+                    None if kind.complete => create(&self.plan, &mut event),
                     None => {
                         let detail = format!(
                             "kind `{}` for listing `{}`, which has no live state (never created, or removed)",
@@ -432,7 +432,9 @@ fn price_of(plan: &Plan, fields: &[Option<Value>]) -> Option<f64> {
         .and_then(Value::as_f64)
 }
 
-fn create(plan: &Plan, event: &ChangeEvent) -> ListingState {
+/// Takes the event's fields (it is not read again, apart from its bytes for a
+/// dead letter): a state is cloned once more to go downstream, not twice.
+fn create(plan: &Plan, event: &mut ChangeEvent) -> ListingState {
     ListingState {
         version: event.version,
         deleted: false,
@@ -441,7 +443,7 @@ fn create(plan: &Plan, event: &ChangeEvent) -> ListingState {
         initial_price: price_of(plan, &event.fields),
         price_change_count: 0,
         last_price_change: None,
-        fields: event.fields.clone(),
+        fields: std::mem::take(&mut event.fields),
         market: Vec::new(),
         emitted_hash: 0,
         revision: 0,
@@ -450,21 +452,42 @@ fn create(plan: &Plan, event: &ChangeEvent) -> ListingState {
     }
 }
 
-fn merge(plan: &Plan, current: &ListingState, event: &ChangeEvent, complete: bool) -> ListingState {
-    let mut next = current.clone();
-    next.version = event.version;
-    next.last_event_time = event.event_time;
-    let old_price = price_of(plan, &current.fields);
-    if complete {
+/// Takes the event's fields, like `create`. A complete record replaces the
+/// fields whole, so the current ones are not copied first.
+fn merge(
+    plan: &Plan,
+    current: &ListingState,
+    event: &mut ChangeEvent,
+    complete: bool,
+) -> ListingState {
+    let fields = if complete {
         // a complete record is the whole listing: absent fields are cleared
-        next.fields = event.fields.clone();
+        std::mem::take(&mut event.fields)
     } else {
-        for (slot, value) in next.fields.iter_mut().zip(&event.fields) {
+        let mut fields = current.fields.clone();
+        for (slot, value) in fields.iter_mut().zip(&mut event.fields) {
             if value.is_some() {
-                *slot = value.clone();
+                *slot = value.take();
             }
         }
-    }
+        fields
+    };
+    let mut next = ListingState {
+        version: event.version,
+        deleted: current.deleted,
+        first_seen: current.first_seen,
+        last_event_time: event.event_time,
+        initial_price: current.initial_price,
+        price_change_count: current.price_change_count,
+        last_price_change: current.last_price_change,
+        fields,
+        market: current.market.clone(),
+        emitted_hash: current.emitted_hash,
+        revision: current.revision,
+        scores: current.scores.clone(),
+        scores_stamp: current.scores_stamp,
+    };
+    let old_price = price_of(plan, &current.fields);
     let new_price = price_of(plan, &next.fields);
     if old_price.is_some() && new_price.is_some() && old_price != new_price {
         next.price_change_count += 1;
