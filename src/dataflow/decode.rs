@@ -57,8 +57,10 @@ impl Slots {
     /// the record once and keeps only the values of names it knows (an
     /// owned JSON tree of every key cost a third of decoding); on any error
     /// the caller parses the ordinary way, which says what is wrong.
-    fn read(&self, bytes: &[u8]) -> Option<Vec<Option<Json>>> {
-        let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    /// Reads from text already checked to be UTF-8: a slice reader would check
+    /// every string again.
+    fn read(&self, text: &str) -> Option<Vec<Option<Json>>> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
         let values = (&mut SlotsSeed(self)).deserialize(&mut deserializer).ok()?;
         deserializer.end().ok()?;
         Some(values)
@@ -173,14 +175,17 @@ pub fn decode(
         let detail = format!("{} bytes, the limit is {max_record_bytes}", raw.bytes.len());
         return Err(fail(raw, "record_too_large", detail));
     }
-    if let Err(error) = std::str::from_utf8(&raw.bytes) {
-        return Err(fail(
-            raw,
-            "not_utf8",
-            format!("invalid UTF-8 at byte {}", error.valid_up_to()),
-        ));
-    }
-    let values = match slots.read(&raw.bytes) {
+    let text = match std::str::from_utf8(&raw.bytes) {
+        Ok(text) => text,
+        Err(error) => {
+            return Err(fail(
+                raw,
+                "not_utf8",
+                format!("invalid UTF-8 at byte {}", error.valid_up_to()),
+            ));
+        }
+    };
+    let values = match slots.read(text) {
         Some(values) => values,
         None => match serde_json::from_slice::<Json>(&raw.bytes) {
             Ok(Json::Object(object)) => slots.of_object(object),

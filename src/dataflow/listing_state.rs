@@ -195,15 +195,18 @@ impl ListingStateStage {
 
     /// Current states (as of the last processed event) of many listings.
     pub fn current(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<ListingState>>, StateError> {
-        let missing: Vec<Vec<u8>> = keys
+        // one lookup per key in memory; the rest in one RocksDB multi-get
+        let held: Vec<Option<&ListingState>> = keys.iter().map(|k| self.held(k)).collect();
+        let missing: Vec<&Vec<u8>> = keys
             .iter()
-            .filter(|k| self.held(k).is_none())
-            .cloned()
+            .zip(&held)
+            .filter(|(_, held)| held.is_none())
+            .map(|(k, _)| k)
             .collect();
         let mut fetched = self.store.get_many(&missing)?.into_iter();
-        Ok(keys
-            .iter()
-            .map(|k| match self.held(k) {
+        Ok(held
+            .into_iter()
+            .map(|held| match held {
                 Some(state) => Some(state.clone()),
                 None => fetched.next().flatten(),
             })

@@ -222,7 +222,10 @@ impl Store {
     }
 
     /// Reads many listings at once (one `multi_get`).
-    pub fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<ListingState>>, StateError> {
+    pub fn get_many<K: AsRef<[u8]>>(
+        &self,
+        keys: &[K],
+    ) -> Result<Vec<Option<ListingState>>, StateError> {
         let cf = self
             .db
             .cf_handle(LISTINGS)
