@@ -272,12 +272,9 @@ impl ListingStateStage {
             }
         }
         for (mut event, key) in events.into_iter().zip(keys) {
-            // `held`, spelled out: `self.labelled` is borrowed mutably below
-            let current = self
-                .dirty
-                .get(&key)
-                .or_else(|| self.writing.as_ref().and_then(|w| w.states.get(&key)))
-                .or_else(|| fetched.get(&key));
+            // borrows only the two maps: `self.labelled` is borrowed mutably below
+            let current =
+                held_in(&self.dirty, self.writing.as_ref(), &key).or_else(|| fetched.get(&key));
             if let Some(current) = current {
                 if event.version == current.version {
                     self.counts.duplicates += 1;
@@ -362,9 +359,7 @@ impl ListingStateStage {
     /// The freshest state this stage holds in memory: changed since the last
     /// checkpoint, or in the checkpoint being written.
     fn held(&self, key: &[u8]) -> Option<&ListingState> {
-        self.dirty
-            .get(key)
-            .or_else(|| self.writing.as_ref().and_then(|w| w.states.get(key)))
+        held_in(&self.dirty, self.writing.as_ref(), key)
     }
 
     /// Starts writing every change since the last checkpoint with the
@@ -427,6 +422,18 @@ impl ListingStateStage {
             .map_err(|_| StateError::Io("the checkpoint writer panicked".to_string()))??;
         Ok(Some(write.positions))
     }
+}
+
+/// `ListingStateStage::held` over the stage's two maps alone, so that a caller
+/// can hold other fields of the stage mutably meanwhile.
+fn held_in<'a>(
+    dirty: &'a FxHashMap<Vec<u8>, ListingState>,
+    writing: Option<&'a CheckpointWrite>,
+    key: &[u8],
+) -> Option<&'a ListingState> {
+    dirty
+        .get(key)
+        .or_else(|| writing.and_then(|w| w.states.get(key)))
 }
 
 fn price_of(plan: &Plan, fields: &[Option<Value>]) -> Option<f64> {
