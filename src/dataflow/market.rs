@@ -68,6 +68,7 @@ use timely::dataflow::StreamVec;
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Concat, Exchange};
 
+use crate::dataflow::member_arrangement::{MemberBatcher, MemberRef, MemberSpine};
 use crate::dataflow::{bucket_views, segment_statistics};
 use crate::features;
 use crate::hash::{FNV_OFFSET, fnv1a_extend as fnv};
@@ -697,7 +698,7 @@ pub fn aligned_checkpoint(epoch: u64, window_epochs: u64) -> u64 {
 
 /// Handles on the arrangements, to measure their memory (see [`ArrangementMemory`]).
 pub struct MarketTraces {
-    members: TraceAgent<ValSpine<(u64, u16), Member, u64, isize>>,
+    members: TraceAgent<MemberSpine>,
     statistics: Vec<TraceAgent<ValSpine<(u64, u16), StatisticBits, u64, isize>>>,
     /// What the segment statistics' sorted values hold (see `segment_statistics.rs`).
     index_bytes: Rc<Cell<usize>>,
@@ -732,19 +733,10 @@ impl MarketTraces {
         self.members.map_spans(|span| {
             if let Some(batch) = &span.inner {
                 let storage = &batch.storage;
-                // a member longer than its inline capacity lives on the heap
-                let values: usize = storage
-                    .vals
-                    .vals
-                    .iter()
-                    .filter(|v| v.spilled())
-                    .map(|v| heap_block(v.capacity()))
-                    .sum();
                 memory.member_updates += batch.updates as u64;
                 memory.member_bytes += (storage.keys.capacity() * std::mem::size_of::<(u64, u16)>()
                     + offsets_bytes(&storage.vals.offs)
-                    + storage.vals.vals.capacity() * std::mem::size_of::<Member>()
-                    + values
+                    + storage.vals.vals.heap_bytes()
                     + offsets_bytes(&storage.upds.offs)
                     + storage.upds.times.capacity() * 8
                     + storage.upds.diffs.capacity() * 8)
@@ -811,7 +803,7 @@ pub fn build<'scope>(
         });
     let arranged = members_by_bucket
         .clone()
-        .arrange_by_key_named("ArrangeMembers");
+        .arrange_named::<MemberBatcher, MemberSpine>("ArrangeMembers", MemberBatcher::new);
 
     // what the join sees: the statistics the topology reads, rounded; the others
     // are blanked, so that their moves re-evaluate no neighbour; a statistic
@@ -887,7 +879,7 @@ pub fn build<'scope>(
         views,
         "MembersByView",
         move |(segment, _bucket): &(u64, u16),
-              member: &Member,
+              MemberRef(member): MemberRef<'_>,
               statistics: &StatisticBits,
               time: u64,
               member_diff: &isize,

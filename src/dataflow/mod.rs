@@ -23,6 +23,7 @@ pub mod decode;
 pub mod evaluate;
 pub mod listing_state;
 pub mod market;
+pub mod member_arrangement;
 pub mod score;
 pub mod segment_statistics;
 pub mod shape;
