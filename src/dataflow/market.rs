@@ -203,14 +203,27 @@ fn number_of(plan: &Plan, value: ValueRef, fields: &[Option<Value>]) -> Option<f
     }
 }
 
-/// The values a member of `aggregate` carries before its identity: measures, then the projection's inputs.
-fn carried_count(aggregate: &Aggregate) -> usize {
-    aggregate.measures.len() + aggregate.projection.as_ref().map_or(0, |p| p.carried.len())
+/// The carried values a member stores after its measures, in slot order:
+/// those that are not measures themselves (see `MarketProjection::slots`).
+fn carried_beyond_measures(aggregate: &Aggregate) -> impl Iterator<Item = ValueRef> + '_ {
+    let projection = aggregate.projection.as_ref();
+    let carried = projection.map_or(&[][..], |p| &p.carried[..]);
+    let slots = projection.map_or(&[][..], |p| &p.slots[..]);
+    carried
+        .iter()
+        .zip(slots)
+        .filter(|(_, slot)| **slot >= aggregate.measures.len())
+        .map(|(value, _)| *value)
 }
 
-/// `[measures, then the projection's carried values: f64 bits BE, NaN when
-/// absent][partition u32 BE][listing id]`. No version: an edit that changes
-/// none of these leaves the arrangement untouched.
+/// How many numbers a member of `aggregate` stores before its identity.
+fn member_numbers(aggregate: &Aggregate) -> usize {
+    aggregate.measures.len() + carried_beyond_measures(aggregate).count()
+}
+
+/// `[measures, then the projection's carried values that are not measures:
+/// f64 bits BE, NaN when absent][partition u32 BE][listing id]`. No version:
+/// an edit that changes none of these leaves the arrangement untouched.
 pub fn encode_member(
     plan: &Plan,
     aggregate_index: usize,
@@ -220,12 +233,8 @@ pub fn encode_member(
 ) -> Member {
     let aggregate = &plan.aggregates[aggregate_index];
     let mut bytes = Member::new();
-    let carried = aggregate
-        .projection
-        .as_ref()
-        .map_or(&[][..], |p| &p.carried[..]);
     let measures = aggregate.measures.iter().map(|i| ValueRef::Field(*i));
-    for value in measures.chain(carried.iter().copied()) {
+    for value in measures.chain(carried_beyond_measures(aggregate)) {
         let number = number_of(plan, value, fields).unwrap_or(f64::NAN);
         bytes.extend_from_slice(&number.to_bits().to_be_bytes());
     }
@@ -240,9 +249,9 @@ pub fn member_measure(member: &[u8], index: usize) -> f64 {
     ))
 }
 
-/// (partition, listing id) of a member that carries `carried` values.
-pub fn member_identity(member: &[u8], carried: usize) -> (u32, &str) {
-    let at = carried * 8;
+/// (partition, listing id) of a member that stores `numbers` numbers (`member_numbers`).
+pub fn member_identity(member: &[u8], numbers: usize) -> (u32, &str) {
+    let at = numbers * 8;
     let partition = u32::from_be_bytes(member[at..at + 4].try_into().unwrap());
     (
         partition,
@@ -269,7 +278,7 @@ pub fn member_signature(
         plan,
         aggregate: aggregate_index,
         carried: &projection.carried,
-        measures: aggregate.measures.len(),
+        slots: &projection.slots,
         member,
         statistics,
     };
@@ -323,7 +332,7 @@ const BUCKET_OFFSET: i32 = 1 << 15;
 /// (the price, in both shipped topologies); `None` when there is no such value.
 fn bucketed_value(aggregate: &Aggregate, member: &[u8]) -> Option<f64> {
     let projection = aggregate.projection.as_ref()?;
-    (projection.carried.len() == 1).then(|| member_measure(member, aggregate.measures.len()))
+    (projection.carried.len() == 1).then(|| member_measure(member, projection.slots[0]))
 }
 
 /// A member's bucket within its segment: log-spaced ranges of its bucketed
@@ -487,7 +496,7 @@ struct Projecting<'a> {
     plan: &'a Plan,
     aggregate: usize,
     carried: &'a [ValueRef],
-    measures: usize,
+    slots: &'a [usize],
     member: &'a [u8],
     statistics: &'a [u64],
 }
@@ -511,7 +520,7 @@ impl Projecting<'_> {
         match value {
             ValueRef::Field(_) | ValueRef::Lookup(_) => {
                 let index = self.carried.iter().position(|c| *c == value)?;
-                Some(member_measure(self.member, self.measures + index)).filter(|x| !x.is_nan())
+                Some(member_measure(self.member, self.slots[index])).filter(|x| !x.is_nan())
             }
             ValueRef::Statistic {
                 aggregate,
@@ -886,8 +895,8 @@ pub fn build<'scope>(
               view_diff: &isize,
               output| {
             let aggregate = (*segment >> 56) as usize;
-            let carried = carried_count(&join_plan.aggregates[aggregate]);
-            let (partition, key) = member_identity(member, carried);
+            let numbers = member_numbers(&join_plan.aggregates[aggregate]);
+            let (partition, key) = member_identity(member, numbers);
             let update = MarketInput::Member(MarketUpdate {
                 partition,
                 key: smol_str::SmolStr::new(key),
@@ -964,16 +973,11 @@ mod tests {
             projection.carried,
             [ValueRef::Field(plan.field_index("price").unwrap())]
         );
-        let measures = plan.aggregates[0].measures.len();
-        let member = |price: f64| {
-            let mut bytes = Vec::new();
-            for _ in 0..measures {
-                bytes.extend_from_slice(&f64::NAN.to_bits().to_be_bytes());
-            }
-            bytes.extend_from_slice(&price.to_bits().to_be_bytes());
-            bytes.extend_from_slice(&0u32.to_be_bytes());
-            bytes.extend_from_slice(b"x");
-            bytes
+        let price = plan.field_index("price").unwrap();
+        let member = |value: f64| {
+            let mut fields = vec![None; plan.fields.len()];
+            fields[price] = Some(Value::Num(value));
+            encode_member(&plan, 0, &fields, 0, "x")
         };
         let statistics = |count: f64, median: f64| {
             let mut bits = vec![f64::NAN.to_bits(); plan.aggregates[0].statistic_count()];
@@ -1014,6 +1018,33 @@ mod tests {
             unaffected > 1_000 && affected > 1_000,
             "{unaffected} {affected}"
         );
+    }
+
+    /// The price is a measure and the value the projection carries: a
+    /// member stores it once, and reads it back for both.
+    #[test]
+    fn a_carried_value_that_is_a_measure_is_stored_once() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for (topology, price_name) in [("listings.toml", "price"), ("rentals.toml", "rent")] {
+            let plan = crate::topology::load(&root.join("topologies").join(topology))
+                .expect("the shipped topology compiles");
+            let aggregate = &plan.aggregates[0];
+            let projection = aggregate.projection.as_ref().expect("a projection");
+            let price = plan.field_index(price_name).unwrap();
+            assert_eq!(projection.carried, [ValueRef::Field(price)], "{topology}");
+            assert_eq!(projection.slots, [0], "{topology}: the first measure");
+            assert_eq!(member_numbers(aggregate), aggregate.measures.len());
+            let mut fields = vec![None; plan.fields.len()];
+            fields[price] = Some(Value::Int(23_450));
+            let member = encode_member(&plan, 0, &fields, 3, "cl-9");
+            assert_eq!(member.len(), aggregate.measures.len() * 8 + 4 + 4);
+            assert_eq!(
+                member_identity(&member, member_numbers(aggregate)),
+                (3, "cl-9")
+            );
+            assert_eq!(bucketed_value(aggregate, &member), Some(23_450.0));
+            assert_eq!(member_measure(&member, 0), 23_450.0);
+        }
     }
 
     #[test]

@@ -105,8 +105,12 @@ impl Aggregate {
 /// back to re-evaluating every member whose statistics (as seen) moved.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MarketProjection {
-    /// Values a member carries after its measures (fields and lookups, as numbers).
+    /// Values the projection reads from a member (fields and lookups, as numbers).
     pub carried: Vec<ValueRef>,
+    /// Where each carried value sits among the member's numbers: a measure's
+    /// slot when it is a measure (the price is both), else after the measures,
+    /// in order. A member stores each number once.
+    pub slots: Vec<usize>,
     /// The output fields (indices into `Plan::output_fields`) that read the statistics.
     pub outputs: Vec<usize>,
 }
@@ -357,6 +361,18 @@ impl Plan {
                 return None;
             }
             projection.outputs.push(index);
+        }
+        let measures = &self.aggregates[aggregate].measures;
+        let mut next_slot = measures.len();
+        for value in &projection.carried {
+            let measure = match value {
+                ValueRef::Field(field) => measures.iter().position(|m| m == field),
+                _ => None,
+            };
+            projection.slots.push(measure.unwrap_or_else(|| {
+                next_slot += 1;
+                next_slot - 1
+            }));
         }
         Some(projection)
     }
