@@ -14,9 +14,11 @@
 //!
 //! # Members
 //! A listing is a member of at most one segment per aggregate. Its member
-//! value carries its measures, the values its projection needs (see below),
-//! its partition and its id. A price change retracts the old member and
-//! inserts the new; a removal only retracts.
+//! value carries its measures, the values its projection needs (see below;
+//! one that is also a measure, the price, once), its partition and its id. A
+//! price change retracts the old member and inserts the new; a removal only
+//! retracts. The arrangement keeps a batch's members back to back in one
+//! buffer (`member_arrangement.rs`).
 //!
 //! # Statistics as documents see them
 //! Documents see the statistics rounded to the aggregate's significant
@@ -75,10 +77,11 @@ use crate::hash::{FNV_OFFSET, fnv1a_extend as fnv};
 use crate::record::Value;
 use crate::topology::{Aggregate, Function, OutputField, Plan, ValueRef};
 
-/// A member of a segment: see `encode_member`. Inline up to 48 bytes (a
-/// listing id of about 20 bytes with its measures): the arrangement's merges
-/// copy members, and a boxed member made each copy a malloc and each merged
-/// batch's drop a free per member.
+/// A member of a segment on its way to the arrangement: see `encode_member`.
+/// Inline up to 48 bytes (a listing id of about 20 bytes with its measures):
+/// the batcher sorts and copies members, and a boxed member made each copy a
+/// malloc and each drop a free. The arrangement itself stores bytes
+/// (`member_arrangement::MemberBytes`).
 pub type Member = smallvec::SmallVec<[u8; 48]>;
 /// Statistics as the bits of f64s (NaN: no value), so they are `Ord`.
 pub type StatisticBits = Vec<u64>;
