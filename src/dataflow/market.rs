@@ -224,9 +224,13 @@ fn member_numbers(aggregate: &Aggregate) -> usize {
     aggregate.measures.len() + carried_beyond_measures(aggregate).count()
 }
 
-/// `[measures, then the projection's carried values that are not measures:
-/// f64 bits BE, NaN when absent][partition u32 BE][listing id]`. No version:
-/// an edit that changes none of these leaves the arrangement untouched.
+/// `[measures, then the projection's carried values that are not measures,
+/// each a tagged number (`push_number`)][partition, LEB128][listing id]`.
+/// No version: an edit that changes none of these leaves the arrangement
+/// untouched. Compact because the members arrangement is the largest thing
+/// the market holds: prices and distances are whole numbers of 3 or 4
+/// bytes as varints, and partitions are small, so the listings topology's
+/// member is about 20 bytes instead of 30 with fixed-width numbers.
 pub fn encode_member(
     plan: &Plan,
     aggregate_index: usize,
@@ -238,28 +242,96 @@ pub fn encode_member(
     let mut bytes = Member::new();
     let measures = aggregate.measures.iter().map(|i| ValueRef::Field(*i));
     for value in measures.chain(carried_beyond_measures(aggregate)) {
-        let number = number_of(plan, value, fields).unwrap_or(f64::NAN);
-        bytes.extend_from_slice(&number.to_bits().to_be_bytes());
+        push_number(
+            &mut bytes,
+            number_of(plan, value, fields).unwrap_or(f64::NAN),
+        );
     }
-    bytes.extend_from_slice(&partition.to_be_bytes());
+    push_varint(&mut bytes, partition as u64);
     bytes.extend_from_slice(key.as_bytes());
     bytes
 }
 
+/// Tags of a member's numbers.
+const NUMBER_ABSENT: u8 = 0;
+/// A whole number of magnitude below 2^53 (exact as an f64), zigzag LEB128.
+const NUMBER_WHOLE: u8 = 1;
+/// Anything else but NaN: the f64's bits, 8 bytes little-endian.
+const NUMBER_BITS: u8 = 2;
+
+/// Appends `value` exactly: it reads back as the same f64 (NaN, absent, as NaN).
+fn push_number(bytes: &mut Member, value: f64) {
+    if value.is_nan() {
+        bytes.push(NUMBER_ABSENT);
+    } else if value.fract() == 0.0
+        && value.abs() < 9_007_199_254_740_992.0
+        && !(value == 0.0 && value.is_sign_negative())
+    {
+        bytes.push(NUMBER_WHOLE);
+        let whole = value as i64;
+        push_varint(bytes, ((whole << 1) ^ (whole >> 63)) as u64);
+    } else {
+        bytes.push(NUMBER_BITS);
+        bytes.extend_from_slice(&value.to_bits().to_le_bytes());
+    }
+}
+
+fn push_varint(bytes: &mut Member, mut value: u64) {
+    while value >= 0x80 {
+        bytes.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    bytes.push(value as u8);
+}
+
+fn read_varint(member: &[u8], at: &mut usize) -> u64 {
+    let mut value = 0u64;
+    let mut shift = 0;
+    loop {
+        let byte = member[*at];
+        *at += 1;
+        value |= ((byte & 0x7f) as u64) << shift;
+        if byte < 0x80 {
+            return value;
+        }
+        shift += 7;
+    }
+}
+
+fn read_number(member: &[u8], at: &mut usize) -> f64 {
+    let tag = member[*at];
+    *at += 1;
+    match tag {
+        NUMBER_WHOLE => {
+            let zigzag = read_varint(member, at);
+            ((zigzag >> 1) as i64 ^ -((zigzag & 1) as i64)) as f64
+        }
+        NUMBER_BITS => {
+            let bits = u64::from_le_bytes(member[*at..*at + 8].try_into().unwrap());
+            *at += 8;
+            f64::from_bits(bits)
+        }
+        _ => f64::NAN,
+    }
+}
+
+/// A member's number at `index` (measures first, then carried values that are not measures).
 pub fn member_measure(member: &[u8], index: usize) -> f64 {
-    f64::from_bits(u64::from_be_bytes(
-        member[index * 8..index * 8 + 8].try_into().unwrap(),
-    ))
+    let mut at = 0;
+    for _ in 0..index {
+        read_number(member, &mut at);
+    }
+    read_number(member, &mut at)
 }
 
 /// (partition, listing id) of a member that stores `numbers` numbers (`member_numbers`).
 pub fn member_identity(member: &[u8], numbers: usize) -> (u32, &str) {
-    let at = numbers * 8;
-    let partition = u32::from_be_bytes(member[at..at + 4].try_into().unwrap());
-    (
-        partition,
-        std::str::from_utf8(&member[at + 4..]).unwrap_or(""),
-    )
+    let mut at = 0;
+    for _ in 0..numbers {
+        read_number(member, &mut at);
+    }
+    let partition = read_varint(member, &mut at) as u32;
+    (partition, std::str::from_utf8(&member[at..]).unwrap_or(""))
 }
 
 /// What `aggregate`'s statistics (as seen) decide in a member's document: a
@@ -1040,7 +1112,8 @@ mod tests {
             let mut fields = vec![None; plan.fields.len()];
             fields[price] = Some(Value::Int(23_450));
             let member = encode_member(&plan, 0, &fields, 3, "cl-9");
-            assert_eq!(member.len(), aggregate.measures.len() * 8 + 4 + 4);
+            // price and a missing odometer, partition 3, the id
+            assert_eq!(member.len(), 4 + 1 + 1 + 4);
             assert_eq!(
                 member_identity(&member, member_numbers(aggregate)),
                 (3, "cl-9")
@@ -1051,12 +1124,43 @@ mod tests {
     }
 
     #[test]
-    fn member_identity_round_trips() {
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(&12.5f64.to_bits().to_be_bytes());
-        bytes.extend_from_slice(&7u32.to_be_bytes());
-        bytes.extend_from_slice(b"cl-1");
-        assert_eq!(member_identity(&bytes, 1), (7, "cl-1"));
-        assert_eq!(member_measure(&bytes, 0), 12.5);
+    fn members_read_back_their_numbers_exactly_and_their_identity() {
+        let numbers = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            29_337.0,
+            108_000.0,
+            12.5,
+            -3.25e-7,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            9_007_199_254_740_991.0,
+            9_007_199_254_740_992.0,
+            -9_007_199_254_740_993.0 * 4.0,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            f64::NAN,
+        ];
+        for partition in [0u32, 7, 127, 128, 300, u32::MAX] {
+            let mut member = Member::new();
+            for number in numbers {
+                push_number(&mut member, number);
+            }
+            push_varint(&mut member, partition as u64);
+            member.extend_from_slice(b"cl-1");
+            for (index, number) in numbers.iter().enumerate() {
+                let read = member_measure(&member, index);
+                assert!(
+                    read.to_bits() == number.to_bits() || (read.is_nan() && number.is_nan()),
+                    "{number} read back as {read}"
+                );
+            }
+            assert_eq!(member_identity(&member, numbers.len()), (partition, "cl-1"));
+        }
+        let mut price = Member::new();
+        push_number(&mut price, 29_337.0);
+        assert_eq!(price.len(), 4, "a whole price is a tag and a 3-byte varint");
     }
 }
