@@ -2,8 +2,9 @@
 //! bytes in one buffer, with one end offset per member.
 //!
 //! Differential's default layout keeps a `Vec<Member>`: 56 bytes per member
-//! (a 48-byte inline `SmallVec` and its length) for a member of about 30
-//! bytes (measures, the carried price, partition, a 10-byte listing id). The
+//! (a 48-byte inline `SmallVec` and its length) for a member of about 20
+//! bytes in the listings topology (price and odometer as varints, the
+//! partition, a 10-byte listing id; see `market::encode_member`). The
 //! members arrangement is the largest thing the full topology holds (58 MB of
 //! 79 MB for 954k live listings), and a merge holds both its inputs and an
 //! output sized for both until it ends, so its peak RSS is a multiple of that.
@@ -63,8 +64,8 @@ impl MemberBytes {
 }
 
 /// Bytes reserved per member when only a count is known: a member of the
-/// shipped topologies is about 30 bytes.
-const BYTES_PER_MEMBER_GUESS: usize = 32;
+/// shipped topologies is about 20 bytes.
+const BYTES_PER_MEMBER_GUESS: usize = 24;
 
 impl PushInto<Member> for MemberBytes {
     fn push_into(&mut self, member: Member) {
