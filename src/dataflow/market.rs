@@ -78,7 +78,8 @@ use crate::record::Value;
 use crate::topology::{Aggregate, Function, OutputField, Plan, ValueRef};
 
 /// A member of a segment on its way to the arrangement: see `encode_member`.
-/// Inline up to 48 bytes (a listing id of about 20 bytes with its measures):
+/// Inline up to 48 bytes (about 20 in the listings topology; listing ids up
+/// to about 35 bytes still fit):
 /// the batcher sorts and copies members, and a boxed member made each copy a
 /// malloc and each drop a free. The arrangement itself stores bytes
 /// (`member_arrangement::MemberBytes`).
