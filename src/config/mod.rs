@@ -125,7 +125,9 @@ pub struct StateConfig {
     /// the next one writes them with the source positions. When they reach
     /// this many (over all workers), a checkpoint starts before
     /// `checkpoint_interval_ms` is up: it bounds that memory (a listing's
-    /// state is a few hundred bytes) whatever the event rate. 0: no bound.
+    /// state is a few hundred bytes) whatever the event rate, give or take
+    /// what the epochs in flight change before the checkpoint's epoch
+    /// (`max_epochs_in_flight` past the bound). 0: no bound.
     #[serde(default = "default_max_dirty_listings")]
     pub max_dirty_listings: usize,
 }
