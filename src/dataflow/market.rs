@@ -947,6 +947,9 @@ pub fn build<'scope>(
     // change: in a segment of 100,000 listings a move of the median changes
     // the price position of the few whose price sits near a band's edge.
     let join_plan = plan.clone();
+    // per aggregate, where a member's identity starts: fixed by the plan, so
+    // not recounted for every pair the join visits
+    let numbers_per_aggregate: Vec<usize> = plan.aggregates.iter().map(member_numbers).collect();
     // Not differential's `join_core`: that consolidates its output, sorting
     // every (member, signature) pair by listing id (5% of the full pipeline's
     // time), only for the evaluator to net the same pairs again by listing,
@@ -971,8 +974,7 @@ pub fn build<'scope>(
               view_diff: &isize,
               output| {
             let aggregate = (*segment >> 56) as usize;
-            let numbers = member_numbers(&join_plan.aggregates[aggregate]);
-            let (partition, key) = member_identity(member, numbers);
+            let (partition, key) = member_identity(member, numbers_per_aggregate[aggregate]);
             let update = MarketInput::Member(MarketUpdate {
                 partition,
                 key: smol_str::SmolStr::new(key),

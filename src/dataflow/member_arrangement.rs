@@ -97,7 +97,10 @@ impl BatchContainer for MemberBytes {
     }
 
     fn clear(&mut self) {
-        self.ends = OffsetList::with_capacity(0);
+        // keeps the capacity, as differential's own containers do
+        self.ends.zero_prefix = 0;
+        self.ends.smol.clear();
+        self.ends.chonk.clear();
         self.bytes.clear();
     }
 
