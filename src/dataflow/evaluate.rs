@@ -278,13 +278,18 @@ impl Evaluator {
             .iter()
             .map(|(partition, key)| Store::state_key(*partition, key))
             .collect();
-        let fetched = self.stage.borrow().current(&market_keys)?;
+        // States still unwritten are moved out of the stage, not copied: each
+        // goes back (recorded or restored) before this epoch ends.
+        let fetched = self.stage.borrow_mut().take_current(&market_keys)?;
 
         // The fetched states move into the rows (one copy of each); the
-        // state keys of the rows evaluated stay beside them for recording.
+        // state keys of the rows evaluated stay beside them for recording,
+        // with whether the stage's changes held them.
         let mut market_rows: Vec<Enriched> = Vec::new();
-        let mut market_row_keys: Vec<Vec<u8>> = Vec::new();
-        for ((listing, state), state_key) in market_only.iter().zip(fetched).zip(market_keys) {
+        let mut market_row_keys: Vec<(Vec<u8>, bool)> = Vec::new();
+        for ((listing, (state, taken)), state_key) in
+            market_only.iter().zip(fetched).zip(market_keys)
+        {
             gate_of.insert(*listing, gates.len());
             gates.push(
                 state
@@ -292,13 +297,20 @@ impl Evaluator {
                     .map(|s| (s.emitted_hash, s.revision))
                     .unwrap_or((0, 0)),
             );
-            let Some(state) = state.filter(|s| !s.deleted) else {
+            let Some(state) = state else { continue };
+            if state.deleted {
+                if taken {
+                    self.stage.borrow_mut().restore(state_key, state);
+                }
                 continue;
-            };
+            }
             let view = self.view_of(&state.fields);
             // the rebuild after a restart, a change that nets out, or a move of
             // statistics no document reads: nothing new to see
             if same_read_view(&view, &state.market, &self.statistics_read) {
+                if taken {
+                    self.stage.borrow_mut().restore(state_key, state);
+                }
                 continue;
             }
             let features = compute_features(&self.plan, &state, state.last_event_time, &view);
@@ -319,7 +331,7 @@ impl Evaluator {
                 read_at_nanos: 0,
                 cause: Cause::Market,
             });
-            market_row_keys.push(state_key);
+            market_row_keys.push((state_key, taken));
         }
         let rows: Vec<&Enriched> = own.iter().chain(&market_rows).collect();
 
@@ -437,11 +449,14 @@ impl Evaluator {
         drop(kept);
         drop(rows);
         let own_rows = own.len();
-        for (market_index, (row, state_key)) in
+        for (market_index, (row, (state_key, taken))) in
             market_rows.into_iter().zip(market_row_keys).enumerate()
         {
             let (hash, revision) = gates[gate_of[&(row.position.partition, row.key.as_str())]];
             if row.state.emitted_hash == hash && row.state.revision == revision {
+                if taken {
+                    stage.restore(state_key, row.state);
+                }
                 continue;
             }
             // outputs reused from the state are in it already; fresh ones
