@@ -272,24 +272,27 @@ impl ListingStateStage {
             .iter()
             .map(|e| Store::state_key(e.position.partition, &e.key))
             .collect();
-        let mut wanted: Vec<Vec<u8>> = keys
+        // borrowed from `keys`: a copy of each key per map was an allocation
+        // per event twice over
+        let mut wanted: Vec<&[u8]> = keys
             .iter()
+            .map(Vec::as_slice)
             .filter(|k| self.held(k).is_none())
-            .cloned()
             .collect();
-        wanted.sort();
+        wanted.sort_unstable();
         wanted.dedup();
-        let mut fetched: FxHashMap<Vec<u8>, ListingState> =
+        let mut fetched: FxHashMap<&[u8], ListingState> =
             FxHashMap::with_capacity_and_hasher(wanted.len(), Default::default());
         for (key, state) in wanted.iter().zip(self.store.get_many(&wanted)?) {
             if let Some(state) = state {
-                fetched.insert(key.clone(), state);
+                fetched.insert(key, state);
             }
         }
-        for (mut event, key) in events.into_iter().zip(keys) {
+        for (mut event, key) in events.into_iter().zip(&keys) {
+            let key = key.as_slice();
             // borrows only the two maps: `self.labelled` is borrowed mutably below
             let current =
-                held_in(&self.dirty, self.writing.as_ref(), &key).or_else(|| fetched.get(&key));
+                held_in(&self.dirty, self.writing.as_ref(), key).or_else(|| fetched.get(key));
             if let Some(current) = current {
                 if event.version == current.version {
                     self.counts.duplicates += 1;
@@ -361,7 +364,12 @@ impl ListingStateStage {
                 read_at_nanos: event.read_at_nanos,
                 cause: Cause::Event,
             }));
-            self.dirty.insert(key, next);
+            match self.dirty.get_mut(key) {
+                Some(held) => *held = next,
+                None => {
+                    self.dirty.insert(key.to_vec(), next);
+                }
+            }
         }
         Ok(())
     }
@@ -387,7 +395,13 @@ impl ListingStateStage {
         positions: Vec<(u32, CheckpointedPosition)>,
     ) -> Result<Option<Vec<(u32, CheckpointedPosition)>>, StateError> {
         let previous = self.wait_checkpoint()?;
-        let states = Arc::new(std::mem::take(&mut self.dirty));
+        // sized like the last interval's: growing from empty rehashed it
+        // over and over in every interval
+        let capacity = self.dirty.len();
+        let states = Arc::new(std::mem::replace(
+            &mut self.dirty,
+            FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
+        ));
         let (store, binding, written_states, written_positions) = (
             self.store.clone(),
             binding.to_string(),
