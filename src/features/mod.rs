@@ -91,8 +91,32 @@ pub fn round_to_step(value: f64, step: f64) -> f64 {
     }
     // a second rounding at the step's decimal places removes the binary noise
     // of `k * 0.1` (cheaper than formatting and parsing)
-    let scale = 10f64.powi((-step.log10()).ceil() as i32);
+    let scale = decimal_scale(step);
     (rounded * scale).round() / scale
+}
+
+/// `10^d` for a step of `d` decimal places, remembered per thread for the
+/// last few steps: a topology rounds with a handful, and a `log10` per value
+/// was 1% of the full pipeline (shaping and every market signature round).
+fn decimal_scale(step: f64) -> f64 {
+    const REMEMBERED: usize = 4;
+    thread_local! {
+        // (step bits, scale); u64::MAX is no step (a NaN's bits, never looked up)
+        static STEPS: std::cell::Cell<[(u64, f64); REMEMBERED]> =
+            const { std::cell::Cell::new([(u64::MAX, 1.0); REMEMBERED]) };
+    }
+    let bits = step.to_bits();
+    STEPS.with(|steps| {
+        let mut remembered = steps.get();
+        if let Some((_, scale)) = remembered.iter().find(|(b, _)| *b == bits) {
+            return *scale;
+        }
+        let scale = 10f64.powi((-step.log10()).ceil() as i32);
+        remembered.rotate_right(1);
+        remembered[0] = (bits, scale);
+        steps.set(remembered);
+        scale
+    })
 }
 
 #[cfg(test)]
@@ -179,6 +203,19 @@ mod tests {
             "halves round away from zero"
         );
         assert_eq!(round_to_step(0.987, 0.01), 0.99);
+        // more steps than are remembered, in turns: each still rounds at its own places
+        for _ in 0..3 {
+            for (value, step, expected) in [
+                (0.987, 0.01, 0.99),
+                (12.34, 0.1, 12.3),
+                (1.23456, 0.001, 1.235),
+                (0.0626, 0.05, 0.05),
+                (7.77777, 0.0001, 7.7778),
+                (3.14159, 0.5, 3.0),
+            ] {
+                assert_eq!(round_to_step(value, step), expected, "{value} to {step}");
+            }
+        }
         assert_eq!(round_to_step(2.5, 1.0), 3.0);
     }
 }
