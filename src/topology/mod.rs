@@ -214,6 +214,9 @@ pub struct Band {
     pub source: ValueRef,
     pub steps: Vec<(f64, String)>,
     pub otherwise: String,
+    /// FNV-1a of each step's label, then of `otherwise`'s: what a market
+    /// signature hashes for the label a value gets, computed once here.
+    pub label_hashes: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -957,11 +960,18 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
             steps.push((step.get_ref().below, step.get_ref().label.clone()));
         }
         if let Some(source_ref) = source_ref {
+            let label_hashes = steps
+                .iter()
+                .map(|(_, label)| label.as_str())
+                .chain([band.otherwise.as_str()])
+                .map(|label| crate::hash::fnv1a(label.as_bytes()))
+                .collect();
             bands.push(Band {
                 name: band.name.get_ref().clone(),
                 source: source_ref,
                 steps,
                 otherwise: band.otherwise.clone(),
+                label_hashes,
             });
         }
         scope.define(
