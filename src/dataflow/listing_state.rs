@@ -411,11 +411,15 @@ impl ListingStateStage {
         let thread = std::thread::Builder::new()
             .name("assay:checkpoint".to_string())
             .spawn(move || {
-                store.checkpoint(
-                    written_states.iter().map(|(k, v)| (k.as_slice(), Some(v))),
-                    &binding,
-                    &written_positions,
-                )
+                // in key order: RocksDB's memtable then inserts each key next to
+                // the last one instead of searching its skip list from the top
+                // (the search was two thirds of this thread's time)
+                let mut changes: Vec<(&[u8], Option<&ListingState>)> = written_states
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), Some(v)))
+                    .collect();
+                changes.sort_unstable_by_key(|(key, _)| *key);
+                store.checkpoint(changes.into_iter(), &binding, &written_positions)
             })
             .map_err(|e| StateError::Io(e.to_string()))?;
         self.writing = Some(CheckpointWrite {
