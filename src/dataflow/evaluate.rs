@@ -427,20 +427,16 @@ impl Evaluator {
         let stamp_of = |version: u64| scoring_fingerprint.map(|f| Plan::scoring_stamp(f, version));
         let mut stage = self.stage.borrow_mut();
         // own events: the stage holds their state unwritten; record on it
+        let mut state_key = Vec::with_capacity(64);
         for (listing, row_index) in last_own {
             let row = &own[row_index];
             let (hash, revision) = gates[gate_of[&listing]];
             let scores = stamp_of(row.version)
                 .zip(row_scores[row_index].as_ref())
                 .map(|(stamp, scores)| (stamp, scores.as_slice()));
-            stage.record_evaluation(
-                Store::state_key(listing.0, listing.1),
-                None,
-                hash,
-                revision,
-                row.market.clone(),
-                scores,
-            );
+            state_key.clear();
+            Store::write_state_key(&mut state_key, listing.0, listing.1);
+            stage.record_evaluation(&state_key, None, hash, revision, row.market.clone(), scores);
         }
         // A listing whose document did not change is not rewritten, even when
         // its view moved: most market re-evaluations end so, and rewriting
@@ -473,7 +469,14 @@ impl Evaluator {
                 }
                 _ => None,
             };
-            stage.record_evaluation(state_key, Some(row.state), hash, revision, row.market, keep);
+            stage.record_evaluation(
+                &state_key,
+                Some(row.state),
+                hash,
+                revision,
+                row.market,
+                keep,
+            );
         }
         Ok(documents)
     }

@@ -235,19 +235,19 @@ impl ListingStateStage {
     /// longer matches the outputs' stamp, which makes them unused.
     pub fn record_evaluation(
         &mut self,
-        key: Vec<u8>,
+        key: &[u8],
         base: Option<ListingState>,
         emitted_hash: u64,
         revision: u32,
         market: Vec<f64>,
         scores: Option<(u64, &[f32])>,
     ) {
-        let entry = match self.dirty.entry(key) {
-            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => match base {
-                Some(base) => entry.insert(base),
-                None => return,
-            },
+        // looked up by slice first: an own event's listing is always held,
+        // and an owned key per lookup was an allocation per document
+        let entry = match (self.dirty.contains_key(key), base) {
+            (true, _) => self.dirty.get_mut(key).expect("present"),
+            (false, Some(base)) => self.dirty.entry(key.to_vec()).or_insert(base),
+            (false, None) => return,
         };
         if entry.deleted {
             return;

@@ -215,10 +215,15 @@ impl Store {
 
     pub fn state_key(partition: u32, listing_id: &str) -> Vec<u8> {
         let mut key = Vec::with_capacity(5 + listing_id.len());
-        key.push(KEY_FORMAT);
-        key.extend_from_slice(&partition.to_be_bytes());
-        key.extend_from_slice(listing_id.as_bytes());
+        Self::write_state_key(&mut key, partition, listing_id);
         key
+    }
+
+    /// `state_key`, appended to a buffer the caller reuses.
+    pub fn write_state_key(out: &mut Vec<u8>, partition: u32, listing_id: &str) {
+        out.push(KEY_FORMAT);
+        out.extend_from_slice(&partition.to_be_bytes());
+        out.extend_from_slice(listing_id.as_bytes());
     }
 
     /// Reads many listings at once (one `multi_get`).
