@@ -101,7 +101,8 @@ pub fn round_to_step(value: f64, step: f64) -> f64 {
 fn decimal_scale(step: f64) -> f64 {
     const REMEMBERED: usize = 4;
     thread_local! {
-        // (step bits, scale); u64::MAX is no step (a NaN's bits, never looked up)
+        // (step bits, scale); u64::MAX, a NaN's bits, stands for no step (a
+        // NaN step rounds to NaN whatever the scale)
         static STEPS: std::cell::Cell<[(u64, f64); REMEMBERED]> =
             const { std::cell::Cell::new([(u64::MAX, 1.0); REMEMBERED]) };
     }
