@@ -205,20 +205,23 @@ impl ListingStateStage {
     ) -> Result<Vec<(Option<ListingState>, bool)>, StateError> {
         // one lookup per key in memory; the rest in one RocksDB multi-get
         let mut current: Vec<(Option<ListingState>, bool)> = Vec::with_capacity(keys.len());
-        let mut missing: Vec<(usize, &Vec<u8>)> = Vec::new();
-        for key in keys {
+        let mut missing: Vec<usize> = Vec::new();
+        for (index, key) in keys.iter().enumerate() {
             if let Some(state) = self.dirty.remove(key.as_slice()) {
                 current.push((Some(state), true));
             } else if let Some(state) = self.writing.as_ref().and_then(|w| w.states.get(key)) {
                 current.push((Some(state.clone()), false));
             } else {
-                missing.push((current.len(), key));
+                missing.push(index);
                 current.push((None, false));
             }
         }
-        let wanted: Vec<&Vec<u8>> = missing.iter().map(|(_, key)| *key).collect();
-        for ((index, _), state) in missing.iter().zip(self.store.get_many(&wanted)?) {
-            current[*index].0 = state;
+        let wanted: Vec<&[u8]> = missing
+            .iter()
+            .map(|index| keys[*index].as_slice())
+            .collect();
+        for (index, state) in missing.into_iter().zip(self.store.get_many(&wanted)?) {
+            current[index].0 = state;
         }
         Ok(current)
     }

@@ -398,17 +398,12 @@ fn shaped_token(plan: &Plan, field: &OutputField, number: Option<f64>) -> Option
     match field.source {
         ValueRef::Band(band) => {
             let band = &plan.bands[band];
-            let index = band
-                .steps
-                .iter()
-                .position(|(below, _)| number < *below)
-                .unwrap_or(band.steps.len());
-            Some(band.label_hashes[index])
+            Some(band.label_hashes[features::band_index(number, &band.steps)])
         }
         _ => Some(
             field
                 .round_to
-                .map_or(number, |step| features::round_to_step(number, step))
+                .map_or(number, |rounding| rounding.apply(number))
                 .to_bits(),
         ),
     }

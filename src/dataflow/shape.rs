@@ -140,16 +140,18 @@ pub fn document_body(
         };
         let Some(value) = value else { continue };
         let value = match (value, field.round_to) {
-            (Shaped::Number(v), Some(step)) => {
-                let rounded = features::round_to_step(v, step);
-                if step.fract() == 0.0 && rounded.abs() < 9e15 {
+            (Shaped::Number(v), Some(rounding)) => {
+                let rounded = rounding.apply(v);
+                if rounding.step.fract() == 0.0 && rounded.abs() < 9e15 {
                     Shaped::Integer(rounded as i64)
                 } else {
                     Shaped::Number(rounded)
                 }
             }
-            (Shaped::Integer(v), Some(step)) if step.fract() == 0.0 && step >= 1.0 => {
-                Shaped::Integer(features::round_to_step(v as f64, step) as i64)
+            (Shaped::Integer(v), Some(rounding))
+                if rounding.step.fract() == 0.0 && rounding.step >= 1.0 =>
+            {
+                Shaped::Integer(rounding.apply(v as f64) as i64)
             }
             (value, _) => value,
         };

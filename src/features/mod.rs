@@ -76,48 +76,60 @@ pub fn band<'a>(
     let value = value?;
     Some(
         steps
-            .iter()
-            .find(|(below, _)| value < *below)
+            .get(band_index(value, steps))
             .map(|(_, label)| label.as_str())
             .unwrap_or(otherwise),
     )
 }
 
-/// Rounds to a multiple of `step`, printing cleanly (0.1 steps give 12.3, not 12.300000000000001).
-pub fn round_to_step(value: f64, step: f64) -> f64 {
-    let rounded = (value / step).round() * step;
-    if step >= 1.0 {
-        return rounded;
-    }
-    // a second rounding at the step's decimal places removes the binary noise
-    // of `k * 0.1` (cheaper than formatting and parsing)
-    let scale = decimal_scale(step);
-    (rounded * scale).round() / scale
+/// The index of the step a value falls in (`band`'s rule); `steps.len()`
+/// for `otherwise`.
+pub fn band_index(value: f64, steps: &[(f64, String)]) -> usize {
+    steps
+        .iter()
+        .position(|(below, _)| value < *below)
+        .unwrap_or(steps.len())
 }
 
-/// `10^d` for a step of `d` decimal places, remembered per thread for the
-/// last few steps: a topology rounds with a handful, and a `log10` per value
-/// was 1% of the full pipeline (shaping and every market signature round).
-fn decimal_scale(step: f64) -> f64 {
-    const REMEMBERED: usize = 4;
-    thread_local! {
-        // (step bits, scale); u64::MAX, a NaN's bits, stands for no step (a
-        // NaN step rounds to NaN whatever the scale)
-        static STEPS: std::cell::Cell<[(u64, f64); REMEMBERED]> =
-            const { std::cell::Cell::new([(u64::MAX, 1.0); REMEMBERED]) };
-    }
-    let bits = step.to_bits();
-    STEPS.with(|steps| {
-        let mut remembered = steps.get();
-        if let Some((_, scale)) = remembered.iter().find(|(b, _)| *b == bits) {
-            return *scale;
+/// Rounding to a multiple of a step, printing cleanly (0.1 steps give 12.3,
+/// not 12.300000000000001). Made once per output field when the topology
+/// compiles: the step's decimal scale then costs a `log10` once, not per
+/// rounded value (that was 1% of the full pipeline).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rounding {
+    pub step: f64,
+    /// `10^d` for a step of `d` decimal places (1 for steps of 1 and more).
+    decimal_scale: f64,
+}
+
+impl Rounding {
+    pub fn new(step: f64) -> Self {
+        let decimal_scale = if step >= 1.0 {
+            1.0
+        } else {
+            10f64.powi((-step.log10()).ceil() as i32)
+        };
+        Rounding {
+            step,
+            decimal_scale,
         }
-        let scale = 10f64.powi((-step.log10()).ceil() as i32);
-        remembered.rotate_right(1);
-        remembered[0] = (bits, scale);
-        steps.set(remembered);
-        scale
-    })
+    }
+
+    pub fn apply(&self, value: f64) -> f64 {
+        let rounded = (value / self.step).round() * self.step;
+        if self.step >= 1.0 {
+            return rounded;
+        }
+        // a second rounding at the step's decimal places removes the binary
+        // noise of `k * 0.1` (cheaper than formatting and parsing)
+        (rounded * self.decimal_scale).round() / self.decimal_scale
+    }
+}
+
+/// Rounds once to a multiple of `step` (see `Rounding`, which a hot path
+/// keeps instead).
+pub fn round_to_step(value: f64, step: f64) -> f64 {
+    Rounding::new(step).apply(value)
 }
 
 #[cfg(test)]
@@ -204,18 +216,16 @@ mod tests {
             "halves round away from zero"
         );
         assert_eq!(round_to_step(0.987, 0.01), 0.99);
-        // more steps than are remembered, in turns: each still rounds at its own places
-        for _ in 0..3 {
-            for (value, step, expected) in [
-                (0.987, 0.01, 0.99),
-                (12.34, 0.1, 12.3),
-                (1.23456, 0.001, 1.235),
-                (0.0626, 0.05, 0.05),
-                (7.77777, 0.0001, 7.7778),
-                (3.14159, 0.5, 3.0),
-            ] {
-                assert_eq!(round_to_step(value, step), expected, "{value} to {step}");
-            }
+        // each step rounds at its own decimal places
+        for (value, step, expected) in [
+            (0.987, 0.01, 0.99),
+            (12.34, 0.1, 12.3),
+            (1.23456, 0.001, 1.235),
+            (0.0626, 0.05, 0.05),
+            (7.77777, 0.0001, 7.7778),
+            (3.14159, 0.5, 3.0),
+        ] {
+            assert_eq!(round_to_step(value, step), expected, "{value} to {step}");
         }
         assert_eq!(round_to_step(2.5, 1.0), 3.0);
     }

@@ -223,7 +223,7 @@ pub struct Band {
 pub struct OutputField {
     pub name: String,
     pub source: ValueRef,
-    pub round_to: Option<f64>,
+    pub round_to: Option<crate::features::Rounding>,
 }
 
 impl Plan {
@@ -1020,7 +1020,7 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
         }
         let round_to = rounding
             .get(field.get_ref().as_str())
-            .map(|(step, _)| *step);
+            .map(|(step, _)| crate::features::Rounding::new(*step));
         if let Some(source_ref) = scope.resolve(
             &mut diagnostics,
             source,
@@ -1604,7 +1604,7 @@ pub fn explain(plan: &Plan, workers: usize, partitions: Option<u32>) -> String {
         plan.output_fields
             .iter()
             .map(|f| match f.round_to {
-                Some(step) => format!("{} (round {step})", f.name),
+                Some(rounding) => format!("{} (round {})", f.name, rounding.step),
                 None => f.name.clone(),
             })
             .collect::<Vec<_>>()
