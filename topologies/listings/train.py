@@ -14,7 +14,9 @@ simulate.py (no public data here has real time on market).
 
 tract-onnx has no TreeEnsembleRegressor and no ai.onnx.ml Scaler, so the ONNX
 graph is written by hand from the fitted weights using only core operators
-(Sub, Div, MatMul, Add, Relu, Exp); the standardization is part of the graph.
+(MatMul, Add, Relu, Clip, Exp). The standardization is folded into the first
+layer's weights and bias (see export_onnx), so the graph stays self-contained
+without a per-input Sub and Div at serve time.
 """
 
 import hashlib
@@ -124,16 +126,37 @@ def predict(mlp, mean, scale, x, log_range):
     return np.exp(np.clip(mlp.predict((x - mean) / scale), log_range[0], log_range[1]))
 
 
+def folded_layers(mlp, mean, scale):
+    """The MLP's layers with the standardization folded into the first one.
+
+    ((x - mean) / scale) @ w0 + b0 == x @ (w0 / scale[:, None]) + (b0 - (mean / scale) @ w0),
+    computed in float64 before the cast to float32. tract runs a Sub and a
+    Div over the whole input as generic broadcast operations (4.6% of the core
+    pipeline's worker time in a profile); folded, they cost nothing.
+    """
+    w0, b0 = mlp.coefs_[0], mlp.intercepts_[0]
+    first = (w0 / scale[:, None], b0 - (mean / scale) @ w0)
+    return [first] + list(zip(mlp.coefs_[1:], mlp.intercepts_[1:]))
+
+
+def folded_predict_float32(mlp, mean, scale, x, log_range):
+    """The exported graph's arithmetic in float32, as tract runs it, to print how far folding moves it."""
+    h = x.astype(np.float32)
+    layers = folded_layers(mlp, mean, scale)
+    for i, (w, b) in enumerate(layers):
+        h = h @ w.astype(np.float32) + b.astype(np.float32)
+        if i < len(layers) - 1:
+            h = np.maximum(h, np.float32(0))
+    return np.exp(np.clip(h[:, 0].astype(np.float64), log_range[0], log_range[1]))
+
+
 def export_onnx(path, output_name, mlp, mean, scale, width, log_range):
-    """Standardize, dense layers with ReLU, identity output clipped to the label range, exp."""
-    inits = [numpy_helper.from_array(mean.astype(np.float32), "mean"),
-             numpy_helper.from_array(scale.astype(np.float32), "scale"),
-             numpy_helper.from_array(np.array(log_range[0], dtype=np.float32), "log_min"),
+    """Dense layers (the first one standardizing) with ReLU, identity output clipped to the label range, exp."""
+    inits = [numpy_helper.from_array(np.array(log_range[0], dtype=np.float32), "log_min"),
              numpy_helper.from_array(np.array(log_range[1], dtype=np.float32), "log_max")]
-    nodes = [helper.make_node("Sub", ["features", "mean"], ["centered"]),
-             helper.make_node("Div", ["centered", "scale"], ["h0"])]
-    current = "h0"
-    for i, (w, b) in enumerate(zip(mlp.coefs_, mlp.intercepts_)):
+    nodes = []
+    current = "features"
+    for i, (w, b) in enumerate(folded_layers(mlp, mean, scale)):
         inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
         inits.append(numpy_helper.from_array(b.astype(np.float32), f"b{i}"))
         nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"m{i}"]))
@@ -163,6 +186,8 @@ def write_model(name, output_name, mlp, mean, scale, log_range, encoder, golden_
     onnx_path = os.path.join(MODELS, f"{name}.onnx")
     digest = export_onnx(onnx_path, output_name, mlp, mean, scale, encoder.width(), log_range)
     predictions = predict(mlp, mean, scale, golden_x, log_range)
+    drift = float(np.max(np.abs(folded_predict_float32(mlp, mean, scale, golden_x, log_range) / predictions - 1)))
+    print(f"{name}: folded float32 graph against the fitted model, largest relative difference on the golden rows: {drift:.2e}")
     sidecar = {
         "name": name,
         "version": f"{name}-{digest}",
