@@ -91,8 +91,13 @@ pub struct ListingStateStage {
     plan: Arc<Plan>,
     store: Store,
     dirty: FxHashMap<Vec<u8>, ListingState>,
+    /// The changes through a checkpoint's epoch, set aside by `seal` until
+    /// the sinks have written that epoch's documents and the write can begin
+    /// (read between `dirty` and `writing`). Meanwhile later epochs go on into
+    /// `dirty`: the source never stops for a checkpoint.
+    sealed: Option<Arc<FxHashMap<Vec<u8>, ListingState>>>,
     /// The checkpoint being written, at most one: its states (read between
-    /// `dirty` and the store) and the thread writing them.
+    /// `sealed` and the store) and the thread writing them.
     writing: Option<CheckpointWrite>,
     pub counts: GateCounts,
     /// Segments this worker has labelled already.
@@ -107,6 +112,7 @@ impl ListingStateStage {
             plan,
             store,
             dirty: FxHashMap::default(),
+            sealed: None,
             writing: None,
             counts: GateCounts::default(),
             labelled: FxHashSet::default(),
@@ -209,7 +215,12 @@ impl ListingStateStage {
         for (index, key) in keys.iter().enumerate() {
             if let Some(state) = self.dirty.remove(key.as_slice()) {
                 current.push((Some(state), true));
-            } else if let Some(state) = self.writing.as_ref().and_then(|w| w.states.get(key)) {
+            } else if let Some(state) = self
+                .sealed
+                .as_deref()
+                .and_then(|sealed| sealed.get(key))
+                .or_else(|| self.writing.as_ref().and_then(|w| w.states.get(key)))
+            {
                 current.push((Some(state.clone()), false));
             } else {
                 missing.push(index);
@@ -294,8 +305,13 @@ impl ListingStateStage {
         for (mut event, key) in events.into_iter().zip(&keys) {
             let key = key.as_slice();
             // borrows only the two maps: `self.labelled` is borrowed mutably below
-            let current =
-                held_in(&self.dirty, self.writing.as_ref(), key).or_else(|| fetched.get(key));
+            let current = held_in(
+                &self.dirty,
+                self.sealed.as_deref(),
+                self.writing.as_ref(),
+                key,
+            )
+            .or_else(|| fetched.get(key));
             if let Some(current) = current {
                 if event.version == current.version {
                     self.counts.duplicates += 1;
@@ -385,26 +401,45 @@ impl ListingStateStage {
     /// The freshest state this stage holds in memory: changed since the last
     /// checkpoint, or in the checkpoint being written.
     fn held(&self, key: &[u8]) -> Option<&ListingState> {
-        held_in(&self.dirty, self.writing.as_ref(), key)
+        held_in(
+            &self.dirty,
+            self.sealed.as_deref(),
+            self.writing.as_ref(),
+            key,
+        )
     }
 
-    /// Starts writing every change since the last checkpoint with the
-    /// positions, in one batch, on a thread of its own. A checkpoint still
-    /// being written is finished first (at most one is in flight); its
-    /// positions are returned then, as by `finished_checkpoint`.
+    /// Sets the changes so far aside as the next checkpoint's (see `sealed`);
+    /// called once the stage has applied every epoch through the checkpoint's
+    /// and the evaluator has recorded its decisions for them, before anything
+    /// later is applied. A second call before `begin_checkpoint` keeps the
+    /// first seal.
+    pub fn seal(&mut self) {
+        if self.sealed.is_some() {
+            return;
+        }
+        // sized like the last interval's: growing from empty rehashed it
+        // over and over in every interval
+        let capacity = self.dirty.len();
+        self.sealed = Some(Arc::new(std::mem::replace(
+            &mut self.dirty,
+            FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
+        )));
+    }
+
+    /// Starts writing the sealed changes (or, without a seal, every change
+    /// since the last checkpoint) with the positions, in one batch, on a
+    /// thread of its own. A checkpoint still being written is finished first
+    /// (at most one is in flight); its positions are returned then, as by
+    /// `finished_checkpoint`.
     pub fn begin_checkpoint(
         &mut self,
         binding: &str,
         positions: Vec<(u32, CheckpointedPosition)>,
     ) -> Result<Option<Vec<(u32, CheckpointedPosition)>>, StateError> {
         let previous = self.wait_checkpoint()?;
-        // sized like the last interval's: growing from empty rehashed it
-        // over and over in every interval
-        let capacity = self.dirty.len();
-        let states = Arc::new(std::mem::replace(
-            &mut self.dirty,
-            FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
-        ));
+        self.seal();
+        let states = self.sealed.take().expect("sealed just now or before");
         let (store, binding, written_states, written_positions) = (
             self.store.clone(),
             binding.to_string(),
@@ -464,11 +499,13 @@ impl ListingStateStage {
 /// can hold other fields of the stage mutably meanwhile.
 fn held_in<'a>(
     dirty: &'a FxHashMap<Vec<u8>, ListingState>,
+    sealed: Option<&'a FxHashMap<Vec<u8>, ListingState>>,
     writing: Option<&'a CheckpointWrite>,
     key: &[u8],
 ) -> Option<&'a ListingState> {
     dirty
         .get(key)
+        .or_else(|| sealed.and_then(|s| s.get(key)))
         .or_else(|| writing.and_then(|w| w.states.get(key)))
 }
 

@@ -322,6 +322,10 @@ pub fn run(
         // epochs below this one have been evaluated (see the lockstep in the graph)
         let evaluated_below = Rc::new(Cell::new(first_epoch));
         let state_activator: Rc<RefCell<Option<timely::scheduling::Activator>>> = Rc::new(RefCell::new(None));
+        // The epoch a checkpoint covers, once its last record is sent and until
+        // the state stage seals its changes (`ListingStateStage::seal`): the stage
+        // applies nothing later before the evaluator is done with that epoch.
+        let seal_at: Rc<Cell<Option<u64>>> = Rc::new(Cell::new(None));
 
         let market_traces: Rc<RefCell<Option<market::MarketTraces>>> = Rc::new(RefCell::new(None));
         // the source reads nothing until the market rebuild is handed on: records
@@ -359,6 +363,7 @@ pub fn run(
                 let activator_slot = state_activator.clone();
                 let rebuild_partitions = owned.clone();
                 let rebuild_done = rebuild_done.clone();
+                let seal_at = seal_at.clone();
                 let outputs = events.unary_frontier::<timely::container::CapacityContainerBuilder<Vec<StateOutput>>, _, _, _>(Pipeline, "ListingState", move |capability, info| {
                     *activator_slot.borrow_mut() = Some(scope.activator_for(info.address.clone()));
                     let rebuild_activator = scope.activator_for(info.address.clone());
@@ -390,8 +395,15 @@ pub fn run(
                             }
                         }
                         while let Some(entry) = pending.first_entry() {
-                            if lockstep && *entry.key() > done.get() {
+                            // the first epoch after a checkpoint's: its changes are sealed
+                            // first, once the evaluator has recorded all it decided up to it
+                            let sealing = seal_at.get().is_some_and(|through| *entry.key() > through);
+                            if (lockstep || sealing) && *entry.key() > done.get() {
                                 break;
+                            }
+                            if sealing {
+                                state_stage.borrow_mut().seal();
+                                seal_at.set(None);
                             }
                             let (time, (capability, batch)) = entry.remove_entry();
                             let mut out = Vec::with_capacity(batch.len() * 2);
@@ -518,11 +530,14 @@ pub fn run(
                 report.checkpoints += 1;
             }
         };
-        let begin_checkpoint = |stage: &Rc<RefCell<ListingStateStage>>, source: &Source, report: &mut WorkerReport| -> Result<(), String> {
-            let previous = stage.borrow_mut().begin_checkpoint(&plan.input_binding, source.positions()).map_err(|e| e.to_string())?;
+        let begin_checkpoint = |stage: &Rc<RefCell<ListingStateStage>>, positions, source: &Source, report: &mut WorkerReport| -> Result<(), String> {
+            let previous = stage.borrow_mut().begin_checkpoint(&plan.input_binding, positions).map_err(|e| e.to_string())?;
             durable(previous, source, report);
             Ok(())
         };
+        // A checkpoint whose epoch is closed and sealed (or about to be), waiting
+        // for the sinks: (the epoch it covers, the source's positions after it).
+        let mut pending_checkpoint: Option<(u64, Vec<(u32, crate::state::CheckpointedPosition)>)> = None;
         // records were sent at the current input time, which is still open
         let mut open_epoch_has_records = false;
         while !rebuild_done.get() {
@@ -572,7 +587,7 @@ pub fn run(
             // checks before it sends the next epoch.
             dirty_listings[index].store(stage.borrow().dirty_listings() as u64, Ordering::Relaxed);
             let requested = checkpoint_request.load(Ordering::SeqCst);
-            if index == 0 && requested == served_request && checkpoint_served.load(Ordering::SeqCst) == served_request_count * peers as u64
+            if index == 0 && requested == served_request && pending_checkpoint.is_none() && checkpoint_served.load(Ordering::SeqCst) == served_request_count * peers as u64
                 && (last_checkpoint.elapsed() >= checkpoint_interval
                     || (max_dirty_listings > 0 && dirty_listings.iter().map(|d| d.load(Ordering::Relaxed)).sum::<u64>() >= max_dirty_listings))
             {
@@ -584,7 +599,7 @@ pub fn run(
             let requested = checkpoint_request.load(Ordering::SeqCst);
             // (a file's epochs are a pure function of line numbers: a paced file
             // checkpoints only between epochs, never closing one early)
-            if requested > served_request && epoch >= requested && (live_source || !open_epoch_has_records) {
+            if requested > served_request && epoch >= requested && pending_checkpoint.is_none() && (live_source || !open_epoch_has_records) {
                 // the positions cover every record sent, so the epoch they were sent in
                 // must be complete too (a live source keeps an epoch open until its clock
                 // tick ends; a file's next epoch has nothing sent yet)
@@ -602,13 +617,25 @@ pub fn run(
                     epoch = market::aligned_checkpoint(epoch, runtime.market_window_epochs);
                 }
                 input_handle.advance_to(epoch + 1);
-                let waited_at = Instant::now();
-                while probe.less_than(input_handle.time()) {
-                    worker.step_or_park(wait_park);
-                }
-                begin_checkpoint(&stage, &source, &mut report)?;
-                report.time.checkpoint += waited_at.elapsed();
+                // The checkpoint covers the epochs through `epoch` and the positions
+                // now. The source goes on reading: the state stage seals these epochs'
+                // changes before it applies a later one, and the write begins once
+                // the sinks are done with them (it was a drain of the whole pipeline,
+                // with the source stopped: a stall of every record behind it).
+                seal_at.set(Some(epoch));
+                pending_checkpoint = Some((epoch, source.positions()));
                 served_request = requested;
+            }
+            if pending_checkpoint.as_ref().is_some_and(|(through, _)| !probe.less_than(&(through + 1))) {
+                let (through, positions) = pending_checkpoint.take().expect("checked");
+                let waited_at = Instant::now();
+                // no later epoch applied yet: the stage seals before it applies one
+                if seal_at.get() == Some(through) {
+                    stage.borrow_mut().seal();
+                    seal_at.set(None);
+                }
+                begin_checkpoint(&stage, positions, &source, &mut report)?;
+                report.time.checkpoint += waited_at.elapsed();
                 served_request_count += 1;
                 checkpoint_served.fetch_add(1, Ordering::SeqCst);
                 last_checkpoint = Instant::now();
@@ -622,7 +649,14 @@ pub fn run(
             report.time.on_cpu = after.0.saturating_sub(before.0);
             report.time.waiting_for_cpu = after.1.saturating_sub(before.1);
         }
-        begin_checkpoint(&stage, &source, &mut report)?;
+        if let Some((through, positions)) = pending_checkpoint.take() {
+            if seal_at.get() == Some(through) {
+                stage.borrow_mut().seal();
+                seal_at.set(None);
+            }
+            begin_checkpoint(&stage, positions, &source, &mut report)?;
+        }
+        begin_checkpoint(&stage, source.positions(), &source, &mut report)?;
         let last = stage.borrow_mut().wait_checkpoint().map_err(|e| e.to_string())?;
         durable(last, &source, &mut report);
         progress.finish();
