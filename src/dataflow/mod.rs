@@ -354,10 +354,16 @@ pub fn run(
                 let no_dead = documents.clone().unary::<timely::container::CapacityContainerBuilder<Vec<DeadLetter>>, _, _, _>(Pipeline, "NoDeadLetters", |_, _| |input, _output| input.for_each(|_, _| {}));
                 (documents, no_dead)
             } else {
-                // with aggregates, the state stage waits for the evaluator to finish
-                // epoch e-1 before it applies epoch e: a market re-evaluation reads a
-                // neighbour's state, which must be the state as of its epoch
-                let lockstep = !plan.aggregates.is_empty();
+                // The state stage waits for the evaluator to finish epoch e-1 before it
+                // applies epoch e. A market re-evaluation reads a neighbour's state,
+                // which must be the state as of its epoch; and an event's row carries
+                // its listing's gate memory (the last document's hash) as the stage
+                // applies it, which must include the evaluator's decision on the
+                // listing's previous event. Without aggregates this was once off: an
+                // event applied before its predecessor was evaluated compared against
+                // an older document, and 2-worker runs of the same input emitted a
+                // few more or fewer identical re-sends from run to run.
+                let lockstep = true;
                 let state_stage = stage.clone();
                 let done = evaluated_below.clone();
                 let activator_slot = state_activator.clone();
