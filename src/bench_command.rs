@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
-use assay::bench::{Workload, generate};
+use assay::bench::{Workload, core_topology, generate};
 use assay::observe::RunSummary;
 
 struct Measurement {
@@ -73,86 +73,6 @@ fn run_one(
     let _ = std::fs::remove_file(run_dir.join("dead_letters.jsonl"));
     let _ = std::fs::remove_dir_all(run_dir.join("state"));
     summary_from(&summary_path)
-}
-
-/// The topology without its market aggregates and everything that reads
-/// them (features, derived values and bands over `<aggregate>_...`
-/// statistics, output fields, rounding, the statistics changelog), written to
-/// `dir`; `None` when the topology has no aggregates. It is the pipeline of
-/// per-listing state, features, scoring and shaping alone, so the bench can
-/// show what the market costs. Relative model and lookup paths are made
-/// absolute, as the file moves.
-pub fn core_topology(topology: &Path, dir: &Path) -> anyhow::Result<Option<PathBuf>> {
-    use toml::Value;
-    let text = std::fs::read_to_string(topology)?;
-    let mut table: toml::Table = toml::from_str(&text)?;
-    let Some(Value::Array(aggregates)) = table.remove("aggregate") else {
-        return Ok(None);
-    };
-    let prefixes: Vec<String> = aggregates
-        .iter()
-        .filter_map(|a| a.get("name").and_then(Value::as_str))
-        .map(|name| format!("{name}_"))
-        .collect();
-    let mut removed: std::collections::BTreeSet<String> = Default::default();
-    let reads_removed = |name: &str, removed: &std::collections::BTreeSet<String>| {
-        removed.contains(name) || prefixes.iter().any(|p| name.starts_with(p.as_str()))
-    };
-    // drop what reads a removed name, until nothing more goes
-    loop {
-        let before = removed.len();
-        for section in ["feature", "derived", "band"] {
-            if let Some(Value::Array(entries)) = table.get_mut(section) {
-                entries.retain(|entry| {
-                    let Some(fields) = entry.as_table() else {
-                        return true;
-                    };
-                    let reads = fields.iter().any(|(key, value)| {
-                        key != "name"
-                            && key != "function"
-                            && value.as_str().is_some_and(|v| reads_removed(v, &removed))
-                    });
-                    if reads {
-                        if let Some(name) = fields.get("name").and_then(Value::as_str) {
-                            removed.insert(name.to_string());
-                        }
-                    }
-                    !reads
-                });
-            }
-        }
-        if removed.len() == before {
-            break;
-        }
-    }
-    if let Some(Value::Table(output)) = table.get_mut("output") {
-        output.remove("statistics");
-        if let Some(Value::Array(fields)) = output.get_mut("fields") {
-            fields.retain(|f| f.as_str().is_none_or(|f| !reads_removed(f, &removed)));
-        }
-        if let Some(Value::Table(round)) = output.get_mut("round") {
-            round.retain(|name, _| !reads_removed(name, &removed));
-        }
-    }
-    let base = topology.parent().unwrap_or(Path::new(".")).canonicalize()?;
-    for section in ["model", "lookup"] {
-        if let Some(Value::Array(entries)) = table.get_mut(section) {
-            for entry in entries.iter_mut().filter_map(Value::as_table_mut) {
-                for key in ["onnx", "sidecar", "golden", "file"] {
-                    if let Some(Value::String(path)) = entry.get_mut(key) {
-                        *path = base.join(&*path).display().to_string();
-                    }
-                }
-            }
-        }
-    }
-    let stem = topology
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("topology");
-    let path = dir.join(format!("{stem}-core.toml"));
-    std::fs::write(&path, toml::to_string(&table)?)?;
-    Ok(Some(path))
 }
 
 pub fn run(
@@ -296,41 +216,4 @@ pub fn run(
         "\nlatency is per event, from the source reading it to the sink writing it; figures are from one run on this machine"
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_core_topology_drops_the_market_and_what_reads_it_and_still_loads() {
-        let dir = tempfile::tempdir().unwrap();
-        let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/listings.toml");
-        let core = core_topology(&topology, dir.path())
-            .unwrap()
-            .expect("listings has aggregates");
-        let plan = assay::topology::load(&core).unwrap_or_else(|d| panic!("{d:?}"));
-        let full = assay::topology::load(&topology).unwrap_or_else(|d| panic!("{d:?}"));
-        assert!(plan.aggregates.is_empty());
-        assert!(!full.aggregates.is_empty());
-        let text = std::fs::read_to_string(&core).unwrap();
-        for gone in [
-            "segment_",
-            "price_position",
-            "market_supply",
-            "market_statistics",
-        ] {
-            assert!(!text.contains(gone), "{gone} is still in the core topology");
-        }
-        for kept in [
-            "valuation",
-            "price_indicator",
-            "days_to_sell",
-            "days_on_market",
-        ] {
-            assert!(text.contains(kept), "{kept} was dropped");
-        }
-        // a topology without aggregates has no core variant
-        assert!(core_topology(&core, dir.path()).unwrap().is_none());
-    }
 }
