@@ -304,7 +304,7 @@ impl ListingStateStage {
         }
         for (mut event, key) in events.into_iter().zip(&keys) {
             let key = key.as_slice();
-            // borrows only the two maps: `self.labelled` is borrowed mutably below
+            // borrows only the maps: `self.labelled` is borrowed mutably below
             let current = held_in(
                 &self.dirty,
                 self.sealed.as_deref(),
@@ -399,7 +399,7 @@ impl ListingStateStage {
     }
 
     /// The freshest state this stage holds in memory: changed since the last
-    /// checkpoint, or in the checkpoint being written.
+    /// seal, sealed for the next checkpoint, or in the checkpoint being written.
     fn held(&self, key: &[u8]) -> Option<&ListingState> {
         held_in(
             &self.dirty,
@@ -495,7 +495,7 @@ impl ListingStateStage {
     }
 }
 
-/// `ListingStateStage::held` over the stage's two maps alone, so that a caller
+/// `ListingStateStage::held` over the stage's maps alone, so that a caller
 /// can hold other fields of the stage mutably meanwhile.
 fn held_in<'a>(
     dirty: &'a FxHashMap<Vec<u8>, ListingState>,
