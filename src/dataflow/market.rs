@@ -167,11 +167,16 @@ pub fn segment_of(plan: &Plan, aggregate_index: usize, fields: &[Option<Value>])
     let aggregate = &plan.aggregates[aggregate_index];
     let mut hash = fnv(FNV_OFFSET, &[aggregate_index as u8]);
     for (reference, bucket) in &aggregate.group_by {
-        let value = bucketed(group_value(plan, *reference, fields)?, *bucket);
-        hash = match &value {
-            Value::Str(s) => fnv(fnv(hash, &[1]), s.as_bytes()),
-            Value::Int(i) => fnv(fnv(hash, &[2]), &i.to_le_bytes()),
-            Value::Num(n) => fnv(fnv(hash, &[3]), &n.to_bits().to_le_bytes()),
+        let value = group_value(plan, *reference, fields)?;
+        // hashed from the borrowed text (a bucketed copy of the value cloned
+        // the string once per listing per evaluation); numbers as `bucketed` gives
+        hash = match (value, bucket) {
+            (Value::Str(s), _) => fnv(fnv(hash, &[1]), s.as_bytes()),
+            (number, bucket) => match bucketed(number, *bucket) {
+                Value::Int(i) => fnv(fnv(hash, &[2]), &i.to_le_bytes()),
+                Value::Num(n) => fnv(fnv(hash, &[3]), &n.to_bits().to_le_bytes()),
+                Value::Str(_) => unreachable!("a number stays a number"),
+            },
         };
         hash = fnv(hash, &[0xff]);
     }

@@ -6,7 +6,7 @@
 //! (a doubled quote inside is a quote). Keys are compared as written, after
 //! trimming spaces. A duplicate key is an error: the table must say one thing.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::path::Path;
 
 use crate::record::Value;
@@ -42,7 +42,7 @@ pub fn load(
     key_column: &str,
     value_column: &str,
     numeric: bool,
-) -> Result<HashMap<String, Value>, String> {
+) -> Result<FxHashMap<String, Value>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut lines = text
@@ -64,7 +64,7 @@ pub fn load(
     };
     let key_at = column(key_column)?;
     let value_at = column(value_column)?;
-    let mut table = HashMap::new();
+    let mut table = FxHashMap::default();
     for (line_index, line) in lines {
         let row = split_line(line);
         let line_number = line_index + 1;

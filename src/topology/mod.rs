@@ -54,7 +54,9 @@ pub struct Lookup {
     pub path: PathBuf,
     /// A field or an earlier lookup.
     pub key: ValueRef,
-    pub table: HashMap<String, Value>,
+    /// Fx-hashed: looked up several times per document (shaping, segments,
+    /// features), where SipHash over a short key was most of the lookup.
+    pub table: rustc_hash::FxHashMap<String, Value>,
     pub default: Option<Value>,
     pub numeric: bool,
 }
@@ -1167,7 +1169,7 @@ fn compile_lookups(
             Err(message) => {
                 diagnostics.error_at(source, lookup.file.span(), format!("lookup `{}`: {message}", lookup.name.get_ref()),
                     Some("a CSV file with a header row, relative to the topology file; set key_column and value_column when they differ from the names".into()));
-                HashMap::new()
+                Default::default()
             }
         };
         let _ = fields;
