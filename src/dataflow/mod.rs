@@ -40,9 +40,10 @@ use std::time::{Duration, Instant};
 
 use std::cell::Cell;
 
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::{Map, Partition};
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::{Capability, Concat, Input, OkErr, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
@@ -57,7 +58,7 @@ use crate::observe::{LatencyHistogram, ProgressBar, RunSummary, WorkerReport};
 use crate::record::{DeadLetter, OutputDocument, RawRecord};
 use crate::state::{StateError, Store, StoreTuning};
 use crate::topology::Plan;
-use listing_state::{ListingStateStage, StateOutput};
+use listing_state::ListingStateStage;
 
 /// How long a worker reading a paced source (Kafka, a paced file) parks between steps when
 /// it waits (for records, back-pressure, a checkpoint or the end). Timely
@@ -363,22 +364,49 @@ pub fn run(
                 // event applied before its predecessor was evaluated compared against
                 // an older document, and 2-worker runs of the same input emitted a
                 // few more or fewer identical re-sends from run to run.
-                let lockstep = true;
                 let state_stage = stage.clone();
                 let done = evaluated_below.clone();
                 let activator_slot = state_activator.clone();
                 let rebuild_partitions = owned.clone();
                 let rebuild_done = rebuild_done.clone();
                 let seal_at = seal_at.clone();
-                let outputs = events.unary_frontier::<timely::container::CapacityContainerBuilder<Vec<StateOutput>>, _, _, _>(Pipeline, "ListingState", move |capability, info| {
+                // One operator, four outputs: each kind of output leaves in the
+                // vector the stage filled, handed on whole.
+                let mut builder = OperatorBuilder::new("ListingState".to_owned(), events.scope());
+                let info = builder.operator_info();
+                let mut input = builder.new_input(events, Pipeline);
+                let (events_output, events) = builder.new_output::<Vec<listing_state::Enriched>>();
+                let (dead_output, state_dead) = builder.new_output::<Vec<DeadLetter>>();
+                let (members_output, members) = builder.new_output::<Vec<market::MemberUpdate>>();
+                let (labels_output, labels) = builder.new_output::<Vec<(u64, String)>>();
+                let mut events_output = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(events_output);
+                let mut dead_output = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(dead_output);
+                let mut members_output = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(members_output);
+                let mut labels_output = OutputBuilder::<_, CapacityContainerBuilder<_>>::from(labels_output);
+                // capabilities by output port, in the order the outputs were made
+                let mut send = move |capabilities: &[Capability<u64>], out: &mut listing_state::StateOutputs| {
+                    if !out.events.is_empty() {
+                        events_output.activate().session(&capabilities[0]).give_container(&mut out.events);
+                    }
+                    if !out.dead.is_empty() {
+                        dead_output.activate().session(&capabilities[1]).give_container(&mut out.dead);
+                    }
+                    if !out.members.is_empty() {
+                        members_output.activate().session(&capabilities[2]).give_container(&mut out.members);
+                    }
+                    if !out.labels.is_empty() {
+                        labels_output.activate().session(&capabilities[3]).give_container(&mut out.labels);
+                    }
+                };
+                builder.build(move |capabilities| {
                     *activator_slot.borrow_mut() = Some(scope.activator_for(info.address.clone()));
                     let rebuild_activator = scope.activator_for(info.address.clone());
-                    let mut rebuild_capability = Some(capability);
-                    let mut pending: BTreeMap<u64, (Capability<u64>, Vec<decode::ChangeEvent>)> = BTreeMap::new();
-                    move |(input, _frontier), output| {
+                    let mut rebuild_capabilities = Some(capabilities);
+                    let mut pending: BTreeMap<u64, (Vec<Capability<u64>>, Vec<decode::ChangeEvent>)> = BTreeMap::new();
+                    move |_frontiers| {
                         input.for_each_stamp(|capability, containers| {
-                            let Some(capability) = capability.retain_least(0) else { return };
-                            let entry = pending.entry(*capability.time()).or_insert_with(|| (capability, Vec::new()));
+                            let Some(capabilities) = (0..4).map(|port| capability.retain_least(port)).collect::<Option<Vec<_>>>() else { return };
+                            let entry = pending.entry(*capabilities[0].time()).or_insert_with(|| (capabilities, Vec::new()));
                             for container in containers {
                                 entry.1.append(container);
                             }
@@ -386,14 +414,16 @@ pub fn run(
                         // the rebuild goes in steps, each handed on before the next is
                         // read (memory), and before any event is applied (it reads the
                         // state as the last run left it)
-                        if let Some(capability) = rebuild_capability.as_mut() {
-                            capability.downgrade(&first_epoch);
-                            let mut out = Vec::new();
+                        if let Some(capabilities) = rebuild_capabilities.as_mut() {
+                            for capability in capabilities.iter_mut() {
+                                capability.downgrade(&first_epoch);
+                            }
+                            let mut out = listing_state::StateOutputs::default();
                             let done = state_stage.borrow_mut().rebuild_step(&rebuild_partitions, first_epoch, REBUILD_STEP_LISTINGS, &mut out)
                                 .unwrap_or_else(|e| panic!("rebuilding the market from state: {e}"));
-                            output.session(capability).give_iterator(out.into_iter());
+                            send(capabilities, &mut out);
                             if done {
-                                rebuild_capability = None;
+                                rebuild_capabilities = None;
                                 rebuild_done.set(true);
                             } else {
                                 rebuild_activator.activate();
@@ -401,34 +431,26 @@ pub fn run(
                             }
                         }
                         while let Some(entry) = pending.first_entry() {
-                            // the first epoch after a checkpoint's: its changes are sealed
-                            // first, once the evaluator has recorded all it decided up to it
-                            let sealing = seal_at.get().is_some_and(|through| *entry.key() > through);
-                            if (lockstep || sealing) && *entry.key() > done.get() {
+                            if *entry.key() > done.get() {
                                 break;
                             }
-                            if sealing {
+                            // the first epoch after a checkpoint's: its changes are sealed
+                            // first (the evaluator has recorded all it decided up to it)
+                            if seal_at.get().is_some_and(|through| *entry.key() > through) {
                                 state_stage.borrow_mut().seal();
                                 seal_at.set(None);
                             }
-                            let (time, (capability, batch)) = entry.remove_entry();
-                            let mut out = Vec::with_capacity(batch.len() * 2);
+                            let (time, (capabilities, batch)) = entry.remove_entry();
+                            let mut out = listing_state::StateOutputs {
+                                events: Vec::with_capacity(batch.len()),
+                                members: Vec::with_capacity(batch.len() * 2),
+                                ..Default::default()
+                            };
                             state_stage.borrow_mut().process(batch, time, &mut out).unwrap_or_else(|e| panic!("listing state: {e}"));
-                            output.session(&capability).give_iterator(out.into_iter());
+                            send(&capabilities, &mut out);
                         }
                     }
                 });
-                let mut parts = outputs.partition(4, |output: StateOutput| match output {
-                    StateOutput::Event(_) => (0, output),
-                    StateOutput::Dead(_) => (1, output),
-                    StateOutput::Member(_) => (2, output),
-                    StateOutput::Label(..) => (3, output),
-                }).into_iter();
-                let (events, dead, members, labels) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
-                let events = events.map(|o| match o { StateOutput::Event(e) => e, _ => unreachable!("partitioned") });
-                let state_dead = dead.map(|o| match o { StateOutput::Dead(d) => d, _ => unreachable!("partitioned") });
-                let members = members.map(|o| match o { StateOutput::Member(m) => m, _ => unreachable!("partitioned") });
-                let labels = labels.map(|o| match o { StateOutput::Label(segment, label) => (segment, label), _ => unreachable!("partitioned") });
 
                 let window = market::MarketWindow { epochs: runtime.market_window_epochs, rebuild_time: first_epoch };
                 let (market_updates, statistics_changes, traces) = market::build(plan.clone(), members, window);
