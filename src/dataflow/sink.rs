@@ -77,7 +77,7 @@ where
                         .entry(epoch)
                         .or_insert_with(|| (capability, Vec::new()));
                     for container in containers {
-                        entry.1.append(container);
+                        crate::dataflow::take_or_append(&mut entry.1, container);
                     }
                 });
                 let mut completed = Vec::new();
