@@ -218,11 +218,8 @@ impl ListingStateStage {
         for (index, key) in keys.iter().enumerate() {
             if let Some(state) = self.dirty.remove(key.as_slice()) {
                 current.push((Some(state), true));
-            } else if let Some(state) = self
-                .sealed
-                .as_deref()
-                .and_then(|sealed| sealed.get(key))
-                .or_else(|| self.writing.as_ref().and_then(|w| w.states.get(key)))
+            } else if let Some(state) =
+                held_for_checkpoint(self.sealed.as_deref(), self.writing.as_ref(), key)
             {
                 current.push((Some(state.clone()), false));
             } else {
@@ -508,7 +505,17 @@ fn held_in<'a>(
 ) -> Option<&'a ListingState> {
     dirty
         .get(key)
-        .or_else(|| sealed.and_then(|s| s.get(key)))
+        .or_else(|| held_for_checkpoint(sealed, writing, key))
+}
+
+/// A state set aside for a checkpoint: sealed, or in the batch being written.
+fn held_for_checkpoint<'a>(
+    sealed: Option<&'a FxHashMap<Vec<u8>, ListingState>>,
+    writing: Option<&'a CheckpointWrite>,
+    key: &[u8],
+) -> Option<&'a ListingState> {
+    sealed
+        .and_then(|s| s.get(key))
         .or_else(|| writing.and_then(|w| w.states.get(key)))
 }
 

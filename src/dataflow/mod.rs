@@ -570,7 +570,11 @@ pub fn run(
                 report.checkpoints += 1;
             }
         };
+        // Seals the stage's changes unless the stage sealed them itself (it does
+        // before it applies an epoch past `seal_at`); nothing later has been
+        // applied when it has not, so what `begin_checkpoint` seals is exact.
         let begin_checkpoint = |stage: &Rc<RefCell<ListingStateStage>>, positions, source: &Source, report: &mut WorkerReport| -> Result<(), String> {
+            seal_at.set(None);
             let previous = stage.borrow_mut().begin_checkpoint(&plan.input_binding, positions).map_err(|e| e.to_string())?;
             durable(previous, source, report);
             Ok(())
@@ -667,13 +671,8 @@ pub fn run(
                 served_request = requested;
             }
             if pending_checkpoint.as_ref().is_some_and(|(through, _)| !probe.less_than(&(through + 1))) {
-                let (through, positions) = pending_checkpoint.take().expect("checked");
+                let (_, positions) = pending_checkpoint.take().expect("checked");
                 let waited_at = Instant::now();
-                // no later epoch applied yet: the stage seals before it applies one
-                if seal_at.get() == Some(through) {
-                    stage.borrow_mut().seal();
-                    seal_at.set(None);
-                }
                 begin_checkpoint(&stage, positions, &source, &mut report)?;
                 report.time.checkpoint += waited_at.elapsed();
                 served_request_count += 1;
@@ -689,11 +688,7 @@ pub fn run(
             report.time.on_cpu = after.0.saturating_sub(before.0);
             report.time.waiting_for_cpu = after.1.saturating_sub(before.1);
         }
-        if let Some((through, positions)) = pending_checkpoint.take() {
-            if seal_at.get() == Some(through) {
-                stage.borrow_mut().seal();
-                seal_at.set(None);
-            }
+        if let Some((_, positions)) = pending_checkpoint.take() {
             begin_checkpoint(&stage, positions, &source, &mut report)?;
         }
         begin_checkpoint(&stage, source.positions(), &source, &mut report)?;
