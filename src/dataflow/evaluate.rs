@@ -425,18 +425,36 @@ impl Evaluator {
         }
 
         let stamp_of = |version: u64| scoring_fingerprint.map(|f| Plan::scoring_stamp(f, version));
+        // Each listing's gate memory, read while the rows' keys index it; the
+        // borrows of `own` end here, so a listing's last row can hand its
+        // market view over to the stage (moved, not cloned).
+        let own_records: Vec<(usize, (u64, u32))> = last_own
+            .values()
+            .map(|row_index| {
+                let row = &own[*row_index];
+                (*row_index, gates[gate_of[&(row.position.partition, row.key.as_str())]])
+            })
+            .collect();
+        let market_gates: Vec<(u64, u32)> = market_rows
+            .iter()
+            .map(|row| gates[gate_of[&(row.position.partition, row.key.as_str())]])
+            .collect();
+        drop(kept);
+        drop(rows);
+        drop(gate_of);
+        drop(last_own);
         let mut stage = self.stage.borrow_mut();
         // own events: the stage holds their state unwritten; record on it
         let mut state_key = Vec::with_capacity(64);
-        for (listing, row_index) in last_own {
-            let row = &own[row_index];
-            let (hash, revision) = gates[gate_of[&listing]];
+        for (row_index, (hash, revision)) in own_records {
+            let row = &mut own[row_index];
             let scores = stamp_of(row.version)
                 .zip(row_scores[row_index].as_ref())
                 .map(|(stamp, scores)| (stamp, scores.as_slice()));
             state_key.clear();
-            Store::write_state_key(&mut state_key, listing.0, listing.1);
-            stage.record_evaluation(&state_key, None, hash, revision, row.market.clone(), scores);
+            Store::write_state_key(&mut state_key, row.position.partition, &row.key);
+            let market = std::mem::take(&mut row.market);
+            stage.record_own_evaluation(&state_key, hash, revision, market, scores);
         }
         // A listing whose document did not change is not rewritten, even when
         // its view moved: most market re-evaluations end so, and rewriting
@@ -446,13 +464,13 @@ impl Evaluator {
         // and an own event takes its statistics from the broadcast, never
         // from the stored view. (Listings not evaluated, deleted or absent
         // keep their memory unchanged: nothing to record.)
-        drop(kept);
-        drop(rows);
         let own_rows = own.len();
-        for (market_index, (row, (state_key, taken))) in
-            market_rows.into_iter().zip(market_row_keys).enumerate()
+        for (market_index, ((row, (state_key, taken)), (hash, revision))) in market_rows
+            .into_iter()
+            .zip(market_row_keys)
+            .zip(market_gates)
+            .enumerate()
         {
-            let (hash, revision) = gates[gate_of[&(row.position.partition, row.key.as_str())]];
             if row.state.emitted_hash == hash && row.state.revision == revision {
                 if taken {
                     stage.restore(state_key, row.state);
@@ -469,14 +487,7 @@ impl Evaluator {
                 }
                 _ => None,
             };
-            stage.record_evaluation(
-                &state_key,
-                Some(row.state),
-                hash,
-                revision,
-                row.market,
-                keep,
-            );
+            stage.record_market_evaluation(state_key, row.state, hash, revision, row.market, keep);
         }
         Ok(documents)
     }

@@ -206,7 +206,7 @@ impl ListingStateStage {
     /// market re-evaluations, each with whether it was taken out of the
     /// changes since the last checkpoint. Those are moved, not copied (a
     /// copy of each was 4% of the full pipeline's time); the caller hands
-    /// each one back, through `record_evaluation` or `restore`, before
+    /// each one back, through `record_market_evaluation` or `restore`, before
     /// anything else reads this stage.
     pub fn take_current(
         &mut self,
@@ -242,38 +242,39 @@ impl ListingStateStage {
         self.dirty.insert(key, state);
     }
 
-    /// Records what the evaluator decided for a listing: the gate's memory, the
-    /// market view and, when given, the model outputs with their stamp. Only
-    /// those parts of the state change, so a newer event already applied (when
-    /// no aggregates hold the stages in step) is kept; its version then no
-    /// longer matches the outputs' stamp, which makes them unused.
-    pub fn record_evaluation(
+    /// Records what the evaluator decided for a listing with an event of its
+    /// own in the epoch: the gate's memory, the market view and, when given,
+    /// the model outputs with their stamp. The stage holds that listing's
+    /// state unwritten (it applied the event); only those parts change.
+    pub fn record_own_evaluation(
         &mut self,
         key: &[u8],
-        base: Option<ListingState>,
         emitted_hash: u64,
         revision: u32,
         market: Vec<f64>,
         scores: Option<(u64, &[f32])>,
     ) {
-        // looked up by slice first: an own event's listing is always held,
-        // and an owned key per lookup was an allocation per document
-        let entry = match (self.dirty.contains_key(key), base) {
-            (true, _) => self.dirty.get_mut(key).expect("present"),
-            (false, Some(base)) => self.dirty.entry(key.to_vec()).or_insert(base),
-            (false, None) => return,
-        };
-        if entry.deleted {
-            return;
+        // looked up by slice: an owned key per lookup was an allocation per document
+        if let Some(entry) = self.dirty.get_mut(key) {
+            record_on(entry, emitted_hash, revision, market, scores);
         }
-        entry.emitted_hash = emitted_hash;
-        entry.revision = revision;
-        entry.market = market;
-        if let Some((stamp, scores)) = scores {
-            entry.scores_stamp = stamp;
-            entry.scores.clear();
-            entry.scores.extend_from_slice(scores);
-        }
+    }
+
+    /// Records a market re-evaluation's decision on the state `take_current`
+    /// gave for it, and holds that state unwritten under its (owned) key: one
+    /// hash of the key and no copy of it. Should the stage hold a state for
+    /// the key already, that one is kept and recorded on.
+    pub fn record_market_evaluation(
+        &mut self,
+        key: Vec<u8>,
+        base: ListingState,
+        emitted_hash: u64,
+        revision: u32,
+        market: Vec<f64>,
+        scores: Option<(u64, &[f32])>,
+    ) {
+        let entry = self.dirty.entry(key).or_insert(base);
+        record_on(entry, emitted_hash, revision, market, scores);
     }
 
     pub fn process(
@@ -492,6 +493,29 @@ impl ListingStateStage {
             .join()
             .map_err(|_| StateError::Io("the checkpoint writer panicked".to_string()))??;
         Ok(Some(write.positions))
+    }
+}
+
+/// The evaluator's decision on a held state: the gate's memory, the market
+/// view and, when given, the model outputs with their stamp (a removed
+/// listing keeps its tombstone state as it is).
+fn record_on(
+    entry: &mut ListingState,
+    emitted_hash: u64,
+    revision: u32,
+    market: Vec<f64>,
+    scores: Option<(u64, &[f32])>,
+) {
+    if entry.deleted {
+        return;
+    }
+    entry.emitted_hash = emitted_hash;
+    entry.revision = revision;
+    entry.market = market;
+    if let Some((stamp, scores)) = scores {
+        entry.scores_stamp = stamp;
+        entry.scores.clear();
+        entry.scores.extend_from_slice(scores);
     }
 }
 
