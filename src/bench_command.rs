@@ -26,6 +26,7 @@ fn run_one(
     input: &Path,
     workers: usize,
     epoch_records: u64,
+    market_window_epochs: u64,
     pass_through: bool,
 ) -> anyhow::Result<RunSummary> {
     let run_dir = dir.join(name);
@@ -34,7 +35,7 @@ fn run_one(
     std::fs::write(
         &config,
         format!(
-            "[runtime]\nworkers = {workers}\nepoch_records = {epoch_records}\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n\
+            "[runtime]\nworkers = {workers}\nepoch_records = {epoch_records}\nmarket_window_epochs = {market_window_epochs}\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n\
          [bindings.listing_changes]\ntype = \"file\"\npath = {:?}\npartitions = 8\n\n\
          [bindings.search_documents]\ntype = \"file\"\npath = {:?}\n\n[bindings.dead_letters]\ntype = \"file\"\npath = {:?}\n",
             run_dir.join("state"),
@@ -81,6 +82,7 @@ pub fn run(
     live_listings: u64,
     workers: &[usize],
     epoch_records: u64,
+    market_window_epochs: u64,
     dir: &Path,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -94,14 +96,24 @@ pub fn run(
         generate(&sample, &mixed, events, Workload::Mixed, 42)?;
     }
     let core = core_topology(topology, dir)?;
-    let mut pipelines: Vec<(&str, &Path, bool)> =
-        vec![("pass-through", topology, true), ("full", topology, false)];
+    // (label, topology, market window, pass-through)
+    let window_label = format!("full-w{market_window_epochs}");
+    let mut pipelines: Vec<(&str, &Path, u64, bool)> = vec![
+        ("pass-through", topology, 1, true),
+        ("full", topology, 1, false),
+    ];
+    // the same topology with neighbours re-evaluated once per window of
+    // epochs (the config's `market_window_epochs`): what an operator trades
+    // for throughput when the market part of documents may lag a little
+    if market_window_epochs > 1 {
+        pipelines.push((&window_label, topology, market_window_epochs, false));
+    }
     if let Some(core) = &core {
-        pipelines.push(("core", core, false));
+        pipelines.push(("core", core, 1, false));
     }
     let mut measurements = Vec::new();
     for &w in workers {
-        for &(label, topology, pass_through) in &pipelines {
+        for &(label, topology, window, pass_through) in &pipelines {
             let summary = run_one(
                 topology,
                 dir,
@@ -109,6 +121,7 @@ pub fn run(
                 &mixed,
                 w,
                 epoch_records,
+                window,
                 pass_through,
             )?;
             measurements.push(Measurement {
@@ -138,6 +151,7 @@ pub fn run(
             &creates,
             1,
             epoch_records,
+            1,
             false,
         )?);
         if let Some(core) = &core {
@@ -148,6 +162,7 @@ pub fn run(
                 &creates,
                 1,
                 epoch_records,
+                1,
                 false,
             )?);
         }
@@ -203,6 +218,13 @@ pub fn run(
             memory.peak_rss_mb,
             memory.peak_rss_mb * 1048576.0 / live.max(1) as f64,
             memory.events_per_second
+        );
+    }
+    if market_window_epochs > 1 {
+        println!(
+            "\n{window_label}: the full topology with market_window_epochs = {market_window_epochs}: neighbours re-evaluated once per\n\
+             {market_window_epochs} epochs ({} events), so documents may see statistics that much older; own events as in `full`",
+            market_window_epochs * epoch_records
         );
     }
     if core.is_some() {

@@ -106,6 +106,10 @@ enum Command {
         workers: String,
         #[arg(long, default_value_t = 1024)]
         epoch_records: u64,
+        /// Also run the full topology with this `market_window_epochs` (a
+        /// row of its own, `full-wK`); 1 skips it.
+        #[arg(long, default_value_t = 8)]
+        market_window_epochs: u64,
         /// Where generated streams, state and outputs go.
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
@@ -312,6 +316,7 @@ fn run_command() -> anyhow::Result<ExitCode> {
             live_listings,
             workers,
             epoch_records,
+            market_window_epochs,
             dir,
         } => {
             let workers: Vec<usize> = workers
@@ -325,6 +330,7 @@ fn run_command() -> anyhow::Result<ExitCode> {
                 live_listings,
                 &workers,
                 epoch_records,
+                market_window_epochs,
                 &dir,
             )?;
             Ok(ExitCode::SUCCESS)

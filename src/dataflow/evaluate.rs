@@ -432,7 +432,10 @@ impl Evaluator {
             .values()
             .map(|row_index| {
                 let row = &own[*row_index];
-                (*row_index, gates[gate_of[&(row.position.partition, row.key.as_str())]])
+                (
+                    *row_index,
+                    gates[gate_of[&(row.position.partition, row.key.as_str())]],
+                )
             })
             .collect();
         let market_gates: Vec<(u64, u32)> = market_rows
