@@ -223,7 +223,7 @@ pub fn run(
     if market_window_epochs > 1 {
         println!(
             "\n{window_label}: the full topology with market_window_epochs = {market_window_epochs}: neighbours re-evaluated once per\n\
-             {market_window_epochs} epochs ({} events), so documents may see statistics that much older; own events as in `full`",
+             {market_window_epochs} epochs ({} events), so documents see statistics up to that much older",
             market_window_epochs * epoch_records
         );
     }
