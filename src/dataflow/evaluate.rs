@@ -429,14 +429,8 @@ impl Evaluator {
         // borrows of `own` end here, so a listing's last row can hand its
         // market view over to the stage (moved, not cloned).
         let own_records: Vec<(usize, (u64, u32))> = last_own
-            .values()
-            .map(|row_index| {
-                let row = &own[*row_index];
-                (
-                    *row_index,
-                    gates[gate_of[&(row.position.partition, row.key.as_str())]],
-                )
-            })
+            .iter()
+            .map(|(listing, row_index)| (*row_index, gates[gate_of[listing]]))
             .collect();
         let market_gates: Vec<(u64, u32)> = market_rows
             .iter()
