@@ -440,17 +440,33 @@ impl Evaluator {
         drop(rows);
         drop(gate_of);
         drop(last_own);
+        // Own events: the stage holds their state unwritten, shared with the
+        // rows; what a record needs leaves the rows, and the rows go first,
+        // so that the stage's copy is the only one and is recorded in place.
+        let own_records: Vec<_> = own_records
+            .into_iter()
+            .map(|(row_index, gate)| {
+                let row = &mut own[row_index];
+                let listing = (row.position.partition, std::mem::take(&mut row.key));
+                (
+                    row_index,
+                    listing,
+                    row.version,
+                    std::mem::take(&mut row.market),
+                    gate,
+                )
+            })
+            .collect();
+        let own_rows = own.len();
+        drop(own);
         let mut stage = self.stage.borrow_mut();
-        // own events: the stage holds their state unwritten; record on it
         let mut state_key = Vec::with_capacity(64);
-        for (row_index, (hash, revision)) in own_records {
-            let row = &mut own[row_index];
-            let scores = stamp_of(row.version)
+        for (row_index, (partition, key), version, market, (hash, revision)) in own_records {
+            let scores = stamp_of(version)
                 .zip(row_scores[row_index].as_ref())
                 .map(|(stamp, scores)| (stamp, scores.as_slice()));
             state_key.clear();
-            Store::write_state_key(&mut state_key, row.position.partition, &row.key);
-            let market = std::mem::take(&mut row.market);
+            Store::write_state_key(&mut state_key, partition, &key);
             stage.record_own_evaluation(&state_key, hash, revision, market, scores);
         }
         // A listing whose document did not change is not rewritten, even when
@@ -461,7 +477,6 @@ impl Evaluator {
         // and an own event takes its statistics from the broadcast, never
         // from the stored view. (Listings not evaluated, deleted or absent
         // keep their memory unchanged: nothing to record.)
-        let own_rows = own.len();
         for (market_index, ((row, (state_key, taken)), (hash, revision))) in market_rows
             .into_iter()
             .zip(market_row_keys)
