@@ -55,7 +55,7 @@ pub struct Enriched {
     pub event_time: i64,
     pub deleted: bool,
     /// Shared with the stage's unwritten changes, not copied (a copy per
-    /// event was 3% of the core pipeline's time). Nothing changes a state
+    /// event was 2% of the core pipeline's worker time). Nothing changes a state
     /// while a row holds it: the evaluator records its decision on the
     /// stage's copy once the epoch's rows are dropped, and `Arc::make_mut`
     /// copies it only if a row were still alive.
