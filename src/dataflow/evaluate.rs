@@ -425,13 +425,12 @@ impl Evaluator {
         }
 
         let stamp_of = |version: u64| scoring_fingerprint.map(|f| Plan::scoring_stamp(f, version));
-        // Each listing's gate memory, read while the rows' keys index it; the
-        // borrows of `own` end here, so a listing's last row can hand its
-        // market view over to the stage (moved, not cloned).
-        let own_records: Vec<(usize, (u64, u32))> = last_own
-            .iter()
-            .map(|(listing, row_index)| (*row_index, gates[gate_of[listing]]))
-            .collect();
+        // Each listing's gate memory, by the index of its last own row, read
+        // while the rows' keys index it; the borrows of `own` end here.
+        let mut own_gates: Vec<Option<(u64, u32)>> = vec![None; own.len()];
+        for (listing, row_index) in &last_own {
+            own_gates[*row_index] = Some(gates[gate_of[listing]]);
+        }
         let market_gates: Vec<(u64, u32)> = market_rows
             .iter()
             .map(|row| gates[gate_of[&(row.position.partition, row.key.as_str())]])
@@ -440,33 +439,30 @@ impl Evaluator {
         drop(rows);
         drop(gate_of);
         drop(last_own);
-        // Own events: the stage holds their state unwritten, shared with the
-        // rows; what a record needs leaves the rows, and the rows go first,
-        // so that the stage's copy is the only one and is recorded in place.
-        let own_records: Vec<_> = own_records
-            .into_iter()
-            .map(|(row_index, gate)| {
-                let row = &mut own[row_index];
-                let listing = (row.position.partition, std::mem::take(&mut row.key));
-                (
-                    row_index,
-                    listing,
-                    row.version,
-                    std::mem::take(&mut row.market),
-                    gate,
-                )
-            })
-            .collect();
+        // Own events: the stage holds each listing's state unwritten, shared
+        // with its last row. The row lets go of it first, so the record is
+        // made on the only copy (and the row's market view is moved, not cloned).
         let own_rows = own.len();
-        drop(own);
         let mut stage = self.stage.borrow_mut();
         let mut state_key = Vec::with_capacity(64);
-        for (row_index, (partition, key), version, market, (hash, revision)) in own_records {
+        for ((row, gate), scores) in own.into_iter().zip(own_gates).zip(&row_scores) {
+            let Some((hash, revision)) = gate else {
+                continue;
+            };
+            let Enriched {
+                key,
+                version,
+                position,
+                market,
+                state,
+                ..
+            } = row;
+            drop(state);
             let scores = stamp_of(version)
-                .zip(row_scores[row_index].as_ref())
+                .zip(scores.as_ref())
                 .map(|(stamp, scores)| (stamp, scores.as_slice()));
             state_key.clear();
-            Store::write_state_key(&mut state_key, partition, &key);
+            Store::write_state_key(&mut state_key, position.partition, &key);
             stage.record_own_evaluation(&state_key, hash, revision, market, scores);
         }
         // A listing whose document did not change is not rewritten, even when
