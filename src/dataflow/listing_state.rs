@@ -57,8 +57,8 @@ pub struct Enriched {
     /// Shared with the stage's unwritten changes, not copied (a copy per
     /// event was 2% of the core pipeline's worker time). Nothing changes a state
     /// while a row holds it: the evaluator records its decision on the
-    /// stage's copy once the epoch's rows are dropped, and `Arc::make_mut`
-    /// copies it only if a row were still alive.
+    /// stage's copy once the listing's last row has let go of it, and
+    /// `Arc::make_mut` copies it only if a row were still alive.
     pub state: Arc<ListingState>,
     /// Filled by the evaluator: features in declaration order.
     pub features: Vec<Option<f64>>,
