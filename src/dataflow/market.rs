@@ -668,10 +668,10 @@ pub fn round_significant(x: f64, digits: u32) -> f64 {
     let exponent = digits as i32 - 1 - magnitude;
     if exponent <= 0 {
         let step = 10f64.powi(-exponent);
-        (x / step).round() * step
+        crate::features::round(x / step) * step
     } else {
         let scale = 10f64.powi(exponent);
-        (x * scale).round() / scale
+        crate::features::round(x * scale) / scale
     }
 }
 

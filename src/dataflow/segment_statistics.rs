@@ -44,7 +44,7 @@ const FRACTION_BITS: i32 = 32;
 
 /// A measure value on the fixed-point grid (saturating far beyond any price or distance).
 pub fn fixed_point(value: f64) -> i128 {
-    (value * 2f64.powi(FRACTION_BITS)).round() as i128
+    crate::features::round(value * 2f64.powi(FRACTION_BITS)) as i128
 }
 
 /// The mean of `count` values whose fixed-point sum is `sum`.

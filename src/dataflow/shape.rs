@@ -19,6 +19,17 @@ enum Shaped<'a> {
     Number(f64),
     Integer(i64),
     Text(&'a str),
+    /// A JSON string already quoted and escaped (a band's label).
+    Quoted(&'a str),
+}
+
+/// One output field, resolved when the shaper is made.
+struct FieldWriter {
+    prefix: String,
+    source: ValueRef,
+    rounding: Option<features::Rounding>,
+    /// The rounding step is whole: a rounded number prints as an integer.
+    whole_step: bool,
 }
 
 /// What every document of a topology writes the same way, escaped once:
@@ -27,7 +38,11 @@ pub struct Shaper {
     key_prefix: String,
     version_prefix: String,
     event_time_prefix: String,
-    field_prefixes: Vec<String>,
+    /// Each output field's `,"name":` and how its value is written, in order.
+    fields: Vec<FieldWriter>,
+    /// Each band's labels (steps', then `otherwise`) as JSON strings, quoted
+    /// and escaped once: a label is copied, never scanned.
+    band_labels: Vec<Vec<String>>,
     /// `,"scored_by":{...}}`, or `}` without models.
     tail: String,
     /// The longest document so far (capped), to size the next one's buffer:
@@ -60,10 +75,30 @@ impl Shaper {
             key_prefix: prefix("{", &plan.key_field),
             version_prefix: prefix(",", &plan.version_field),
             event_time_prefix: prefix(",", &plan.event_time_field),
-            field_prefixes: plan
+            fields: plan
                 .output_fields
                 .iter()
-                .map(|field| prefix(",", &field.name))
+                .map(|field| FieldWriter {
+                    prefix: prefix(",", &field.name),
+                    source: field.source,
+                    rounding: field.round_to,
+                    whole_step: field.round_to.is_some_and(|r| r.step.fract() == 0.0),
+                })
+                .collect(),
+            band_labels: plan
+                .bands
+                .iter()
+                .map(|band| {
+                    let labels = band.steps.iter().map(|(_, label)| label);
+                    labels
+                        .chain([&band.otherwise])
+                        .map(|label| {
+                            let mut quoted = String::new();
+                            write_string(&mut quoted, label);
+                            quoted
+                        })
+                        .collect()
+                })
                 .collect(),
             tail,
             longest_document: std::cell::Cell::new(512),
@@ -101,15 +136,13 @@ pub fn document_body(
             _ => None,
         });
     }
-    let bands: SmallVec<[Option<&str>; 8]> = plan
+    // each band's label, as the index of its quoted form (`features::band`'s rule)
+    let bands: SmallVec<[Option<usize>; 8]> = plan
         .bands
         .iter()
         .map(|band| {
-            features::band(
-                numeric(plan, band.source, row, model_values, &derived),
-                &band.steps,
-                &band.otherwise,
-            )
+            numeric(plan, band.source, row, model_values, &derived)
+                .map(|value| features::band_index(value, &band.steps))
         })
         .collect();
 
@@ -121,7 +154,7 @@ pub fn document_body(
     out.push_str(&shaper.event_time_prefix);
     write_integer(&mut out, row.event_time);
     let gate_start = out.len();
-    for (field, prefix) in plan.output_fields.iter().zip(&shaper.field_prefixes) {
+    for field in &shaper.fields {
         let value = match field.source {
             ValueRef::Lookup(i) => match lookup_value(plan, i, &row.state.fields, &mut false) {
                 Some(Value::Str(s)) => Some(Shaped::Text(s)),
@@ -135,35 +168,34 @@ pub fn document_body(
                 Some(Value::Num(v)) => Some(Shaped::Number(*v)),
                 None => None,
             },
-            ValueRef::Band(i) => bands[i].map(Shaped::Text),
+            ValueRef::Band(i) => bands[i].map(|label| Shaped::Quoted(&shaper.band_labels[i][label])),
             other => numeric(plan, other, row, model_values, &derived).map(Shaped::Number),
         };
         let Some(value) = value else { continue };
-        let value = match (value, field.round_to) {
+        let value = match (value, field.rounding) {
             (Shaped::Number(v), Some(rounding)) => {
                 let rounded = rounding.apply(v);
-                if rounding.step.fract() == 0.0 && rounded.abs() < 9e15 {
+                if field.whole_step && rounded.abs() < 9e15 {
                     Shaped::Integer(rounded as i64)
                 } else {
                     Shaped::Number(rounded)
                 }
             }
-            (Shaped::Integer(v), Some(rounding))
-                if rounding.step.fract() == 0.0 && rounding.step >= 1.0 =>
-            {
+            (Shaped::Integer(v), Some(rounding)) if field.whole_step && rounding.step >= 1.0 => {
                 Shaped::Integer(rounding.apply(v as f64) as i64)
             }
             (value, _) => value,
         };
-        out.push_str(prefix);
+        out.push_str(&field.prefix);
         match value {
             Shaped::Text(s) => write_string(&mut out, s),
+            Shaped::Quoted(s) => out.push_str(s),
             Shaped::Integer(v) => write_integer(&mut out, v),
             // whole numbers print as integers: counts and ages read as 3, not 3.0
-            Shaped::Number(v) if v.fract() == 0.0 && v.abs() < 9e15 => {
-                write_integer(&mut out, v as i64)
-            }
-            Shaped::Number(v) => write_float(&mut out, v),
+            Shaped::Number(v) => match features::as_whole(v) {
+                Some(whole) => write_integer(&mut out, whole),
+                None => write_float(&mut out, v),
+            },
         }
     }
     out.push_str(&shaper.tail);
@@ -205,13 +237,25 @@ fn write_key(out: &mut String, key: &str) {
     out.push(':');
 }
 
+/// Bytes a JSON string must escape: control characters, `"` and `\\`.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = true;
+        byte += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 fn write_string(out: &mut String, text: &str) {
-    // most values need no escaping: copy them straight in (a check without
-    // an early exit, which the compiler vectorizes)
-    let needs_escape = text.bytes().fold(false, |any, b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if !needs_escape {
+    // most values need no escaping: copy them straight in. A table lookup
+    // per byte: document strings are short (a model, a colour, a state),
+    // too short for a vectorized check's setup to pay.
+    if !text.bytes().any(|b| NEEDS_ESCAPE[b as usize]) {
+        out.reserve(text.len() + 2);
         out.push('"');
         out.push_str(text);
         out.push('"');
