@@ -21,6 +21,9 @@ enum Shaped<'a> {
     Text(&'a str),
     /// A JSON string already quoted and escaped (a band's label).
     Quoted(&'a str),
+    /// A number rounded to a decimal step and not whole: units of its last
+    /// decimal place, and the places.
+    Decimal(i64, u32),
 }
 
 /// One output field, resolved when the shaper is made.
@@ -30,6 +33,8 @@ struct FieldWriter {
     rounding: Option<features::Rounding>,
     /// The rounding step is whole: a rounded number prints as an integer.
     whole_step: bool,
+    /// The step's decimal places, for a step below 1.
+    decimal_places: Option<u32>,
 }
 
 /// What every document of a topology writes the same way, escaped once:
@@ -83,6 +88,7 @@ impl Shaper {
                     source: field.source,
                     rounding: field.round_to,
                     whole_step: field.round_to.is_some_and(|r| r.step.fract() == 0.0),
+                    decimal_places: field.round_to.and_then(|r| r.decimal_places()),
                 })
                 .collect(),
             band_labels: plan
@@ -177,6 +183,12 @@ pub fn document_body(
                 let rounded = rounding.apply(v);
                 if field.whole_step && rounded.abs() < 9e15 {
                     Shaped::Integer(rounded as i64)
+                } else if let Some(whole) = features::as_whole(rounded) {
+                    Shaped::Integer(whole)
+                } else if let Some((units, places)) =
+                    rounding.decimal_units(rounded).zip(field.decimal_places)
+                {
+                    Shaped::Decimal(units, places)
                 } else {
                     Shaped::Number(rounded)
                 }
@@ -191,6 +203,7 @@ pub fn document_body(
             Shaped::Text(s) => write_string(&mut out, s),
             Shaped::Quoted(s) => out.push_str(s),
             Shaped::Integer(v) => write_integer(&mut out, v),
+            Shaped::Decimal(units, places) => write_decimal(&mut out, units, places),
             // whole numbers print as integers: counts and ages read as 3, not 3.0
             Shaped::Number(v) => match features::as_whole(v) {
                 Some(whole) => write_integer(&mut out, whole),
@@ -268,6 +281,33 @@ fn write_integer(out: &mut String, value: i64) {
     out.push_str(itoa::Buffer::new().format(value));
 }
 
+/// `units / 10^places`, a number that is not whole, printed as ryu prints
+/// the f64 nearest to it (what `write_float` would write), without ryu's
+/// search for the shortest digits: that f64 has no other decimal of at most
+/// `places` places within its rounding interval while `units` < 2^40, so
+/// its shortest digits are these, trailing zeros dropped. A tenth of a
+/// market document's shaping was ryu (`write_decimal_is_what_ryu_prints`).
+fn write_decimal(out: &mut String, units: i64, places: u32) {
+    let scale = 10u64.pow(places);
+    let magnitude = units.unsigned_abs();
+    if units < 0 {
+        out.push('-');
+    }
+    out.push_str(itoa::Buffer::new().format(magnitude / scale));
+    out.push('.');
+    let mut fraction = magnitude % scale;
+    let mut digits = places;
+    while fraction % 10 == 0 && digits > 1 {
+        fraction /= 10;
+        digits -= 1;
+    }
+    let text = itoa::Buffer::new().format(fraction).len() as u32;
+    for _ in text..digits {
+        out.push('0');
+    }
+    out.push_str(itoa::Buffer::new().format(fraction));
+}
+
 fn write_float(out: &mut String, value: f64) {
     if value.is_finite() {
         out.push_str(ryu::Buffer::new().format_finite(value));
@@ -319,5 +359,46 @@ pub fn pass_through_document(
         position: event.position,
         read_at_nanos: event.read_at_nanos,
         market: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::features::Rounding;
+
+    #[test]
+    fn write_decimal_is_what_ryu_prints() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for step in [0.1, 0.05, 0.01, 0.25, 0.001, 0.005] {
+            let rounding = Rounding::new(step);
+            let places = rounding.decimal_places().expect("a step below 1");
+            for i in 0..200_000 {
+                // small values, values near the 2^40 units limit, negatives
+                let magnitude = match i % 3 {
+                    0 => (next() % 100_000) as f64 / 997.0,
+                    1 => (next() % (1u64 << 40)) as f64 / 10f64.powi(places as i32),
+                    _ => (next() % 1_000_000_000) as f64 / 1e4,
+                };
+                let value = if i % 2 == 0 { magnitude } else { -magnitude };
+                let rounded = rounding.apply(value);
+                if crate::features::as_whole(rounded).is_some() {
+                    continue;
+                }
+                let Some(units) = rounding.decimal_units(rounded) else {
+                    continue;
+                };
+                let (mut ours, mut theirs) = (String::new(), String::new());
+                write_decimal(&mut ours, units, places);
+                write_float(&mut theirs, rounded);
+                assert_eq!(ours, theirs, "{value} rounded to {step}");
+            }
+        }
     }
 }

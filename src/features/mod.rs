@@ -152,6 +152,18 @@ impl Rounding {
         }
     }
 
+    /// The step's decimal places, for a step below 1 (`None` for whole steps).
+    pub fn decimal_places(&self) -> Option<u32> {
+        (self.step < 1.0).then(|| self.decimal_scale.log10().round() as u32)
+    }
+
+    /// A value `apply` gave, as a count of units of the last decimal place
+    /// (`12.35` at two places is 1235); `None` when too large to be exact.
+    pub fn decimal_units(&self, rounded: f64) -> Option<i64> {
+        let units = round(rounded * self.decimal_scale);
+        (units.abs() < (1u64 << 40) as f64).then_some(units as i64)
+    }
+
     pub fn apply(&self, value: f64) -> f64 {
         let rounded = round(value / self.step) * self.step;
         if self.step >= 1.0 {
