@@ -193,16 +193,17 @@ impl Evaluator {
         view
     }
 
-    /// Evaluates one completed epoch; returns the documents that pass the gate.
+    /// Evaluates one completed epoch (its own rows, and its market inputs in
+    /// the batches they arrived in); returns the documents that pass the gate.
     pub fn evaluate_epoch(
         &mut self,
         time: u64,
         mut own: Vec<Enriched>,
-        market_inputs: Vec<(MarketInput, u64, isize)>,
+        market_inputs: Vec<Vec<(MarketInput, u64, isize)>>,
     ) -> Result<Vec<OutputDocument>, EvaluateError> {
         let mut moves = Vec::new();
-        let mut updates = Vec::with_capacity(market_inputs.len());
-        for (input, _time, diff) in market_inputs {
+        let mut updates = Vec::with_capacity(market_inputs.iter().map(Vec::len).sum());
+        for (input, _time, diff) in market_inputs.into_iter().flatten() {
             match input {
                 MarketInput::Member(update) => updates.push((update, diff)),
                 MarketInput::Statistics(segment, statistics) => {

@@ -479,7 +479,10 @@ pub fn run(
                     Pipeline,
                     "Evaluate",
                     move |_, _| {
-                        type Pending = (Capability<u64>, Vec<listing_state::Enriched>, Vec<(market::MarketInput, u64, isize)>);
+                        // market updates stay in the containers they came in (most carry
+                        // one time): appending them to one vector per epoch copied each
+                        // one again every time the vector grew
+                        type Pending = (Capability<u64>, Vec<listing_state::Enriched>, Vec<Vec<(market::MarketInput, u64, isize)>>);
                         let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
                         move |(own_input, own_frontier), (market_input, market_frontier), output| {
                             own_input.for_each_stamp(|capability, containers| {
@@ -497,9 +500,19 @@ pub fn run(
                             market_input.for_each_stamp(|capability, containers| {
                                 let Some(capability) = capability.retain_least(0) else { return };
                                 for container in containers {
+                                    let Some(first) = container.first().map(|update| update.1) else { continue };
+                                    if container.iter().all(|update| update.1 == first) {
+                                        let stash = &mut pending.entry(first).or_insert_with(|| (capability.delayed(&first), Vec::new(), Vec::new())).2;
+                                        stash.push(std::mem::take(container));
+                                        continue;
+                                    }
                                     for update in container.drain(..) {
                                         let time = update.1;
-                                        pending.entry(time).or_insert_with(|| (capability.delayed(&time), Vec::new(), Vec::new())).2.push(update);
+                                        let stash = &mut pending.entry(time).or_insert_with(|| (capability.delayed(&time), Vec::new(), Vec::new())).2;
+                                        match stash.last_mut() {
+                                            Some(batch) => batch.push(update),
+                                            None => stash.push(vec![update]),
+                                        }
                                     }
                                 }
                             });
