@@ -142,7 +142,7 @@ pub fn document_body(
             _ => None,
         });
     }
-    // each band's label, as the index of its quoted form (`features::band`'s rule)
+    // each band's label, as the index of its quoted form
     let bands: SmallVec<[Option<usize>; 8]> = plan
         .bands
         .iter()
@@ -285,8 +285,8 @@ fn write_integer(out: &mut String, value: i64) {
 /// the f64 nearest to it (what `write_float` would write), without ryu's
 /// search for the shortest digits: that f64 has no other decimal of at most
 /// `places` places within its rounding interval while `units` < 2^40, so
-/// its shortest digits are these, trailing zeros dropped. A tenth of a
-/// market document's shaping was ryu (`write_decimal_is_what_ryu_prints`).
+/// its shortest digits are these, trailing zeros dropped. Ryu was about a
+/// seventh of the full topology's shaping (`write_decimal_is_what_ryu_prints`).
 fn write_decimal(out: &mut String, units: i64, places: u32) {
     let scale = 10u64.pow(places);
     let magnitude = units.unsigned_abs();

@@ -104,23 +104,9 @@ pub fn as_whole(v: f64) -> Option<i64> {
     None
 }
 
-/// Which band a value falls in: the first step whose threshold exceeds it.
-pub fn band<'a>(
-    value: Option<f64>,
-    steps: &'a [(f64, String)],
-    otherwise: &'a str,
-) -> Option<&'a str> {
-    let value = value?;
-    Some(
-        steps
-            .get(band_index(value, steps))
-            .map(|(_, label)| label.as_str())
-            .unwrap_or(otherwise),
-    )
-}
-
-/// The index of the step a value falls in (`band`'s rule); `steps.len()`
-/// for `otherwise`.
+/// Which band a value falls in: the index of the first step whose threshold
+/// exceeds it, `steps.len()` for `otherwise`. (Shaping keeps each band's
+/// labels quoted by this index; market signatures hash their label hashes.)
 pub fn band_index(value: f64, steps: &[(f64, String)]) -> usize {
     steps
         .iter()
@@ -276,10 +262,9 @@ mod tests {
     #[test]
     fn band_picks_the_first_threshold_above() {
         let steps = vec![(0.9, "great".to_string()), (1.05, "fair".to_string())];
-        assert_eq!(band(Some(0.5), &steps, "high"), Some("great"));
-        assert_eq!(band(Some(0.9), &steps, "high"), Some("fair"));
-        assert_eq!(band(Some(2.0), &steps, "high"), Some("high"));
-        assert_eq!(band(None, &steps, "high"), None);
+        assert_eq!(band_index(0.5, &steps), 0);
+        assert_eq!(band_index(0.9, &steps), 1);
+        assert_eq!(band_index(2.0, &steps), 2, "past the last step: otherwise");
     }
 
     #[test]
