@@ -31,10 +31,6 @@ struct FieldWriter {
     prefix: String,
     source: ValueRef,
     rounding: Option<features::Rounding>,
-    /// The rounding step is whole: a rounded number prints as an integer.
-    whole_step: bool,
-    /// The step's decimal places, for a step below 1.
-    decimal_places: Option<u32>,
 }
 
 /// What every document of a topology writes the same way, escaped once:
@@ -87,8 +83,6 @@ impl Shaper {
                     prefix: prefix(",", &field.name),
                     source: field.source,
                     rounding: field.round_to,
-                    whole_step: field.round_to.is_some_and(|r| r.step.fract() == 0.0),
-                    decimal_places: field.round_to.and_then(|r| r.decimal_places()),
                 })
                 .collect(),
             band_labels: plan
@@ -174,26 +168,30 @@ pub fn document_body(
                 Some(Value::Num(v)) => Some(Shaped::Number(*v)),
                 None => None,
             },
-            ValueRef::Band(i) => bands[i].map(|label| Shaped::Quoted(&shaper.band_labels[i][label])),
+            ValueRef::Band(i) => {
+                bands[i].map(|label| Shaped::Quoted(&shaper.band_labels[i][label]))
+            }
             other => numeric(plan, other, row, model_values, &derived).map(Shaped::Number),
         };
         let Some(value) = value else { continue };
         let value = match (value, field.rounding) {
             (Shaped::Number(v), Some(rounding)) => {
                 let rounded = rounding.apply(v);
-                if field.whole_step && rounded.abs() < 9e15 {
-                    Shaped::Integer(rounded as i64)
-                } else if let Some(whole) = features::as_whole(rounded) {
+                // a whole step gives whole numbers: integers below 9e15
+                if let Some(whole) = features::as_whole(rounded) {
                     Shaped::Integer(whole)
-                } else if let Some((units, places)) =
-                    rounding.decimal_units(rounded).zip(field.decimal_places)
+                } else if let Some((units, places)) = rounding
+                    .decimal_units(rounded)
+                    .zip(rounding.decimal_places())
                 {
                     Shaped::Decimal(units, places)
                 } else {
                     Shaped::Number(rounded)
                 }
             }
-            (Shaped::Integer(v), Some(rounding)) if field.whole_step && rounding.step >= 1.0 => {
+            (Shaped::Integer(v), Some(rounding))
+                if rounding.whole_step() && rounding.step >= 1.0 =>
+            {
                 Shaped::Integer(rounding.apply(v as f64) as i64)
             }
             (value, _) => value,
@@ -301,11 +299,12 @@ fn write_decimal(out: &mut String, units: i64, places: u32) {
         fraction /= 10;
         digits -= 1;
     }
-    let text = itoa::Buffer::new().format(fraction).len() as u32;
-    for _ in text..digits {
+    let mut buffer = itoa::Buffer::new();
+    let text = buffer.format(fraction);
+    for _ in text.len() as u32..digits {
         out.push('0');
     }
-    out.push_str(itoa::Buffer::new().format(fraction));
+    out.push_str(text);
 }
 
 fn write_float(out: &mut String, value: f64) {
@@ -369,13 +368,8 @@ mod tests {
 
     #[test]
     fn write_decimal_is_what_ryu_prints() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = crate::bench::Rng::new(5);
+        let mut next = move || rng.next_u64();
         for step in [0.1, 0.05, 0.01, 0.25, 0.001, 0.005] {
             let rounding = Rounding::new(step);
             let places = rounding.decimal_places().expect("a step below 1");

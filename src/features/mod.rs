@@ -123,24 +123,31 @@ pub struct Rounding {
     pub step: f64,
     /// `10^d` for a step of `d` decimal places (1 for steps of 1 and more).
     decimal_scale: f64,
+    /// `d`, for a step below 1.
+    decimal_places: Option<u32>,
+    /// The step is whole (a rounded number is whole too).
+    whole_step: bool,
 }
 
 impl Rounding {
     pub fn new(step: f64) -> Self {
-        let decimal_scale = if step >= 1.0 {
-            1.0
-        } else {
-            10f64.powi((-step.log10()).ceil() as i32)
-        };
+        let decimal_places = (step < 1.0).then(|| (-step.log10()).ceil() as u32);
         Rounding {
             step,
-            decimal_scale,
+            decimal_scale: decimal_places.map_or(1.0, |d| 10f64.powi(d as i32)),
+            decimal_places,
+            whole_step: step.fract() == 0.0,
         }
     }
 
-    /// The step's decimal places, for a step below 1 (`None` for whole steps).
+    /// The step's decimal places, for a step below 1 (`None` for steps of 1
+    /// and more).
     pub fn decimal_places(&self) -> Option<u32> {
-        (self.step < 1.0).then(|| self.decimal_scale.log10().round() as u32)
+        self.decimal_places
+    }
+
+    pub fn whole_step(&self) -> bool {
+        self.whole_step
     }
 
     /// A value `apply` gave, as a count of units of the last decimal place
@@ -174,18 +181,39 @@ mod tests {
     #[test]
     fn round_is_f64_round_bit_for_bit() {
         let mut values = vec![
-            0.0, -0.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49999999999999994,
-            -0.49999999999999994, 0.5000000000000001, 4_503_599_627_370_495.5,
-            -4_503_599_627_370_495.5, 4_503_599_627_370_496.0, 9e15, -9e15, 1e300,
-            f64::MIN_POSITIVE, -f64::MIN_POSITIVE, f64::INFINITY, f64::NEG_INFINITY,
-            f64::NAN, f64::MAX, f64::MIN, 0.3, -0.3, 0.7, -0.7,
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            0.49999999999999994,
+            -0.49999999999999994,
+            0.5000000000000001,
+            4_503_599_627_370_495.5,
+            -4_503_599_627_370_495.5,
+            4_503_599_627_370_496.0,
+            9e15,
+            -9e15,
+            1e300,
+            f64::MIN_POSITIVE,
+            -f64::MIN_POSITIVE,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            f64::MAX,
+            f64::MIN,
+            0.3,
+            -0.3,
+            0.7,
+            -0.7,
         ];
         // and a spread of magnitudes, halves and near-halves
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = crate::bench::Rng::new(3);
         for _ in 0..200_000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
+            let seed = rng.next_u64();
             let x = f64::from_bits(seed);
             values.push(x);
             let scaled = (seed % 2_000_001) as f64 / 1000.0 - 1000.0;
