@@ -183,13 +183,25 @@ static GLOBAL_ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemall
 /// allocation happens to come by, and freed pages are not kept "muzzy". The
 /// arrangements' merges free large batches at once; with the defaults the
 /// memory scenario of `assay bench` (1M creates, full topology) peaked about
-/// 15 MB higher, at the same throughput. (jemalloc reads a `const char *`:
-/// a reference to a byte array is one thin pointer to a NUL-terminated text.)
+/// 15 MB higher, at the same throughput.
+///
+/// The thread cache holds more freed objects per size class (up to 2,000,
+/// eight times the defaults' per-class counts) and is trimmed only after
+/// 1 MiB of allocation instead of 64 KiB. An epoch allocates a thousand-odd
+/// documents, rows and states of a few sizes and frees them together once
+/// the sink has written them; with the default cache most of those went to
+/// the arena in batches and came back the same way. Callgrind, first 100,000
+/// events, 1 worker: 2.4% fewer instructions in the core topology, 2.7% in
+/// the full one; the memory scenario peaked 2.4 MB higher (279.1 against
+/// 276.7 MB).
+///
+/// (jemalloc reads a `const char *`: a reference to a byte array is one thin
+/// pointer to a NUL-terminated text.)
 #[cfg(not(feature = "system-allocator"))]
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8; 60] =
-    b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+pub static malloc_conf: &[u8; 141] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
+tcache_nslots_small_max:2000,lg_tcache_nslots_mul:3,tcache_gc_incr_bytes:1048576\0";
 
 /// RocksDB is C++ and allocates through glibc's malloc, not jemalloc: its
 /// memtables, the block cache's blocks, and its flush and compaction
