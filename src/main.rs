@@ -200,7 +200,8 @@ static GLOBAL_ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemall
 #[cfg(not(feature = "system-allocator"))]
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8; 141] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
+pub static malloc_conf: &[u8; 141] =
+    b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
 tcache_nslots_small_max:2000,lg_tcache_nslots_mul:3,tcache_gc_incr_bytes:1048576\0";
 
 /// RocksDB is C++ and allocates through glibc's malloc, not jemalloc: its
