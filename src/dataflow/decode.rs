@@ -125,9 +125,10 @@ impl<'de> Visitor<'de> for &mut SlotsSeed<'_> {
 
 /// A value as the record spells it. A string borrows the record's text when
 /// it has no escapes: read as serde_json's own value, every string was a
-/// `String` allocated, copied into the field's `SmolStr` and freed (about 5%
-/// of the core topology's instructions, 8% of pass-through's). Anything else
-/// is serde_json's value, as it was.
+/// `String` allocated, copied into the field's `SmolStr` and freed. Without
+/// them (callgrind, first 100,000 events, 1 worker): core topology 2.4%
+/// fewer instructions, pass-through 4.1%. Anything else is serde_json's
+/// value, as it was.
 #[derive(Clone)]
 enum Slot<'a> {
     Str(Cow<'a, str>),
@@ -587,9 +588,10 @@ mod tests {
         records.push(format!(
             r#"{{{envelope},{fields},"model":"amg","model":"e-class"}}"#
         ));
-        records.push(format!(
-            r#"{{"kind":"edit","listing_id":12345678901,"version":4,"event_time":1640995300,"odometer":5}}"#
-        ));
+        records.push(
+            r#"{"kind":"edit","listing_id":12345678901,"version":4,"event_time":1640995300,"odometer":5}"#
+                .to_string(),
+        );
         let mut compared = 0;
         for record in &records {
             let fast = slots
