@@ -167,14 +167,24 @@ pub(crate) fn fail_output(what: &str, error: &str) -> ! {
     std::process::exit(70);
 }
 
-/// Moves a received container's records into an epoch's stash: the whole
-/// vector when the stash is empty (the state stage hands each epoch on in
-/// one vector, so that is the common case), else appended. Appending copied
-/// every 300-byte row once more.
-pub(crate) fn take_or_append<D>(stash: &mut Vec<D>, container: &mut Vec<D>) {
+/// Moves the containers received under one stamp into an epoch's stash:
+/// the first whole when the stash is empty (the state stage hands each epoch
+/// on in one vector, so that is the common case; appending copied every
+/// 300-byte row once more), the rest appended after one reservation for all
+/// of them (appended one by one, the stash grew by doubling and copied what
+/// it held at each step).
+pub(crate) fn take_or_append<D>(
+    stash: &mut Vec<D>,
+    mut containers: std::slice::IterMut<'_, Vec<D>>,
+) {
     if stash.is_empty() {
-        std::mem::swap(stash, container);
-    } else {
+        let Some(first) = containers.next() else {
+            return;
+        };
+        std::mem::swap(stash, first);
+    }
+    stash.reserve(containers.as_slice().iter().map(Vec::len).sum());
+    for container in containers {
         stash.append(container);
     }
 }
@@ -419,9 +429,7 @@ pub fn run(
                         input.for_each_stamp(|capability, containers| {
                             let Some(capabilities) = (0..4).map(|port| capability.retain_least(port)).collect::<Option<Vec<_>>>() else { return };
                             let entry = pending.entry(*capabilities[0].time()).or_insert_with(|| (capabilities, Vec::new()));
-                            for container in containers {
-                                take_or_append(&mut entry.1, container);
-                            }
+                            take_or_append(&mut entry.1, containers);
                         });
                         // the rebuild goes in steps, each handed on before the next is
                         // read (memory), and before any event is applied (it reads the
@@ -488,9 +496,7 @@ pub fn run(
                             own_input.for_each_stamp(|capability, containers| {
                                 let Some(capability) = capability.retain_least(0) else { return };
                                 let entry = pending.entry(*capability.time()).or_insert_with(|| (capability, Vec::new(), Vec::new()));
-                                for container in containers {
-                                    take_or_append(&mut entry.1, container);
-                                }
+                                take_or_append(&mut entry.1, containers);
                             });
                             // By each update's own time, not its message's: differential may send
                             // an update at a later time than the capability it sends it with (a

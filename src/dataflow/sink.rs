@@ -76,9 +76,7 @@ where
                     let entry = pending
                         .entry(epoch)
                         .or_insert_with(|| (capability, Vec::new()));
-                    for container in containers {
-                        crate::dataflow::take_or_append(&mut entry.1, container);
-                    }
+                    crate::dataflow::take_or_append(&mut entry.1, containers);
                 });
                 let mut completed = Vec::new();
                 while let Some(entry) = pending.first_entry() {
