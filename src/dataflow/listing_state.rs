@@ -502,6 +502,16 @@ impl ListingStateStage {
             .thread
             .join()
             .map_err(|_| StateError::Io("the checkpoint writer panicked".to_string()))??;
+        // The written states hold the last references to most of them, and
+        // they are cold by now (a checkpoint interval old): freed here, on
+        // the worker, they were 7% of the core topology's last-level cache
+        // misses (callgrind's cache model, 1M stream, 1 worker) and evicted
+        // what the worker was using. A thread of their own frees them (if it
+        // cannot start, the closure is dropped here and frees them itself).
+        let states = write.states;
+        let _ = std::thread::Builder::new()
+            .name("assay:checkpoint-free".to_string())
+            .spawn(move || drop(states));
         Ok(Some(write.positions))
     }
 }
