@@ -189,9 +189,8 @@ pub fn document_body(
                     Shaped::Number(rounded)
                 }
             }
-            (Shaped::Integer(v), Some(rounding))
-                if rounding.whole_step() && rounding.step >= 1.0 =>
-            {
+            // (steps are positive, checked at compile: a whole one is >= 1)
+            (Shaped::Integer(v), Some(rounding)) if rounding.whole_step() => {
                 Shaped::Integer(rounding.apply(v as f64) as i64)
             }
             (value, _) => value,
