@@ -172,7 +172,7 @@ pub fn run(
         "\nassay bench: {events} generated events (mix and noise of the sample), epoch_records = {epoch_records}"
     );
     println!(
-        "{:<14} {:>7} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10}",
+        "{:<14} {:>7} {:>12} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10}",
         "pipeline",
         "workers",
         "events/s",
@@ -180,6 +180,7 @@ pub fn run(
         "p50 ms",
         "p99 ms",
         "peak RSS MB",
+        "docs/event",
         "vs pass"
     );
     for m in &measurements {
@@ -189,7 +190,7 @@ pub fn run(
             .map(|b| b.summary.events_per_second)
             .unwrap_or(f64::NAN);
         println!(
-            "{:<14} {:>7} {:>12.0} {:>10.0} {:>10.2} {:>10.2} {:>11.1} {:>9.0}%",
+            "{:<14} {:>7} {:>12.0} {:>10.0} {:>10.2} {:>10.2} {:>11.1} {:>10.2} {:>9.0}%",
             m.label,
             m.workers,
             m.summary.events_per_second,
@@ -197,6 +198,7 @@ pub fn run(
             m.summary.latency_p50_ms,
             m.summary.latency_p99_ms,
             m.summary.peak_rss_mb,
+            m.summary.fan_out,
             100.0 * m.summary.events_per_second / baseline
         );
         if !m.summary.reconciled {
@@ -234,6 +236,10 @@ pub fn run(
             dir.display()
         );
     }
+    println!(
+        "\ndocs/event: documents written (upserts and tombstones) per input event; the full topology's\n\
+         include the neighbours a market move re-emits, and a pipeline's rate falls with its documents"
+    );
     println!(
         "\nlatency is per event, from the source reading it to the sink writing it; figures are from one run on this machine"
     );
