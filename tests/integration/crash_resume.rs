@@ -60,11 +60,13 @@ fn killed_and_resumed_equals_clean(market_window_epochs: &str) {
         256,
         "records_per_second = 4000",
     );
-    let mut child = assay()
-        .args(["run", "topologies/listings.toml", "--config"])
-        .arg(&crashed.path)
-        .spawn()
-        .unwrap();
+    let mut child = KilledOnDrop(
+        assay()
+            .args(["run", "topologies/listings.toml", "--config"])
+            .arg(&crashed.path)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while line_count(&crashed.documents) < 8000 {
         assert!(
@@ -72,14 +74,13 @@ fn killed_and_resumed_equals_clean(market_window_epochs: &str) {
             "the run produced too little output to be killed mid-stream"
         );
         assert!(
-            child.try_wait().unwrap().is_none(),
+            child.0.try_wait().unwrap().is_none(),
             "the run ended before it could be killed"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     // SIGKILL: no destructor, no flush, no final checkpoint
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     let before_restart = line_count(&crashed.documents);
     let total_documents = line_count(&clean.documents);
     assert!(

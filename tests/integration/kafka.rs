@@ -425,11 +425,13 @@ fn engine_killed_mid_stream_and_restarted_loses_nothing() {
     let lines = sample_lines();
 
     // the engine runs while the changes arrive; it is killed half way
-    let mut engine = assay_binary()
-        .args(["run", "topologies/listings.toml", "--config"])
-        .arg(&config.path)
-        .spawn()
-        .unwrap();
+    let mut engine = KilledOnDrop(
+        assay_binary()
+            .args(["run", "topologies/listings.toml", "--config"])
+            .arg(&config.path)
+            .spawn()
+            .unwrap(),
+    );
     let producer = producer(&brokers);
     let chunks: Vec<&[Vec<u8>]> = lines.chunks(2000).collect();
     for (index, chunk) in chunks.iter().enumerate() {
@@ -439,8 +441,7 @@ fn engine_killed_mid_stream_and_restarted_loses_nothing() {
             while topic_count(&brokers, "search_documents") < 3000 {
                 assert!(Instant::now() < deadline, "no output before the kill");
             }
-            engine.kill().unwrap(); // SIGKILL
-            engine.wait().unwrap();
+            engine.kill(); // SIGKILL
         }
     }
     let status = assay_binary()
@@ -480,28 +481,30 @@ fn broker_lost_mid_stream_the_engine_waits_and_resumes_by_itself() {
     create_topic(&brokers, "listing_changes", 4);
     produce_lines(&producer(&brokers), "listing_changes", &sample_lines());
     let config = kafka_config(dir.path(), &brokers, 2, 4, 15000, SHIPPED_MARKET_WINDOW);
-    let mut engine = assay_binary()
-        .args(["run", "topologies/listings.toml", "--config"])
-        .arg(&config.path)
-        .spawn()
-        .unwrap();
+    let mut engine = KilledOnDrop(
+        assay_binary()
+            .args(["run", "topologies/listings.toml", "--config"])
+            .arg(&config.path)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while topic_count(&brokers, "search_documents") < 2000 {
         assert!(Instant::now() < deadline, "no output before the outage");
         assert!(
-            engine.try_wait().unwrap().is_none(),
+            engine.0.try_wait().unwrap().is_none(),
             "the engine stopped early"
         );
     }
     broker.pause();
     std::thread::sleep(Duration::from_secs(4));
     assert!(
-        engine.try_wait().unwrap().is_none(),
+        engine.0.try_wait().unwrap().is_none(),
         "the engine gave up during the outage"
     );
     broker.resume();
-    let status = engine.wait().unwrap();
-    let stderr = std::io::read_to_string(engine.stderr.take().unwrap()).unwrap();
+    let status = engine.0.wait().unwrap();
+    let stderr = std::io::read_to_string(engine.0.stderr.take().unwrap()).unwrap();
     assert!(status.success(), "{stderr}");
 
     let file_dir = tempfile::tempdir().unwrap();

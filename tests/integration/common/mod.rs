@@ -107,3 +107,26 @@ pub fn sample_prefix(dir: &Path, n: usize) -> PathBuf {
     std::fs::write(&path, out).expect("write sample prefix");
     path
 }
+
+/// An engine process a test kills mid-stream, killed too when dropped: a
+/// failed assertion between its spawn and its kill would otherwise leave it
+/// running after the test.
+pub struct KilledOnDrop(pub std::process::Child);
+
+impl KilledOnDrop {
+    /// SIGKILL (no destructor, no flush, no final checkpoint), then reap it.
+    pub fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        // already reaped when the test killed it: nothing to do then
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
