@@ -195,10 +195,8 @@ pub fn core_topology(topology: &Path, dir: &Path) -> std::io::Result<Option<Path
                             && key != "function"
                             && value.as_str().is_some_and(|v| reads_removed(v, &removed))
                     });
-                    if reads {
-                        if let Some(name) = fields.get("name").and_then(Value::as_str) {
-                            removed.insert(name.to_string());
-                        }
+                    if reads && let Some(name) = fields.get("name").and_then(Value::as_str) {
+                        removed.insert(name.to_string());
                     }
                     !reads
                 });

@@ -602,14 +602,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "\nassay bench-kafka: {events} generated events, {partitions} partitions, {workers} worker(s), epoch_ms {epoch_ms}, broker {brokers}"
     );
     println!(
-        "{:<13} {:>10} {:>8} {:>11} {:>8} {:>8}   {}",
-        "pipeline",
-        "events/s",
-        "vs pass",
-        "at rate/s",
-        "p50 ms",
-        "p99 ms",
-        "CPU s for the max-rate run (engine, broker) / latency run (bench producer+consumer)"
+        "{:<13} {:>10} {:>8} {:>11} {:>8} {:>8}   CPU s for the max-rate run (engine, broker) / latency run (bench producer+consumer)",
+        "pipeline", "events/s", "vs pass", "at rate/s", "p50 ms", "p99 ms"
     );
     let baseline = |round: u32| {
         rows.iter()

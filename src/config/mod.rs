@@ -411,13 +411,13 @@ fn check(config: &EnvConfig, file: &Path, plan: Option<&Plan>, diagnostics: &mut
                 Some(format!("add [bindings.{name}] with type = \"file\" and a path, or type = \"kafka\" and a topic; bound here: {}", known.join(", "))));
         }
     }
-    if let Some(Binding::File(input)) = config.bindings.get(&plan.input_binding) {
-        if !input.path.is_file() {
-            diagnostics.error(
-                file,
-                format!("input file {} does not exist", input.path.display()),
-                Some("relative paths are resolved from the directory you run assay in".into()),
-            );
-        }
+    if let Some(Binding::File(input)) = config.bindings.get(&plan.input_binding)
+        && !input.path.is_file()
+    {
+        diagnostics.error(
+            file,
+            format!("input file {} does not exist", input.path.display()),
+            Some("relative paths are resolved from the directory you run assay in".into()),
+        );
     }
 }

@@ -422,31 +422,30 @@ fn validate(plan: &Plan, values: Vec<Option<Slot<'_>>>) -> Result<Valid, (&'stat
                         return Err(("wrong_type", detail));
                     }
                 };
-                if let Some(number) = value.as_f64() {
-                    if !number.is_finite()
+                if let Some(number) = value.as_f64()
+                    && (!number.is_finite()
                         || field.min.is_some_and(|min| number < min)
-                        || field.max.is_some_and(|max| number > max)
-                    {
-                        let detail = format!(
-                            "field `{}` is {number}, outside [{}, {}]",
-                            field.name,
-                            field.min.map(|m| m.to_string()).unwrap_or("-inf".into()),
-                            field.max.map(|m| m.to_string()).unwrap_or("inf".into())
-                        );
-                        return Err(("out_of_range", detail));
-                    }
+                        || field.max.is_some_and(|max| number > max))
+                {
+                    let detail = format!(
+                        "field `{}` is {number}, outside [{}, {}]",
+                        field.name,
+                        field.min.map(|m| m.to_string()).unwrap_or("-inf".into()),
+                        field.max.map(|m| m.to_string()).unwrap_or("inf".into())
+                    );
+                    return Err(("out_of_range", detail));
                 }
-                if let (Some(allowed), Value::Str(text)) = (&field.allowed, &value) {
-                    if !allowed.contains(text.as_str()) {
-                        let mut allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
-                        allowed.sort();
-                        let detail = format!(
-                            "field `{}` is {text:?}, not one of {}",
-                            field.name,
-                            allowed.join(", ")
-                        );
-                        return Err(("not_allowed", detail));
-                    }
+                if let (Some(allowed), Value::Str(text)) = (&field.allowed, &value)
+                    && !allowed.contains(text.as_str())
+                {
+                    let mut allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+                    allowed.sort();
+                    let detail = format!(
+                        "field `{}` is {text:?}, not one of {}",
+                        field.name,
+                        allowed.join(", ")
+                    );
+                    return Err(("not_allowed", detail));
                 }
                 Some(value)
             }

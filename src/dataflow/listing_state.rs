@@ -150,11 +150,11 @@ impl ListingStateStage {
                 let Some(segment) = market::segment_of(plan, aggregate_index, &state.fields) else {
                     continue;
                 };
-                if diff > 0 && labelled.insert(segment) {
-                    if let Some(label) = market::segment_label(plan, aggregate_index, &state.fields)
-                    {
-                        out.labels.push((segment, label));
-                    }
+                if diff > 0
+                    && labelled.insert(segment)
+                    && let Some(label) = market::segment_label(plan, aggregate_index, &state.fields)
+                {
+                    out.labels.push((segment, label));
                 }
                 let member =
                     market::encode_member(plan, aggregate_index, &state.fields, partition, key);

@@ -294,7 +294,7 @@ fn write_decimal(out: &mut String, units: i64, places: u32) {
     out.push('.');
     let mut fraction = magnitude % scale;
     let mut digits = places;
-    while fraction % 10 == 0 && digits > 1 {
+    while fraction.is_multiple_of(10) && digits > 1 {
         fraction /= 10;
         digits -= 1;
     }

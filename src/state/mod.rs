@@ -533,16 +533,16 @@ mod tests {
     fn sample(seed: u64) -> ListingState {
         ListingState {
             version: seed,
-            deleted: seed % 3 == 0,
+            deleted: seed.is_multiple_of(3),
             first_seen: -(seed as i64) * 7,
             last_event_time: seed as i64 * 11,
-            initial_price: if seed % 2 == 0 {
+            initial_price: if seed.is_multiple_of(2) {
                 Some(seed as f64 * 1.5)
             } else {
                 None
             },
             price_change_count: (seed % 5) as u32,
-            last_price_change: if seed % 4 == 0 {
+            last_price_change: if seed.is_multiple_of(4) {
                 Some(seed as i64)
             } else {
                 None

@@ -685,18 +685,18 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
                 ),
             );
         }
-        if let (Some(min), Some(max)) = (field.min, field.max) {
-            if min > max {
-                diagnostics.error_at(
-                    source,
-                    field.name.span(),
-                    format!(
-                        "field `{}` has min {min} above max {max}",
-                        field.name.get_ref()
-                    ),
-                    None,
-                );
-            }
+        if let (Some(min), Some(max)) = (field.min, field.max)
+            && min > max
+        {
+            diagnostics.error_at(
+                source,
+                field.name.span(),
+                format!(
+                    "field `{}` has min {min} above max {max}",
+                    field.name.get_ref()
+                ),
+                None,
+            );
         }
         if field.allowed.is_some() && field.field_type != FieldType::String {
             diagnostics.error_at(
@@ -945,19 +945,19 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
         let source_ref = scope.resolve(&mut diagnostics, source, &band.source, "band source", true);
         let mut steps: Vec<(f64, String)> = Vec::new();
         for step in &band.bands {
-            if let Some((previous, _)) = steps.last() {
-                if step.get_ref().below <= *previous {
-                    diagnostics.error_at(
-                        source,
-                        step.span(),
-                        format!(
-                            "band `{}`: thresholds must increase ({} after {previous})",
-                            band.name.get_ref(),
-                            step.get_ref().below
-                        ),
-                        None,
-                    );
-                }
+            if let Some((previous, _)) = steps.last()
+                && step.get_ref().below <= *previous
+            {
+                diagnostics.error_at(
+                    source,
+                    step.span(),
+                    format!(
+                        "band `{}`: thresholds must increase ({} after {previous})",
+                        band.name.get_ref(),
+                        step.get_ref().below
+                    ),
+                    None,
+                );
             }
             steps.push((step.get_ref().below, step.get_ref().label.clone()));
         }

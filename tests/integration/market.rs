@@ -663,7 +663,7 @@ fn with_a_market_window_the_sample_leaves_the_index_of_every_epoch() {
             &format!("checkpoint_interval_ms = 100\nmarket_window_epochs = {window}\n"),
         );
         std::fs::write(&config.path, text).unwrap();
-        let summary = run_in_process(&&listings_topology(), &config, true);
+        let summary = run_in_process(&listings_topology(), &config, true);
         assert!(summary.reconciled, "{summary:?}");
         let index: BTreeMap<String, Option<Json>> = current_documents(&config.documents)
             .into_iter()

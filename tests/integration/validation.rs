@@ -85,8 +85,7 @@ fn reference_mistakes_are_all_reported_with_lines_and_hints() {
     let topology = dir.path().join("listings.toml");
     std::fs::write(&topology, text).unwrap();
     let errors = assay::topology::load(&topology)
-        .err()
-        .expect("rejected")
+        .expect_err("rejected")
         .errors;
     assert_eq!(errors.len(), 2, "{errors:#?}");
     assert_eq!(

@@ -38,10 +38,10 @@ impl FileSink {
             path: path.display().to_string(),
             detail,
         };
-        if let Some(parent) = path.parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(|e| error(e.to_string()))?;
-            }
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|e| error(e.to_string()))?;
         }
         let mut file = OpenOptions::new()
             .create(true)

@@ -98,13 +98,13 @@ pub fn ensure_topic(kafka: &KafkaConfig, binding: &KafkaBinding) -> Result<u32, 
                     detail: e.to_string(),
                 })?;
             for result in results {
-                if let Err((_, code)) = result {
-                    if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                        return Err(KafkaSetupError::Create {
-                            topic: binding.topic.clone(),
-                            detail: code.to_string(),
-                        });
-                    }
+                if let Err((_, code)) = result
+                    && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+                {
+                    return Err(KafkaSetupError::Create {
+                        topic: binding.topic.clone(),
+                        detail: code.to_string(),
+                    });
                 }
             }
             // metadata can lag creation by a moment
@@ -129,14 +129,14 @@ pub fn ensure_topic(kafka: &KafkaConfig, binding: &KafkaBinding) -> Result<u32, 
             });
         }
     };
-    if let Some(expected) = binding.partitions {
-        if expected != count {
-            return Err(KafkaSetupError::PartitionCount {
-                topic: binding.topic.clone(),
-                actual: count,
-                expected,
-            });
-        }
+    if let Some(expected) = binding.partitions
+        && expected != count
+    {
+        return Err(KafkaSetupError::PartitionCount {
+            topic: binding.topic.clone(),
+            actual: count,
+            expected,
+        });
     }
     Ok(count)
 }

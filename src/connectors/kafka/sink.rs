@@ -72,11 +72,9 @@ impl ProducerContext for DeliveryTracker {
                 wake = true;
             }
         }
-        if wake {
-            if let Some(waker) = &tracking.waker {
-                // the stage is gone only when the dataflow is: nothing left to wake
-                let _ = waker.activate();
-            }
+        if wake && let Some(waker) = &tracking.waker {
+            // the stage is gone only when the dataflow is: nothing left to wake
+            let _ = waker.activate();
         }
     }
 }

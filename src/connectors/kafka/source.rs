@@ -238,10 +238,11 @@ impl KafkaSource {
             );
             self.last_error_report = Some(Instant::now());
         }
-        if let Some(idle) = self.stop_when_idle {
-            if out.is_empty() && self.last_record_at.elapsed() >= idle {
-                self.finished = true;
-            }
+        if let Some(idle) = self.stop_when_idle
+            && out.is_empty()
+            && self.last_record_at.elapsed() >= idle
+        {
+            self.finished = true;
         }
         self.filling.1 += out.len() - taken_before;
         let clock = self.started.elapsed().as_millis() as u64 / self.epoch_ms;
@@ -288,13 +289,13 @@ impl KafkaSource {
                 );
             }
         }
-        if list.count() > 0 {
-            if let Err(error) = self.consumer.commit(&list, CommitMode::Async) {
-                eprintln!(
-                    "warning: committing offsets of `{}` to the consumer group failed: {error} (recovery uses the checkpoint, not these)",
-                    self.topic
-                );
-            }
+        if list.count() > 0
+            && let Err(error) = self.consumer.commit(&list, CommitMode::Async)
+        {
+            eprintln!(
+                "warning: committing offsets of `{}` to the consumer group failed: {error} (recovery uses the checkpoint, not these)",
+                self.topic
+            );
         }
     }
 }
