@@ -237,7 +237,7 @@ pub fn run(
         );
     }
     println!(
-        "\ndocs/event: documents written (upserts and tombstones) per input event; the full topology's\n\
+        "\ndocs/event: documents written (upserts and tombstones) per input event; with a market they\n\
          include the neighbours a market move re-emits, and a pipeline's rate falls with its documents"
     );
     println!(
