@@ -3,19 +3,9 @@
 //! duplicates of identical documents.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-
-fn assay() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_assay"));
-    command
-        .current_dir(repo())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    command
-}
 
 fn line_count(path: &std::path::Path) -> usize {
     std::fs::read(path)
@@ -37,7 +27,7 @@ fn with_a_market_window_a_killed_and_resumed_run_equals_a_clean_run() {
 
 fn killed_and_resumed_equals_clean(market_window_epochs: &str) {
     let assay = || {
-        let mut command = assay();
+        let mut command = assay_command();
         command.env("ASSAY_RUNTIME__MARKET_WINDOW_EPOCHS", market_window_epochs);
         command
     };
@@ -60,13 +50,7 @@ fn killed_and_resumed_equals_clean(market_window_epochs: &str) {
         256,
         "records_per_second = 4000",
     );
-    let mut child = KilledOnDrop(
-        assay()
-            .args(["run", "topologies/listings.toml", "--config"])
-            .arg(&crashed.path)
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = spawn_engine(assay(), &crashed.path);
     let deadline = Instant::now() + Duration::from_secs(60);
     while line_count(&crashed.documents) < 8000 {
         assert!(

@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::broker::Broker;
@@ -379,15 +378,6 @@ fn poison_records_go_to_the_dead_letter_topic_and_the_partition_keeps_flowing() 
     );
 }
 
-fn assay_binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_assay"));
-    command
-        .current_dir(repo())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    command
-}
-
 /// Records in a topic, roughly: the sum of its partitions' high watermarks
 /// (tansu's can lag what a consumer reads; used only to see progress).
 fn topic_count(brokers: &str, topic: &str) -> usize {
@@ -425,13 +415,7 @@ fn engine_killed_mid_stream_and_restarted_loses_nothing() {
     let lines = sample_lines();
 
     // the engine runs while the changes arrive; it is killed half way
-    let mut engine = KilledOnDrop(
-        assay_binary()
-            .args(["run", "topologies/listings.toml", "--config"])
-            .arg(&config.path)
-            .spawn()
-            .unwrap(),
-    );
+    let mut engine = spawn_engine(assay_command(), &config.path);
     let producer = producer(&brokers);
     let chunks: Vec<&[Vec<u8>]> = lines.chunks(2000).collect();
     for (index, chunk) in chunks.iter().enumerate() {
@@ -444,7 +428,7 @@ fn engine_killed_mid_stream_and_restarted_loses_nothing() {
             engine.kill(); // SIGKILL
         }
     }
-    let status = assay_binary()
+    let status = assay_command()
         .args(["run", "topologies/listings.toml", "--config"])
         .arg(&config.path)
         .status()
@@ -481,13 +465,7 @@ fn broker_lost_mid_stream_the_engine_waits_and_resumes_by_itself() {
     create_topic(&brokers, "listing_changes", 4);
     produce_lines(&producer(&brokers), "listing_changes", &sample_lines());
     let config = kafka_config(dir.path(), &brokers, 2, 4, 15000, SHIPPED_MARKET_WINDOW);
-    let mut engine = KilledOnDrop(
-        assay_binary()
-            .args(["run", "topologies/listings.toml", "--config"])
-            .arg(&config.path)
-            .spawn()
-            .unwrap(),
-    );
+    let mut engine = spawn_engine(assay_command(), &config.path);
     let deadline = Instant::now() + Duration::from_secs(60);
     while topic_count(&brokers, "search_documents") < 2000 {
         assert!(Instant::now() < deadline, "no output before the outage");
@@ -533,7 +511,7 @@ fn unreachable_broker_at_start_is_a_clear_error_after_the_timeout() {
         .replace("connect_timeout_ms = 10000", "connect_timeout_ms = 1500");
     std::fs::write(&config.path, text).unwrap();
     let started = Instant::now();
-    let output = assay_binary()
+    let output = assay_command()
         .args(["run", "topologies/listings.toml", "--config"])
         .arg(&config.path)
         .output()

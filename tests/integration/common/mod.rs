@@ -108,6 +108,30 @@ pub fn sample_prefix(dir: &Path, n: usize) -> PathBuf {
     path
 }
 
+/// The assay binary, run from the repository (the topology's relative
+/// paths), its stdout dropped and its stderr kept for failure messages.
+pub fn assay_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_assay"));
+    command
+        .current_dir(repo())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
+/// `command` (an `assay_command`, perhaps with environment overrides)
+/// running the listings topology with `config`, as a process the test kills
+/// mid-stream (`KilledOnDrop`).
+pub fn spawn_engine(mut command: std::process::Command, config: &Path) -> KilledOnDrop {
+    KilledOnDrop(
+        command
+            .args(["run", "topologies/listings.toml", "--config"])
+            .arg(config)
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// An engine process a test kills mid-stream, killed too when dropped: a
 /// failed assertion between its spawn and its kill would otherwise leave it
 /// running after the test.
