@@ -171,19 +171,28 @@ fn prepare(
 
 /// jemalloc instead of glibc's malloc: the pipeline allocates and frees many
 /// small values per event (states, rows, documents, batches); with glibc
-/// malloc and free were a fifth of a run's CPU. The `system-allocator`
-/// feature keeps glibc's, so heap profilers (heaptrack) see every allocation.
-#[cfg(not(feature = "system-allocator"))]
+/// malloc and free were a fifth of a run's CPU. Without the `jemalloc`
+/// feature (`--no-default-features`) glibc's serves, so heap profilers
+/// (heaptrack) see every allocation.
+///
+/// jemalloc is built unprefixed: its `malloc` and `free` replace glibc's for
+/// the whole process, so librdkafka and RocksDB (C and C++) allocate through
+/// it too. With glibc's (one arena, below) librdkafka's per-message
+/// allocations on the worker and its frees on the producer's poll thread
+/// took a lock each: glibc's malloc and free were 14% of the engine's CPU
+/// in a Kafka run of the full topology (`perf`, 1M events, 2 workers). The
+/// memory scenario of `assay bench` (1M creates, full topology) also peaked
+/// lower: 263-268 MB against 283-284 MB with RocksDB on glibc.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL_ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read at its start (its `MALLOC_CONF` is spelled
-/// `_RJEM_MALLOC_CONF` here, and overrides these): a background thread
-/// returns freed pages to the system after 1 s, instead of whichever
-/// allocation happens to come by, and freed pages are not kept "muzzy". The
-/// arrangements' merges free large batches at once; with the defaults the
-/// memory scenario of `assay bench` (1M creates, full topology) peaked about
-/// 15 MB higher, at the same throughput.
+/// jemalloc's options, read at its start (`MALLOC_CONF` overrides them): a
+/// background thread returns freed pages to the system after 1 s, instead
+/// of whichever allocation happens to come by, and freed pages are not kept
+/// "muzzy". The arrangements' merges free large batches at once; with the
+/// defaults the memory scenario of `assay bench` (1M creates, full
+/// topology) peaked about 15 MB higher, at the same throughput.
 ///
 /// The thread cache holds more freed objects per size class (up to 2,000,
 /// eight times the defaults' per-class counts) and is trimmed only after
@@ -197,23 +206,22 @@ static GLOBAL_ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemall
 ///
 /// (jemalloc reads a `const char *`: a reference to a byte array is one thin
 /// pointer to a NUL-terminated text.)
-#[cfg(not(feature = "system-allocator"))]
+#[cfg(feature = "jemalloc")]
 #[allow(non_upper_case_globals)]
-#[unsafe(export_name = "_rjem_malloc_conf")]
+#[unsafe(export_name = "malloc_conf")]
 pub static malloc_conf: &[u8; 141] =
     b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
 tcache_nslots_small_max:2000,lg_tcache_nslots_mul:3,tcache_gc_incr_bytes:1048576\0";
 
-/// RocksDB is C++ and allocates through glibc's malloc, not jemalloc: its
-/// memtables, the block cache's blocks, and its flush and compaction
-/// threads' buffers. glibc gives each thread that contends for the heap an
-/// arena of its own (up to 8 per core) and keeps what is freed in each, so
-/// the memory scenario of `assay bench` held about 10 MB more with arenas
-/// per thread than with one (298-300 MB against 308-310 MB peak RSS, at the
-/// same throughput): RocksDB's allocations are large and few next to the
-/// pipeline's, so the one lock is not contended.
+/// Without jemalloc, RocksDB (C++), librdkafka and the pipeline allocate
+/// through glibc's malloc. glibc gives each thread that contends for the
+/// heap an arena of its own (up to 8 per core) and keeps what is freed in
+/// each, so the memory scenario of `assay bench` held about 10 MB more with
+/// arenas per thread than with one (298-300 MB against 308-310 MB peak RSS,
+/// at the same throughput). A heap profile wants the memory a run holds,
+/// not glibc's arenas.
 fn limit_glibc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc")))]
     // SAFETY: called first in `main`, before any thread exists; mallopt only
     // sets an allocator parameter.
     unsafe {
