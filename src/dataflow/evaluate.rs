@@ -175,9 +175,18 @@ impl Evaluator {
 
     /// A listing's market view: its segments' seen statistics, NaN where it has none.
     fn view_of(&self, fields: &[Option<crate::record::Value>]) -> Vec<f64> {
+        self.view_of_segments(
+            (0..self.plan.aggregates.len())
+                .map(|aggregate| market::segment_of(&self.plan, aggregate, fields)),
+        )
+    }
+
+    /// The market view of a listing in these segments, one per aggregate in
+    /// order (`None`: not in that aggregate).
+    fn view_of_segments(&self, segments: impl Iterator<Item = Option<u64>>) -> Vec<f64> {
         let mut view = vec![f64::NAN; self.statistics_width];
-        for aggregate in 0..self.plan.aggregates.len() {
-            let Some(segment) = market::segment_of(&self.plan, aggregate, fields) else {
+        for (aggregate, segment) in segments.enumerate() {
+            let Some(segment) = segment else {
                 continue;
             };
             if let Some(statistics) = self.statistics.get(&segment) {
@@ -243,9 +252,11 @@ impl Evaluator {
             .collect();
 
         // own events: features as of each event's fields (a listing may move
-        // segments twice in an epoch), computed in place
+        // segments twice in an epoch), computed in place; the segments are
+        // the state stage's, computed for the event's member update
         for row in own.iter_mut().filter(|row| !row.deleted) {
-            row.market = self.view_of(&row.state.fields);
+            debug_assert_eq!(row.segments.len(), self.plan.aggregates.len());
+            row.market = self.view_of_segments(row.segments.iter().copied());
             row.features = compute_features(&self.plan, &row.state, row.event_time, &row.market);
             for (lookup, misses) in self.counts.lookup_misses.iter_mut().enumerate() {
                 let mut missed = false;
@@ -327,6 +338,7 @@ impl Evaluator {
                 state,
                 features,
                 market: view,
+                segments: smallvec::SmallVec::new(),
                 position: SourcePosition {
                     partition: listing.0,
                     offset: 0,

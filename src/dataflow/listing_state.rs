@@ -26,6 +26,7 @@
 //! back.
 
 use rustc_hash::{FxHashMap, FxHashSet};
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 use crate::dataflow::decode::ChangeEvent;
@@ -64,6 +65,12 @@ pub struct Enriched {
     pub features: Vec<Option<f64>>,
     /// Filled by the evaluator: rounded statistics of every aggregate, flattened.
     pub market: Vec<f64>,
+    /// The listing's segment in each aggregate (`None`: a group-by value is
+    /// missing), as the state stage computed it for the member update of a
+    /// live state; empty when deleted or without aggregates. The evaluator
+    /// reads the row's statistics by it instead of hashing the group-by
+    /// values again.
+    pub segments: SmallVec<[Option<u64>; 2]>,
     pub position: SourcePosition,
     pub read_at_nanos: u64,
     pub cause: Cause,
@@ -131,23 +138,41 @@ impl ListingStateStage {
         }
     }
 
-    /// Member updates for a listing going from `old` to `new` (either may be absent or deleted).
-    /// `labelled`: the segments this worker has labelled already.
+    /// The segments of a live state in every aggregate, in order (`None`
+    /// where a group-by value is missing); empty for a deleted state.
+    fn segments_of(plan: &Plan, state: &ListingState) -> SmallVec<[Option<u64>; 2]> {
+        if state.deleted {
+            return SmallVec::new();
+        }
+        (0..plan.aggregates.len())
+            .map(|aggregate_index| market::segment_of(plan, aggregate_index, &state.fields))
+            .collect()
+    }
+
+    /// Member updates for a listing going from `old` to `new` (either may be
+    /// absent or deleted); `new` comes with its `segments_of`, which the
+    /// evaluator reads too. `labelled`: the segments this worker has
+    /// labelled already.
     fn member_updates(
         plan: &Plan,
         labelled: &mut FxHashSet<u64>,
         (partition, key): (u32, &str),
         old: Option<&ListingState>,
-        new: Option<&ListingState>,
+        (new, new_segments): (&ListingState, &[Option<u64>]),
         time: u64,
         out: &mut StateOutputs,
     ) {
         for aggregate_index in 0..plan.aggregates.len() {
-            for (state, diff) in [(old, -1isize), (new, 1)] {
+            for (state, diff) in [(old, -1isize), (Some(new), 1)] {
                 let Some(state) = state.filter(|s| !s.deleted) else {
                     continue;
                 };
-                let Some(segment) = market::segment_of(plan, aggregate_index, &state.fields) else {
+                let segment = if diff > 0 {
+                    new_segments[aggregate_index]
+                } else {
+                    market::segment_of(plan, aggregate_index, &state.fields)
+                };
+                let Some(segment) = segment else {
                     continue;
                 };
                 if diff > 0
@@ -196,7 +221,7 @@ impl ListingStateStage {
                         labelled,
                         (partition, key),
                         None,
-                        Some(&state),
+                        (&state, &Self::segments_of(plan, &state)),
                         time,
                         out,
                     );
@@ -370,13 +395,15 @@ impl ListingStateStage {
                     }
                 },
             };
+            let mut segments = SmallVec::new();
             if !self.plan.aggregates.is_empty() {
+                segments = Self::segments_of(&self.plan, &next);
                 Self::member_updates(
                     &self.plan,
                     &mut self.labelled,
                     (event.position.partition, &event.key),
                     current,
-                    Some(&next),
+                    (&next, &segments),
                     time,
                     out,
                 );
@@ -390,6 +417,7 @@ impl ListingStateStage {
                 state: Arc::clone(&next),
                 features: Vec::new(),
                 market: Vec::new(),
+                segments,
                 position: event.position,
                 read_at_nanos: event.read_at_nanos,
                 cause: Cause::Event,
