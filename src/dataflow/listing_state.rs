@@ -168,7 +168,8 @@ impl ListingStateStage {
                     continue;
                 };
                 let segment = if diff > 0 {
-                    new_segments[aggregate_index]
+                    // (a live state has one per aggregate)
+                    new_segments.get(aggregate_index).copied().flatten()
                 } else {
                     market::segment_of(plan, aggregate_index, &state.fields)
                 };
