@@ -16,7 +16,10 @@ struct KafkaTestConfig {
 /// `runtime.market_window_epochs` as `config/kafka.toml` ships it. The poison
 /// test runs with 1: it checks exact document counts, and its few records
 /// would otherwise also be re-emitted when their window ends.
-const SHIPPED_MARKET_WINDOW: u64 = 20;
+const SHIPPED_MARKET_WINDOW: u64 = 5;
+
+/// The input binding's `epoch_ms` as `config/kafka.toml` ships it.
+const SHIPPED_EPOCH_MS: u64 = 20;
 
 fn kafka_config(
     dir: &Path,
@@ -47,6 +50,7 @@ topic = "listing_changes"
 partitions = {input_partitions}
 create_topic = true
 stop_when_idle_ms = {idle_ms}
+epoch_ms = {SHIPPED_EPOCH_MS}
 
 [bindings.search_documents]
 type = "kafka"
