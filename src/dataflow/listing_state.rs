@@ -67,9 +67,10 @@ pub struct Enriched {
     pub market: Vec<f64>,
     /// The listing's segment in each aggregate (`None`: a group-by value is
     /// missing), as the state stage computed it for the member update of a
-    /// live state; empty when deleted or without aggregates. The evaluator
-    /// reads the row's statistics by it instead of hashing the group-by
-    /// values again.
+    /// live state; empty when deleted, without aggregates, and on a market
+    /// re-evaluation's row (the evaluator hashes that one's group-by values
+    /// itself). The evaluator reads an own row's statistics by it instead
+    /// of hashing the group-by values again.
     pub segments: SmallVec<[Option<u64>; 2]>,
     pub position: SourcePosition,
     pub read_at_nanos: u64,
