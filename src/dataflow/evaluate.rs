@@ -175,10 +175,7 @@ impl Evaluator {
 
     /// A listing's market view: its segments' seen statistics, NaN where it has none.
     fn view_of(&self, fields: &[Option<crate::record::Value>]) -> Vec<f64> {
-        self.view_of_segments(
-            (0..self.plan.aggregates.len())
-                .map(|aggregate| market::segment_of(&self.plan, aggregate, fields)),
-        )
+        self.view_of_segments(market::segments_of(&self.plan, fields))
     }
 
     /// The market view of a listing in these segments, one per aggregate in

@@ -145,9 +145,7 @@ impl ListingStateStage {
         if state.deleted {
             return SmallVec::new();
         }
-        (0..plan.aggregates.len())
-            .map(|aggregate_index| market::segment_of(plan, aggregate_index, &state.fields))
-            .collect()
+        market::segments_of(plan, &state.fields).collect()
     }
 
     /// Member updates for a listing going from `old` to `new` (either may be

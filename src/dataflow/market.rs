@@ -183,6 +183,15 @@ pub fn segment_of(plan: &Plan, aggregate_index: usize, fields: &[Option<Value>])
     Some(((aggregate_index as u64) << 56) | (hash >> 8))
 }
 
+/// A listing's segment in every aggregate, in order (`None` where a
+/// group-by value is missing). `fields` must be a live state's.
+pub fn segments_of<'a>(
+    plan: &'a Plan,
+    fields: &'a [Option<Value>],
+) -> impl Iterator<Item = Option<u64>> + 'a {
+    (0..plan.aggregates.len()).map(move |aggregate_index| segment_of(plan, aggregate_index, fields))
+}
+
 /// The segment's group-by values as a JSON object, for people.
 pub fn segment_label(
     plan: &Plan,
