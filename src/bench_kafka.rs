@@ -84,30 +84,106 @@ fn produce(brokers: &str, topic: &str, lines: &[Vec<u8>], rate: f64) -> anyhow::
     Ok(lines.len() as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The engine's config for one run: the shipped Kafka config (`--config`,
+/// `config/kafka.toml`) with the bench's broker, topics, state directory and
+/// worker count put in, and each engine flag given on the command line
+/// overriding the file. So the bench measures what ships, and a setting
+/// changed in the file needs no second edit here.
 fn engine_config(
     dir: &Path,
     brokers: &str,
     prefix: &str,
-    workers: usize,
-    epoch_ms: u64,
+    partitions: u32,
     options: &Options,
 ) -> anyhow::Result<PathBuf> {
-    let (max_epochs_in_flight, fetch_wait_ms, market_window_epochs) = (
-        options.max_epochs_in_flight,
-        options.fetch_wait_ms,
-        options.market_window_epochs,
-    );
+    let shipped = std::fs::read_to_string(&options.config)
+        .with_context(|| format!("reading {}", options.config.display()))?;
+    let mut config: toml::Table = toml::from_str(&shipped)
+        .with_context(|| format!("parsing {}", options.config.display()))?;
+    let table = |config: &toml::Table, path: &[&str]| -> anyhow::Result<toml::Table> {
+        let mut at = config;
+        for key in path {
+            at = at
+                .get(*key)
+                .and_then(toml::Value::as_table)
+                .with_context(|| {
+                    format!("{} has no [{}]", options.config.display(), path.join("."))
+                })?;
+        }
+        Ok(at.clone())
+    };
+    let mut runtime = config
+        .get("runtime")
+        .and_then(toml::Value::as_table)
+        .cloned()
+        .unwrap_or_default();
+    runtime.insert("workers".into(), (options.workers as i64).into());
+    runtime.insert("progress".into(), "never".into());
+    if let Some(epochs) = options.max_epochs_in_flight {
+        runtime.insert("max_epochs_in_flight".into(), (epochs as i64).into());
+    }
+    if let Some(window) = options.market_window_epochs {
+        runtime.insert("market_window_epochs".into(), (window as i64).into());
+    }
+    config.insert("runtime".into(), runtime.into());
+    let mut state = table(&config, &["state"]).unwrap_or_default();
+    let state_dir = dir.join(format!("{prefix}-state"));
+    state.insert("dir".into(), state_dir.to_string_lossy().as_ref().into());
+    config.insert("state".into(), state.into());
+    let mut kafka = table(&config, &["kafka"])?;
+    kafka.insert("bootstrap_servers".into(), brokers.into());
+    kafka.insert("group_id".into(), prefix.into());
+    config.insert("kafka".into(), kafka.into());
+    let mut bindings = table(&config, &["bindings"])?;
+    for (name, suffix) in [
+        ("listing_changes", "in"),
+        ("search_documents", "out"),
+        ("dead_letters", "dead"),
+        ("market_statistics", "statistics"),
+    ] {
+        let Some(mut binding) = bindings.get(name).and_then(toml::Value::as_table).cloned() else {
+            continue;
+        };
+        binding.insert("topic".into(), format!("{prefix}-{suffix}").into());
+        // the bench makes the input, output and dead-letter topics itself,
+        // with `--partitions` each; the engine makes the statistics topic
+        binding.insert("create_topic".into(), true.into());
+        if name != "market_statistics" {
+            binding.insert("partitions".into(), (partitions as i64).into());
+        }
+        if name == "listing_changes" {
+            binding.insert("stop_when_idle_ms".into(), (IDLE_MS as i64).into());
+            if let Some(epoch_ms) = options.epoch_ms {
+                binding.insert("epoch_ms".into(), (epoch_ms as i64).into());
+            }
+            if let Some(wait) = options.fetch_wait_ms {
+                let mut properties = binding
+                    .get("properties")
+                    .and_then(toml::Value::as_table)
+                    .cloned()
+                    .unwrap_or_default();
+                properties.insert("fetch.wait.max.ms".into(), wait.to_string().into());
+                binding.insert("properties".into(), properties.into());
+            }
+        }
+        bindings.insert(name.into(), binding.into());
+    }
+    config.insert("bindings".into(), bindings.into());
     let path = dir.join(format!("{prefix}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "[runtime]\nworkers = {workers}\nmax_epochs_in_flight = {max_epochs_in_flight}\nmarket_window_epochs = {market_window_epochs}\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n[kafka]\nbootstrap_servers = \"{brokers}\"\n\n\
-         [bindings.listing_changes]\ntype = \"kafka\"\ntopic = \"{prefix}-in\"\nstop_when_idle_ms = {IDLE_MS}\nepoch_ms = {epoch_ms}\nproperties = {{ \"fetch.wait.max.ms\" = \"{fetch_wait_ms}\" }}\n\n\
-         [bindings.search_documents]\ntype = \"kafka\"\ntopic = \"{prefix}-out\"\n\n[bindings.dead_letters]\ntype = \"kafka\"\ntopic = \"{prefix}-dead\"\n",
-            dir.join(format!("{prefix}-state"))
-        ),
-    )?;
+    std::fs::write(&path, toml::to_string(&config)?)?;
     Ok(path)
+}
+
+/// The input binding's `epoch_ms` in a config `engine_config` wrote (the
+/// binding's default, 5, when the file leaves it out), for the report.
+fn input_epoch_ms(config: &Path) -> anyhow::Result<u64> {
+    let config: toml::Table = toml::from_str(&std::fs::read_to_string(config)?)?;
+    Ok(config
+        .get("bindings")
+        .and_then(|b| b.get("listing_changes"))
+        .and_then(|b| b.get("epoch_ms"))
+        .and_then(toml::Value::as_integer)
+        .unwrap_or(5) as u64)
 }
 
 fn start_engine(
@@ -399,27 +475,32 @@ pub struct Options {
     /// change being measured.
     #[arg(long, default_value_t = 1)]
     rounds: u32,
-    /// The engine's input `epoch_ms`, as in `config/kafka.toml` (the
-    /// binding's default is 5): at half of the full topology's maximum rate,
-    /// 5 ms epochs left the engine behind and 20 ms epochs kept up.
-    #[arg(long, default_value_t = 20)]
-    epoch_ms: u64,
-    /// The engine's `runtime.max_epochs_in_flight`, as in `config/kafka.toml`.
-    #[arg(long, default_value_t = 32)]
-    max_epochs_in_flight: u64,
-    /// The engine's `runtime.market_window_epochs`, as in `config/kafka.toml`:
-    /// 5 epochs of 20 ms. With 1, every tick re-evaluated the neighbours of
+    /// The engine's config, with the bench's broker, topics, state directory
+    /// and workers put in; the flags below override it.
+    #[arg(long, default_value = "config/kafka.toml")]
+    config: PathBuf,
+    /// Override of the input binding's `epoch_ms` (`config/kafka.toml`: 20;
+    /// at half of the full topology's maximum rate, 5 ms epochs left the
+    /// engine behind and 20 ms epochs kept up).
+    #[arg(long)]
+    epoch_ms: Option<u64>,
+    /// Override of `runtime.max_epochs_in_flight`.
+    #[arg(long)]
+    max_epochs_in_flight: Option<u64>,
+    /// Override of `runtime.market_window_epochs` (`config/kafka.toml`: 5
+    /// epochs of 20 ms). With 1, every tick re-evaluated the neighbours of
     /// every statistic that moved, and at half of the maximum rate the full
     /// topology fell behind (its trend line grew).
-    #[arg(long, default_value_t = 5)]
-    market_window_epochs: u64,
-    /// The engine consumer's `fetch.wait.max.ms`, as in `config/kafka.toml`:
-    /// tansu 0.6.0 answers every fetch only after sleeping for at least half of
-    /// the request's maximum wait (a full one below 250 ms), even when records
-    /// are there at once, so librdkafka's default of 500 ms puts 250 ms into
-    /// every fetch round trip. A Kafka broker answers as soon as records arrive.
-    #[arg(long, default_value_t = 10)]
-    fetch_wait_ms: u64,
+    #[arg(long)]
+    market_window_epochs: Option<u64>,
+    /// Override of the engine consumer's `fetch.wait.max.ms`
+    /// (`config/kafka.toml`: 10): tansu 0.6.0 answers every fetch only after
+    /// sleeping for at least half of the request's maximum wait (a full one
+    /// below 250 ms), even when records are there at once, so librdkafka's
+    /// default of 500 ms puts 250 ms into every fetch round trip. A Kafka
+    /// broker answers as soon as records arrive.
+    #[arg(long)]
+    fetch_wait_ms: Option<u64>,
     /// The broker's process id, to report its CPU.
     #[arg(long)]
     broker_pid: Option<u32>,
@@ -435,12 +516,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         ..
     } = options;
     let brokers = brokers.as_str();
-    let (events, workers, partitions, epoch_ms) = (
-        options.events,
-        options.workers,
-        options.partitions,
-        options.epoch_ms,
-    );
+    let (events, workers, partitions) = (options.events, options.workers, options.partitions);
+    let mut epoch_ms = None;
     std::fs::create_dir_all(dir)?;
     let sample = topology
         .parent()
@@ -485,7 +562,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         let produce_rate = produce(brokers, &format!("{prefix}-in"), &lines, 0.0)?;
         eprintln!("bench-kafka: {label}: produced at {produce_rate:.0} events/s; consuming");
         let summary_path = dir.join(format!("{prefix}-summary.json"));
-        let config = engine_config(dir, brokers, &prefix, workers, epoch_ms, options)?;
+        let config = engine_config(dir, brokers, &prefix, partitions, options)?;
+        epoch_ms = Some(input_epoch_ms(&config)?);
         let broker_cpu_before = options
             .broker_pid
             .map(|p| cpu_seconds(Some(p)))
@@ -527,8 +605,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             half_rate,
             partitions,
         )?;
-        let latency_config =
-            engine_config(dir, brokers, &latency_prefix, workers, epoch_ms, options)?;
+        let latency_config = engine_config(dir, brokers, &latency_prefix, partitions, options)?;
         let latency_summary = dir.join(format!("{latency_prefix}-summary.json"));
         let mut engine = start_engine(topology, &latency_config, &latency_summary, pass_through)?;
         let reader = LatencyReader::start(brokers, &format!("{latency_prefix}-out"));
@@ -601,7 +678,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         });
     }
     println!(
-        "\nassay bench-kafka: {events} generated events, {partitions} partitions, {workers} worker(s), epoch_ms {epoch_ms}, broker {brokers}"
+        "\nassay bench-kafka: {events} generated events, {partitions} partitions, {workers} worker(s), epoch_ms {}, config {}, broker {brokers}",
+        epoch_ms.unwrap_or_default(),
+        options.config.display()
     );
     println!(
         "{:<13} {:>10} {:>8} {:>11} {:>8} {:>8}   CPU s for the max-rate run (engine, broker) / latency run (bench producer+consumer)",
@@ -733,7 +812,120 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{latency_trend, median};
+    use super::{Options, engine_config, input_epoch_ms, latency_trend, median};
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        options: Options,
+    }
+
+    fn bound_topic(config: &assay::config::EnvConfig, name: &str) -> (String, Option<u32>) {
+        match config.binding(name) {
+            Some(assay::config::Binding::Kafka(binding)) => {
+                (binding.topic.clone(), binding.partitions)
+            }
+            other => panic!("{name} is bound to {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_engine_config_is_the_shipped_one_with_the_benchs_topics_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kafka.toml");
+        let shipped_config = assay::config::load(Some(&shipped), &[], None).unwrap();
+        let as_shipped = Command::parse_from([
+            "bench",
+            "--config",
+            shipped.to_str().unwrap(),
+            "--workers",
+            "3",
+        ])
+        .options;
+        let path = engine_config(dir.path(), "127.0.0.1:1", "run7", 6, &as_shipped).unwrap();
+        let config =
+            assay::config::load(Some(&path), &[], None).unwrap_or_else(|d| panic!("{d:?}"));
+        assert_eq!(config.runtime.workers, 3);
+        assert_eq!(config.kafka.bootstrap_servers, "127.0.0.1:1");
+        assert_eq!(config.state.dir, dir.path().join("run7-state"));
+        assert_eq!(
+            bound_topic(&config, "listing_changes"),
+            ("run7-in".into(), Some(6))
+        );
+        assert_eq!(
+            bound_topic(&config, "search_documents"),
+            ("run7-out".into(), Some(6))
+        );
+        assert_eq!(
+            bound_topic(&config, "dead_letters"),
+            ("run7-dead".into(), Some(6))
+        );
+        assert_eq!(
+            bound_topic(&config, "market_statistics").0,
+            "run7-statistics"
+        );
+        // what the bench does not set comes from the file
+        assert_eq!(
+            config.runtime.market_window_epochs,
+            shipped_config.runtime.market_window_epochs
+        );
+        assert_eq!(
+            config.runtime.max_epochs_in_flight,
+            shipped_config.runtime.max_epochs_in_flight
+        );
+        let shipped_epoch_ms = match shipped_config.binding("listing_changes") {
+            Some(assay::config::Binding::Kafka(binding)) => binding.epoch_ms,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(input_epoch_ms(&path).unwrap(), shipped_epoch_ms);
+        match config.binding("search_documents") {
+            Some(assay::config::Binding::Kafka(binding)) => {
+                assert_eq!(
+                    binding
+                        .properties
+                        .get("compression.type")
+                        .map(String::as_str),
+                    Some("lz4")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let overridden = Command::parse_from([
+            "bench",
+            "--config",
+            shipped.to_str().unwrap(),
+            "--epoch-ms",
+            "7",
+            "--market-window-epochs",
+            "3",
+            "--max-epochs-in-flight",
+            "9",
+            "--fetch-wait-ms",
+            "4",
+        ])
+        .options;
+        let path = engine_config(dir.path(), "127.0.0.1:1", "run8", 4, &overridden).unwrap();
+        let config =
+            assay::config::load(Some(&path), &[], None).unwrap_or_else(|d| panic!("{d:?}"));
+        assert_eq!(config.runtime.market_window_epochs, 3);
+        assert_eq!(config.runtime.max_epochs_in_flight, 9);
+        assert_eq!(input_epoch_ms(&path).unwrap(), 7);
+        match config.binding("listing_changes") {
+            Some(assay::config::Binding::Kafka(binding)) => {
+                assert_eq!(binding.epoch_ms, 7);
+                assert_eq!(
+                    binding
+                        .properties
+                        .get("fetch.wait.max.ms")
+                        .map(String::as_str),
+                    Some("4")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn latency_trend_is_the_slowest_per_bucket_of_append_time() {

@@ -13,13 +13,28 @@ struct KafkaTestConfig {
     path: PathBuf,
 }
 
+/// The shipped Kafka config, `config/kafka.toml`: the tests run with its
+/// epoch length and market window, read from the file so that they follow it.
+fn shipped_kafka_config() -> assay::config::EnvConfig {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kafka.toml");
+    assay::config::load(Some(&path), &[], None)
+        .unwrap_or_else(|d| panic!("config/kafka.toml: {d:?}"))
+}
+
 /// `runtime.market_window_epochs` as `config/kafka.toml` ships it. The poison
 /// test runs with 1: it checks exact document counts, and its few records
 /// would otherwise also be re-emitted when their window ends.
-const SHIPPED_MARKET_WINDOW: u64 = 5;
+fn shipped_market_window() -> u64 {
+    shipped_kafka_config().runtime.market_window_epochs
+}
 
 /// The input binding's `epoch_ms` as `config/kafka.toml` ships it.
-const SHIPPED_EPOCH_MS: u64 = 20;
+fn shipped_epoch_ms() -> u64 {
+    match shipped_kafka_config().binding("listing_changes") {
+        Some(assay::config::Binding::Kafka(binding)) => binding.epoch_ms,
+        other => panic!("config/kafka.toml binds listing_changes to {other:?}"),
+    }
+}
 
 fn kafka_config(
     dir: &Path,
@@ -50,7 +65,7 @@ topic = "listing_changes"
 partitions = {input_partitions}
 create_topic = true
 stop_when_idle_ms = {idle_ms}
-epoch_ms = {SHIPPED_EPOCH_MS}
+epoch_ms = {epoch_ms}
 
 [bindings.search_documents]
 type = "kafka"
@@ -65,6 +80,7 @@ partitions = 1
 create_topic = true
 "#,
         state = dir.join("state"),
+        epoch_ms = shipped_epoch_ms(),
     );
     let path = dir.join("kafka.toml");
     std::fs::write(&path, text).unwrap();
@@ -271,7 +287,7 @@ fn the_sample_through_kafka_on_four_partitions_and_two_workers_equals_the_file_r
     let produced_from = std::time::Instant::now();
     produce_lines(&producer(&brokers), "listing_changes", &sample_lines());
 
-    let config = kafka_config(dir.path(), &brokers, 2, 4, 2000, SHIPPED_MARKET_WINDOW);
+    let config = kafka_config(dir.path(), &brokers, 2, 4, 2000, shipped_market_window());
     let summary = run_kafka(&config);
     assert!(summary.reconciled, "{summary:?}");
     assert_eq!(summary.records_in, sample_lines().len() as u64);
@@ -415,7 +431,7 @@ fn engine_killed_mid_stream_and_restarted_loses_nothing() {
     let broker = Broker::memory(dir.path());
     let brokers = broker.address();
     create_topic(&brokers, "listing_changes", 4);
-    let config = kafka_config(dir.path(), &brokers, 2, 4, 3000, SHIPPED_MARKET_WINDOW);
+    let config = kafka_config(dir.path(), &brokers, 2, 4, 3000, shipped_market_window());
     let lines = sample_lines();
 
     // the engine runs while the changes arrive; it is killed half way
@@ -468,7 +484,7 @@ fn broker_lost_mid_stream_the_engine_waits_and_resumes_by_itself() {
     let brokers = broker.address();
     create_topic(&brokers, "listing_changes", 4);
     produce_lines(&producer(&brokers), "listing_changes", &sample_lines());
-    let config = kafka_config(dir.path(), &brokers, 2, 4, 15000, SHIPPED_MARKET_WINDOW);
+    let config = kafka_config(dir.path(), &brokers, 2, 4, 15000, shipped_market_window());
     let mut engine = spawn_engine(assay_command(), &config.path);
     let deadline = Instant::now() + Duration::from_secs(60);
     while topic_count(&brokers, "search_documents") < 2000 {
