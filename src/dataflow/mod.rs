@@ -305,6 +305,8 @@ pub fn run(
     // checkpoints the workers have taken in all (see the worker loop)
     let checkpoint_request = Arc::new(AtomicU64::new(0));
     let checkpoint_served = Arc::new(AtomicU64::new(0));
+    // the highest epoch any worker's Kafka source has moved to (see `KafkaSource::fill`)
+    let highest_epoch = Arc::new(AtomicU64::new(0));
     // each worker's count of listings changed since its last checkpoint:
     // worker 0 starts a checkpoint early when their sum reaches the bound
     let dirty_listings: Arc<Vec<AtomicU64>> =
@@ -326,7 +328,7 @@ pub fn run(
                 file.max_record_bytes,
             ),
             Binding::Kafka(binding) => (
-                Source::Kafka(KafkaSource::open(&kafka, binding, &group_id, &owned, &checkpointed, runtime.epoch_records as usize, started)?),
+                Source::Kafka(KafkaSource::open(&kafka, binding, &group_id, &owned, &checkpointed, runtime.epoch_records as usize, started, highest_epoch.clone())?),
                 // the broker's own message size limit applies; keep the same guard as files
                 1 << 20,
             ),

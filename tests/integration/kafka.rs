@@ -546,3 +546,66 @@ fn unreachable_broker_at_start_is_a_clear_error_after_the_timeout() {
         started.elapsed()
     );
 }
+
+/// Epochs that fill up before their tick ends (a backlog) run ahead of the
+/// clock. The first record after the backlog must not wait for the clock to
+/// catch up with them: it used to, as long as the backlog had taken (here
+/// about 100 ticks of 1 s), and the last records of a burst did too.
+#[test]
+fn after_a_backlog_a_new_record_is_not_held_until_the_clock_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::memory(dir.path());
+    let brokers = broker.address();
+    create_topic(&brokers, "listing_changes", 2);
+    let producer = producer(&brokers);
+    // 8 records per epoch and worker, ticks of 1 s: 1,600 records are about
+    // 100 epochs per worker, read in a few seconds. (The new record alone must
+    // not fill an epoch: a full epoch closes at once.)
+    let backlog: Vec<Vec<u8>> = sample_lines().into_iter().take(1600).collect();
+    produce_lines(&producer, "listing_changes", &backlog);
+    let config = kafka_config(dir.path(), &brokers, 2, 2, 600_000, 1);
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    let text = text
+        .replacen("epoch_records = 512", "epoch_records = 8", 1)
+        .replacen(
+            &format!("epoch_ms = {}", shipped_epoch_ms()),
+            "epoch_ms = 1000",
+            1,
+        );
+    assert!(text.contains("epoch_records = 8") && text.contains("epoch_ms = 1000"));
+    std::fs::write(&config.path, text).unwrap();
+    let _engine = spawn_engine(assay_command(), &config.path);
+
+    // the backlog is through once the output stops growing
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = 0;
+    loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = topic_count(&brokers, "search_documents");
+        if now > 0 && now == seen {
+            break;
+        }
+        seen = now;
+        assert!(
+            Instant::now() < deadline,
+            "the backlog is still not through"
+        );
+    }
+
+    let late = br#"{"kind":"create","listing_id":"late-1","version":1,"event_time":1700000000,"price":20000,"model":"c-class","year":2015}"#.to_vec();
+    let produced_at = Instant::now();
+    produce_lines(&producer, "listing_changes", &[late]);
+    let deadline = produced_at + Duration::from_secs(30);
+    loop {
+        let documents = documents_from_topic(&read_topic(&brokers, "search_documents"));
+        if documents.iter().any(|(key, _, _)| key == "late-1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new record's document is not out {:?} after it was produced ({} documents out)",
+            produced_at.elapsed(),
+            documents.len()
+        );
+    }
+}

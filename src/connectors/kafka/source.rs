@@ -14,6 +14,8 @@
 //! while too many epochs are in flight (the worker loop's back-pressure).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -34,6 +36,11 @@ pub struct KafkaSource {
     epoch_records: usize,
     /// the epoch being filled and how many records it has
     filling: (u64, usize),
+    /// the clock's tick when the epoch being filled took its first record
+    opened_tick: u64,
+    /// The highest epoch any worker's source has moved to, shared by all of
+    /// them: an idle source follows it (see `next_epoch`).
+    highest_epoch: Arc<AtomicU64>,
     stop_when_idle: Option<Duration>,
     last_record_at: Instant,
     started: Instant,
@@ -59,6 +66,7 @@ impl KafkaSource {
         checkpointed: &std::collections::HashMap<u32, CheckpointedPosition>,
         epoch_records: usize,
         started: Instant,
+        highest_epoch: Arc<AtomicU64>,
     ) -> Result<KafkaSource, String> {
         let mut config = client_config(kafka, binding);
         config
@@ -115,6 +123,8 @@ impl KafkaSource {
             epoch_ms: binding.epoch_ms.max(1),
             epoch_records,
             filling: (0, 0),
+            opened_tick: 0,
+            highest_epoch,
             stop_when_idle: (binding.stop_when_idle_ms > 0)
                 .then(|| Duration::from_millis(binding.stop_when_idle_ms)),
             last_record_at: Instant::now(),
@@ -137,11 +147,9 @@ impl KafkaSource {
 
     /// Takes the records librdkafka has queued, without waiting, up to
     /// `epoch_records` for `epoch`, and returns the epoch the next records
-    /// belong to: `epoch` again while the shared clock (`epoch_ms` per tick)
-    /// has not moved past it and it is not full; the next epoch once it holds
-    /// records and is full or its tick has ended; the clock's epoch when it
-    /// holds none. Idle sources follow a clock shared by all workers, so their
-    /// epochs line up.
+    /// belong to (see `next_epoch`): `epoch` again while it is open, the next
+    /// one once it is full or its time is up, and for an idle source the
+    /// latest of the shared clock's tick and every worker's epoch.
     ///
     /// It never blocks: the worker steps the dataflow between calls (and
     /// parks briefly when there is nothing to do). Waiting in `poll` for a
@@ -151,6 +159,8 @@ impl KafkaSource {
         if self.filling.0 != epoch {
             self.filling = (epoch, 0);
         }
+        // the worker loop moves epochs too (a checkpoint closes an open one)
+        self.highest_epoch.fetch_max(epoch, Ordering::Relaxed);
         let taken_before = out.len();
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -244,22 +254,21 @@ impl KafkaSource {
         {
             self.finished = true;
         }
-        self.filling.1 += out.len() - taken_before;
-        let clock = self.started.elapsed().as_millis() as u64 / self.epoch_ms;
-        if self.filling.1 >= self.epoch_records || (self.filling.1 > 0 && clock > epoch) {
-            // An epoch with records moves on by one, never to the clock: after a
-            // wait (back-pressure, a long step) the clock is many ticks ahead,
-            // and jumping there left the epochs between empty. Back-pressure
-            // counts epoch numbers, so only one epoch with records was then in
-            // flight, and a source behind its input read in stop-and-wait (one
-            // epoch, then a wait for its delivery): the full topology fell
-            // seconds behind at half its maximum rate.
-            epoch + 1
-        } else {
-            // nothing taken in this epoch: follow the clock, so that the
-            // workers' epochs line up
-            clock.max(epoch)
+        let tick = self.started.elapsed().as_millis() as u64 / self.epoch_ms;
+        if self.filling.1 == 0 && out.len() > taken_before {
+            self.opened_tick = tick;
         }
+        self.filling.1 += out.len() - taken_before;
+        let next = next_epoch(
+            epoch,
+            self.filling.1,
+            self.epoch_records,
+            self.opened_tick,
+            tick,
+            self.highest_epoch.load(Ordering::Relaxed),
+        );
+        self.highest_epoch.fetch_max(next, Ordering::Relaxed);
+        next
     }
 
     pub fn positions(&self) -> Vec<(u32, CheckpointedPosition)> {
@@ -297,5 +306,87 @@ impl KafkaSource {
                 self.topic
             );
         }
+    }
+}
+
+/// The epoch a source's next records belong to, after it has taken `taken`
+/// records into `epoch`; `opened_tick` is the clock's tick when the epoch took
+/// its first, `tick` the clock's tick now (ticks of `epoch_ms` since the
+/// engine started, the same clock on every worker), and `highest` the highest
+/// epoch any worker's source has moved to.
+///
+/// - An epoch with records moves on by one once it is full, or once the tick
+///   it took its first record in (or its own tick, if earlier) has ended: a
+///   record waits at most one tick for its epoch to close.
+///   - Never to the clock: after a wait (back-pressure, a long step) the clock
+///     is many ticks ahead, and jumping there left the epochs between empty.
+///     Back-pressure counts epoch numbers, so only one epoch with records was
+///     then in flight, and a source behind its input read in stop-and-wait
+///     (one epoch, then a wait for its delivery): the full topology fell
+///     seconds behind at half its maximum rate.
+///   - Not when the clock reaches it: epochs that fill up before their tick
+///     ends (more than `epoch_records` per tick: a backlog, a burst) run
+///     ahead of the clock, and an epoch ahead of the clock used to stay open
+///     until the clock caught up with it. After a backlog that was seconds
+///     (the last records of `bench-kafka`'s pass-through latency run, at 125k
+///     records/s: 255 ms).
+/// - An idle source follows the clock, so that the workers' epochs line up,
+///   and the other workers' epochs: the sinks write an epoch only once every
+///   worker has moved past it, so an idle worker left on the clock held back
+///   a busy worker's epochs that ran ahead of it.
+fn next_epoch(
+    epoch: u64,
+    taken: usize,
+    epoch_records: usize,
+    opened_tick: u64,
+    tick: u64,
+    highest: u64,
+) -> u64 {
+    if taken >= epoch_records || (taken > 0 && tick > epoch.min(opened_tick)) {
+        epoch + 1
+    } else if taken > 0 {
+        epoch
+    } else {
+        tick.max(epoch).max(highest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_epoch;
+
+    const RECORDS: usize = 1024;
+
+    #[test]
+    fn an_epoch_on_the_clock_closes_when_its_tick_ends_or_it_is_full() {
+        // epoch 10, first record in tick 10
+        assert_eq!(next_epoch(10, 5, RECORDS, 10, 10, 10), 10);
+        assert_eq!(next_epoch(10, 5, RECORDS, 10, 11, 10), 11);
+        assert_eq!(next_epoch(10, RECORDS, RECORDS, 10, 10, 10), 11);
+        // closed late (a long step): by one, not to the clock
+        assert_eq!(next_epoch(10, 5, RECORDS, 10, 40, 10), 11);
+    }
+
+    #[test]
+    fn an_epoch_behind_the_clock_closes_at_once() {
+        // after a wait the clock is at 40: epoch 12 took its first record at tick 40
+        assert_eq!(next_epoch(12, 1, RECORDS, 40, 40, 12), 13);
+    }
+
+    #[test]
+    fn an_epoch_ahead_of_the_clock_closes_one_tick_after_its_first_record() {
+        // a backlog filled epochs faster than the clock ticked: epoch 300 at tick 100
+        assert_eq!(next_epoch(300, 7, RECORDS, 100, 100, 300), 300);
+        assert_eq!(next_epoch(300, 7, RECORDS, 100, 101, 300), 301);
+        // not when the clock reaches 300
+        assert_ne!(next_epoch(300, 7, RECORDS, 100, 101, 300), 300);
+    }
+
+    #[test]
+    fn an_idle_source_follows_the_clock_and_the_other_workers() {
+        assert_eq!(next_epoch(10, 0, RECORDS, 0, 15, 10), 15);
+        assert_eq!(next_epoch(10, 0, RECORDS, 0, 15, 40), 40);
+        // never back
+        assert_eq!(next_epoch(50, 0, RECORDS, 0, 15, 40), 50);
     }
 }
