@@ -174,16 +174,15 @@ fn engine_config(
     Ok(path)
 }
 
-/// The input binding's `epoch_ms` in a config `engine_config` wrote (the
-/// binding's default, 5, when the file leaves it out), for the report.
+/// The input binding's `epoch_ms` in a config `engine_config` wrote, as the
+/// engine reads it (its default when the file leaves it out), for the report.
 fn input_epoch_ms(config: &Path) -> anyhow::Result<u64> {
-    let config: toml::Table = toml::from_str(&std::fs::read_to_string(config)?)?;
-    Ok(config
-        .get("bindings")
-        .and_then(|b| b.get("listing_changes"))
-        .and_then(|b| b.get("epoch_ms"))
-        .and_then(toml::Value::as_integer)
-        .unwrap_or(5) as u64)
+    let config =
+        assay::config::load(Some(config), &[], None).map_err(|d| anyhow::anyhow!("{d}"))?;
+    match config.binding("listing_changes") {
+        Some(assay::config::Binding::Kafka(binding)) => Ok(binding.epoch_ms),
+        other => bail!("listing_changes is bound to {other:?}, not to a topic"),
+    }
 }
 
 fn start_engine(
