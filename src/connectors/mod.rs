@@ -50,6 +50,14 @@ impl Source {
         }
     }
 
+    /// A Kafka source's shared clock: ticks of `epoch_ms` since the start.
+    pub fn clock_tick(&self) -> Option<u64> {
+        match self {
+            Source::File(_) => None,
+            Source::Kafka(kafka) => Some(kafka.clock_tick()),
+        }
+    }
+
     pub fn finished(&self) -> bool {
         match self {
             Source::File(file) => file.finished(),

@@ -141,6 +141,12 @@ impl KafkaSource {
         })
     }
 
+    /// The clock's tick now: `epoch_ms` ticks since the engine started, the
+    /// same on every worker.
+    pub fn clock_tick(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 / self.epoch_ms
+    }
+
     pub fn finished(&self) -> bool {
         self.finished
     }
@@ -254,7 +260,7 @@ impl KafkaSource {
         {
             self.finished = true;
         }
-        let tick = self.started.elapsed().as_millis() as u64 / self.epoch_ms;
+        let tick = self.clock_tick();
         if self.filling.1 == 0 && out.len() > taken_before {
             self.opened_tick = tick;
         }
