@@ -632,9 +632,9 @@ pub fn run(
             // ahead (they filled faster than the clock ticked), and an idle source waited
             // for the clock to reach the proposal: no checkpoint, and no offsets committed
             // to the group, for as long as the epochs were ahead (about 8 s after 1M
-            // records through pass-through). On the clock it does not jump: records that
-            // went into a jumped epoch waited for the other workers to reach it, and
-            // full's p99 at half rate rose by a few ms.
+            // records through pass-through). On the clock it does not jump: it reaches the
+            // proposal within max_epochs_in_flight ticks anyway, and records that went into
+            // a jumped epoch would wait for the other workers to reach it.
             if live_source && idle && !open_epoch_has_records && source.clock_tick().is_some_and(|tick| epoch > tick) {
                 let requested = checkpoint_request.load(Ordering::SeqCst);
                 if requested > served_request && epoch < requested {
