@@ -110,6 +110,25 @@ pub enum Sink {
 }
 
 impl Sink {
+    /// The sink each worker writes through, by worker index. A Kafka sink
+    /// is shared (one producer), so every worker writes the records it made;
+    /// a file is written by worker 0 alone, in one order whatever the worker
+    /// count (its bytes are deterministic), and the others get `None`.
+    pub fn for_workers(self, workers: usize) -> Vec<Option<Sink>> {
+        let shared: Vec<Option<Sink>> = (1..workers)
+            .map(|_| match &self {
+                Sink::File(_) => None,
+                Sink::Kafka(kafka) => Some(Sink::Kafka(kafka.share())),
+            })
+            .collect();
+        std::iter::once(Some(self)).chain(shared).collect()
+    }
+
+    /// Whether every worker writes its own records (see `for_workers`).
+    pub fn written_by_every_worker(&self) -> bool {
+        matches!(self, Sink::Kafka(_))
+    }
+
     pub fn write_document(&mut self, document: &OutputDocument) -> Result<(), String> {
         match self {
             Sink::File(file) => file.write_document(document).map_err(|e| e.to_string()),

@@ -2,10 +2,13 @@
 //! it, applies back-pressure and checkpoints.
 //!
 //! ```text
-//! input ─► decode ─┬─► listing_state ─┬─► score+shape ─► [exchange to 0] documents sink ─► probe
+//! input ─► decode ─┬─► listing_state ─┬─► score+shape ─► [to the writer] documents sink ─► probe
 //!                  │ dead             │ dead
-//!                  └──────────────────┴─► [exchange to 0] dead-letter sink ──────────────► probe
+//!                  └──────────────────┴─► [to the writer] dead-letter sink ──────────────► probe
 //! ```
+//!
+//! The writer is worker 0 for a file (one deterministic file from every
+//! worker's records) and each worker itself for Kafka (see `Sink::for_workers`).
 //!
 //! # Epochs and checkpoints
 //! Epoch = line number / `epoch_records`, a pure function of the input, so
@@ -106,7 +109,7 @@ pub struct RunOptions {
     pub pass_through: bool,
 }
 
-/// What the sinks on worker 0 counted.
+/// What this worker's sinks counted (merged over the workers at the end).
 #[derive(Default)]
 pub(crate) struct SinkCounts {
     upserts: u64,
@@ -264,20 +267,29 @@ pub fn run(
         .iter()
         .map(|m| (m.name.clone(), m.version.clone()))
         .collect();
-    let document_sink = Arc::new(Mutex::new(Some(open_sink(
+    // Documents and dead letters: each worker takes its sink by index (see
+    // `Sink::for_workers`); `*_on_every_worker` says whether a worker writes
+    // its own records or sends them to worker 0.
+    let document_sink = open_sink(
         config,
         &plan.output_binding,
         options.from_scratch,
         &source_topic,
         &model_versions,
-    )?)));
-    let dead_letter_sink = Arc::new(Mutex::new(Some(open_sink(
+    )?;
+    let documents_on_every_worker = document_sink.written_by_every_worker();
+    let document_sinks = Arc::new(Mutex::new(document_sink.for_workers(config.runtime.workers)));
+    let dead_letter_sink = open_sink(
         config,
         &plan.dead_letter_binding,
         options.from_scratch,
         &source_topic,
         &model_versions,
-    )?)));
+    )?;
+    let dead_letters_on_every_worker = dead_letter_sink.written_by_every_worker();
+    let dead_letter_sinks =
+        Arc::new(Mutex::new(dead_letter_sink.for_workers(config.runtime.workers)));
+    // the changelog is made on worker 0 (see `statistics_changelog`)
     let statistics_sink = Arc::new(Mutex::new(match &plan.statistics_binding {
         // optional: written only when the config binds it
         Some(binding) if !options.pass_through && config.binding(binding).is_some() => Some(
@@ -336,11 +348,12 @@ pub fn run(
         let stage = Rc::new(RefCell::new(ListingStateStage::new(plan.clone(), store.clone())));
         let counts = Rc::new(RefCell::new(SinkCounts::default()));
         let evaluate_counts = Rc::new(RefCell::new(evaluate::EvaluateCounts::default()));
-        let (mut documents_out, mut dead_out, mut statistics_out) = if index == 0 {
-            (document_sink.lock().unwrap().take(), dead_letter_sink.lock().unwrap().take(), statistics_sink.lock().unwrap().take())
-        } else {
-            (None, None, None)
-        };
+        let mut documents_out = document_sinks.lock().unwrap()[index].take();
+        let mut dead_out = dead_letter_sinks.lock().unwrap()[index].take();
+        let mut statistics_out = if index == 0 { statistics_sink.lock().unwrap().take() } else { None };
+        // the worker whose sink writes this worker's records
+        let documents_writer = if documents_on_every_worker { index as u64 } else { 0 };
+        let dead_letters_writer = if dead_letters_on_every_worker { index as u64 } else { 0 };
         // dataflow times: the rebuild at `first_epoch`, input epoch e at e + 1
         let first_epoch = source.first_epoch(runtime.epoch_records);
         let skip_epoch = trusted_views.then_some(first_epoch);
@@ -549,24 +562,25 @@ pub fn run(
                 );
 
                 // every worker builds the same graph (timely requires it); only
-                // worker 0 holds the sink
+                // worker 0 holds the statistics sink
                 if statistics_enabled {
                     let statistics_plan = plan.clone();
                     // written like the documents: without waiting for the
                     // broker on the worker thread, released once delivered
                     let changelog = statistics::statistics_changelog(statistics_changes, labels, statistics_plan, skip_epoch);
-                    sink::write_in_epoch_order(changelog, "StatisticsSink", statistics::changelog_order, sink::SinkWriter::new(statistics_out.take(), counts.clone(), started, plan.input_binding.clone()))
+                    sink::write_in_epoch_order(changelog, "StatisticsSink", statistics::changelog_order, 0, sink::SinkWriter::new(statistics_out.take(), counts.clone(), started, plan.input_binding.clone()))
                         .probe_with(&probe);
                 }
                 (documents, state_dead)
             };
 
-            sink::write_in_epoch_order(documents, "DocumentSink", document_order, sink::SinkWriter::new(documents_out.take(), counts.clone(), started, plan.input_binding.clone()))
+            sink::write_in_epoch_order(documents, "DocumentSink", document_order, documents_writer, sink::SinkWriter::new(documents_out.take(), counts.clone(), started, plan.input_binding.clone()))
                 .probe_with(&probe);
             sink::write_in_epoch_order(
                 decode_dead.concat(state_dead),
                 "DeadLetterSink",
                 |a: &DeadLetter, b: &DeadLetter| (a.position.offset, a.position.partition).cmp(&(b.position.offset, b.position.partition)),
+                dead_letters_writer,
                 sink::SinkWriter::new(dead_out.take(), counts.clone(), started, plan.input_binding.clone()),
             )
             .probe_with(&probe);

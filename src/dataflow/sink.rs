@@ -1,5 +1,7 @@
-//! The ordered sink stage: gathers a stream on worker 0 and hands each
-//! completed epoch, sorted by source position, to a writer.
+//! The ordered sink stage: hands each completed epoch of a stream, sorted by
+//! source position, to a writer. A file's writer is on worker 0, which
+//! gathers every worker's records; a Kafka writer is on every worker, which
+//! writes its own (see `Sink::for_workers`).
 //!
 //! # Progress
 //! The operator holds a capability for every epoch it has received but not
@@ -45,13 +47,15 @@ pub trait OrderedWriter<D>: 'static {
     fn wake_with(&mut self, _waker: SyncActivator) {}
 }
 
-/// Writes every epoch of `stream` in order on worker 0, sorted by `order`
-/// (the source position), and releases each epoch once `writer` reports it
-/// delivered.
+/// Writes every epoch of `stream` in order on worker `writer_worker` (0, or
+/// this worker's own index when every worker writes its own records), sorted
+/// by `order` (the source position), and releases each epoch once `writer`
+/// reports it delivered.
 pub fn write_in_epoch_order<'scope, D, W>(
     stream: Stream<'scope, u64, Vec<D>>,
     name: &str,
     order: fn(&D, &D) -> std::cmp::Ordering,
+    writer_worker: u64,
     mut writer: W,
 ) -> Stream<'scope, u64, Vec<()>>
 where
@@ -60,7 +64,7 @@ where
 {
     let worker = stream.scope().worker().clone();
     stream.unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
-        Exchange::new(|_: &D| 0u64),
+        Exchange::new(move |_: &D| writer_worker),
         name,
         move |_capability, info| {
             writer.wake_with(worker.sync_activator_for(info.address.to_vec()));

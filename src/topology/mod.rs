@@ -1624,7 +1624,7 @@ pub fn explain(plan: &Plan, workers: usize, partitions: Option<u32>) -> String {
     }
     let _ = writeln!(
         out,
-        "  6. sink         exchange to worker 0, epoch order; binding `{}` (upserts and tombstones keyed by `{}`), dead letters `{}`",
+        "  6. sink         epoch order; a file written by worker 0 (every worker's records), Kafka by every worker (its own); binding `{}` (upserts and tombstones keyed by `{}`), dead letters `{}`",
         plan.output_binding, plan.key_field, plan.dead_letter_binding
     );
     let _ = writeln!(

@@ -18,6 +18,15 @@
 //!
 //! Within a partition, idempotence keeps order across retries, so one
 //! listing's updates never overtake each other.
+//!
+//! # Every worker writes
+//! Each worker writes the records it made through [`KafkaSink::share`]: one
+//! producer, so one batch per output partition fills from every worker. A
+//! listing's documents all come from the worker that owns its input
+//! partition, in epoch order, so they still leave in order. The tracker
+//! counts every worker's records together: a worker may hold an epoch a
+//! little longer while another worker's records of it are in flight, which
+//! the dataflow's frontier would hold anyway.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -44,8 +53,9 @@ struct Tracking {
     /// epoch -> records sent and not yet acknowledged (absent: none)
     unacknowledged: BTreeMap<u64, u64>,
     errors: Vec<String>,
-    /// wakes the sink stage when an epoch is complete or a delivery failed
-    waker: Option<SyncActivator>,
+    /// wake the sink stages (one per worker) when an epoch is complete or a
+    /// delivery failed
+    wakers: Vec<SyncActivator>,
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -72,9 +82,11 @@ impl ProducerContext for DeliveryTracker {
                 wake = true;
             }
         }
-        if wake && let Some(waker) = &tracking.waker {
-            // the stage is gone only when the dataflow is: nothing left to wake
-            let _ = waker.activate();
+        if wake {
+            for waker in &tracking.wakers {
+                // a stage is gone only when the dataflow is: nothing left to wake
+                let _ = waker.activate();
+            }
         }
     }
 }
@@ -87,13 +99,14 @@ pub struct KafkaSinkError {
 }
 
 pub struct KafkaSink {
-    producer: ThreadedProducer<DeliveryTracker>,
+    /// shared by the workers' sinks (see "Every worker writes")
+    producer: Arc<ThreadedProducer<DeliveryTracker>>,
     tracker: DeliveryTracker,
-    /// the epoch the records written now belong to (see `begin_epoch`)
+    /// the epoch the records this worker writes now belong to (see `begin_epoch`)
     epoch: u64,
     topic: String,
-    source_topic: String,
-    model_headers: Vec<(String, String)>,
+    source_topic: Arc<str>,
+    model_headers: Arc<[(String, String)]>,
 }
 
 impl KafkaSink {
@@ -125,13 +138,25 @@ impl KafkaSink {
             .map(|(name, version)| (format!("assay.model.{name}"), version))
             .collect();
         Ok(KafkaSink {
-            producer,
+            producer: Arc::new(producer),
             tracker,
             epoch: 0,
             topic: binding.topic.clone(),
-            source_topic: source_topic.to_string(),
+            source_topic: source_topic.into(),
             model_headers,
         })
+    }
+
+    /// A sink for another worker, writing through the same producer.
+    pub fn share(&self) -> KafkaSink {
+        KafkaSink {
+            producer: self.producer.clone(),
+            tracker: self.tracker.clone(),
+            epoch: 0,
+            topic: self.topic.clone(),
+            source_topic: self.source_topic.clone(),
+            model_headers: self.model_headers.clone(),
+        }
     }
 
     fn send(
@@ -176,13 +201,14 @@ impl KafkaSink {
         self.epoch = epoch;
     }
 
-    /// Wakes the sink stage whenever an epoch is acknowledged in full.
+    /// Wakes this worker's sink stage whenever an epoch is acknowledged in full.
     pub fn wake_with(&mut self, waker: SyncActivator) {
-        self.tracker.0.lock().unwrap().waker = Some(waker);
+        self.tracker.0.lock().unwrap().wakers.push(waker);
     }
 
     /// Every epoch below the returned one has been acknowledged in full (of
-    /// the epochs written so far); a delivery that failed for good is an error.
+    /// the epochs written so far, by any worker); a delivery that failed for
+    /// good is an error.
     pub fn delivered_below(&self) -> Result<u64, KafkaSinkError> {
         let tracking = self.tracker.0.lock().unwrap();
         if let Some(first) = tracking.errors.first() {
@@ -212,7 +238,7 @@ impl KafkaSink {
             })
             .insert(Header {
                 key: "assay.source.topic",
-                value: Some(self.source_topic.as_str()),
+                value: Some(&*self.source_topic),
             })
             .insert(Header {
                 key: "assay.source.partition",
@@ -230,7 +256,7 @@ impl KafkaSink {
             });
         }
         if document.body.is_some() {
-            for (key, value) in &self.model_headers {
+            for (key, value) in self.model_headers.iter() {
                 headers = headers.insert(Header {
                     key: key.as_str(),
                     value: Some(value.as_str()),
@@ -262,7 +288,7 @@ impl KafkaSink {
             })
             .insert(Header {
                 key: "assay.source.topic",
-                value: Some(self.source_topic.as_str()),
+                value: Some(&*self.source_topic),
             })
             .insert(Header {
                 key: "assay.source.partition",
@@ -367,6 +393,27 @@ mod tests {
             u64::MAX,
             "the broker came back: both epochs are acknowledged"
         );
+    }
+
+    #[test]
+    fn a_shared_sink_writes_through_the_same_producer_and_holds_the_same_epochs() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("documents", 1, 1).unwrap();
+        let worker_0 = sink_on(&cluster);
+        let mut worker_1 = worker_0.share();
+        cluster.broker_down(1).unwrap();
+        worker_1.begin_epoch(3);
+        worker_1.write_document(&document("a")).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            worker_0.delivered_below().unwrap(),
+            3,
+            "worker 0 sees the epoch worker 1's record holds"
+        );
+        cluster.broker_up(1).unwrap();
+        let after = wait_until(&worker_0, |r| matches!(r, Ok(u64::MAX)));
+        assert_eq!(after.unwrap(), u64::MAX);
+        assert_eq!(worker_1.delivered_below().unwrap(), u64::MAX);
     }
 
     #[test]
