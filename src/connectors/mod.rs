@@ -163,7 +163,10 @@ impl Sink {
     pub fn hand_over(&mut self) -> Result<(), String> {
         match self {
             Sink::File(file) => file.flush().map_err(|e| e.to_string()),
-            Sink::Kafka(_) => Ok(()),
+            Sink::Kafka(kafka) => {
+                kafka.hand_over();
+                Ok(())
+            }
         }
     }
 

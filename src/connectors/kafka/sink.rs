@@ -5,6 +5,10 @@
 //! The ordered sink stage hands over completed epochs and does not wait: each
 //! record is sent with its epoch as the delivery opaque, and the
 //! [`DeliveryTracker`] counts the records of each epoch not yet acknowledged.
+//! A sink adds its records to the count once per epoch ([`KafkaSink::hand_over`]
+//! and `begin_epoch`), not under the tracker's lock per record; an
+//! acknowledgement may come first, so a count is signed and an epoch is
+//! complete when it is zero.
 //! The stage releases an epoch only when it and every earlier epoch are
 //! acknowledged ([`KafkaSink::delivered_below`]), so a checkpoint never covers
 //! an undelivered document, while several epochs' round trips to the broker
@@ -50,12 +54,35 @@ pub struct DeliveryTracker(Arc<Mutex<Tracking>>);
 
 #[derive(Default)]
 struct Tracking {
-    /// epoch -> records sent and not yet acknowledged (absent: none)
-    unacknowledged: BTreeMap<u64, u64>,
+    /// epoch -> records handed over minus records acknowledged (absent:
+    /// zero). Negative while a sink has not yet added the records whose
+    /// acknowledgements came; a sink asks `delivered_below` only after its
+    /// own are added, and another sink still adding holds the epoch itself.
+    unacknowledged: BTreeMap<u64, i64>,
     errors: Vec<String>,
     /// wake the sink stages (one per worker) when an epoch is complete or a
     /// delivery failed
     wakers: Vec<SyncActivator>,
+}
+
+impl Tracking {
+    /// Adds `records` to `epoch`'s count; true when that completed it.
+    fn add(&mut self, epoch: u64, records: i64) -> bool {
+        match self.unacknowledged.entry(epoch) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(records);
+                false
+            }
+            Entry::Occupied(mut count) => {
+                *count.get_mut() += records;
+                if *count.get() == 0 {
+                    count.remove();
+                    return true;
+                }
+                false
+            }
+        }
+    }
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -75,12 +102,8 @@ impl ProducerContext for DeliveryTracker {
                 .push(format!("{error} (key {key:?}, topic {})", message.topic()));
             wake = true;
         }
-        if let Entry::Occupied(mut count) = tracking.unacknowledged.entry(epoch as u64) {
-            *count.get_mut() -= 1;
-            if *count.get() == 0 {
-                count.remove();
-                wake = true;
-            }
+        if tracking.add(epoch as u64, -1) {
+            wake = true;
         }
         if wake {
             for waker in &tracking.wakers {
@@ -104,6 +127,8 @@ pub struct KafkaSink {
     tracker: DeliveryTracker,
     /// the epoch the records this worker writes now belong to (see `begin_epoch`)
     epoch: u64,
+    /// records of `epoch` sent and not yet added to the tracker's count
+    sent_unhanded: i64,
     topic: String,
     source_topic: Arc<str>,
     model_headers: Arc<[(String, String)]>,
@@ -141,6 +166,7 @@ impl KafkaSink {
             producer: Arc::new(producer),
             tracker,
             epoch: 0,
+            sent_unhanded: 0,
             topic: binding.topic.clone(),
             source_topic: source_topic.into(),
             model_headers,
@@ -153,6 +179,7 @@ impl KafkaSink {
             producer: self.producer.clone(),
             tracker: self.tracker.clone(),
             epoch: 0,
+            sent_unhanded: 0,
             topic: self.topic.clone(),
             source_topic: self.source_topic.clone(),
             model_headers: self.model_headers.clone(),
@@ -160,7 +187,7 @@ impl KafkaSink {
     }
 
     fn send(
-        &self,
+        &mut self,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: OwnedHeaders,
@@ -169,18 +196,12 @@ impl KafkaSink {
             BaseRecord::with_opaque_to(&self.topic, self.epoch as usize).headers(headers);
         record.key = key;
         record.payload = payload;
-        // counted before the send: its acknowledgement may come at once
-        *self
-            .tracker
-            .0
-            .lock()
-            .unwrap()
-            .unacknowledged
-            .entry(self.epoch)
-            .or_default() += 1;
         loop {
             match self.producer.send(record) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.sent_unhanded += 1;
+                    return Ok(());
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     // the local queue is full (e.g. the broker is away): wait, do not drop
                     record = returned;
@@ -198,7 +219,26 @@ impl KafkaSink {
 
     /// The records written from now on belong to `epoch` (epochs only grow).
     pub fn begin_epoch(&mut self, epoch: u64) {
+        self.hand_over();
         self.epoch = epoch;
+    }
+
+    /// Adds the records sent since the last hand-over to their epoch's
+    /// count. `delivered_below` knows only of records handed over.
+    pub fn hand_over(&mut self) {
+        if self.sent_unhanded == 0 {
+            return;
+        }
+        let mut tracking = self.tracker.0.lock().unwrap();
+        let completed = tracking.add(self.epoch, self.sent_unhanded);
+        self.sent_unhanded = 0;
+        if completed {
+            // every record was acknowledged before it was counted: no
+            // acknowledgement is left to wake the stages
+            for waker in &tracking.wakers {
+                let _ = waker.activate();
+            }
+        }
     }
 
     /// Wakes this worker's sink stage whenever an epoch is acknowledged in full.
@@ -207,8 +247,8 @@ impl KafkaSink {
     }
 
     /// Every epoch below the returned one has been acknowledged in full (of
-    /// the epochs written so far, by any worker); a delivery that failed for
-    /// good is an error.
+    /// the records handed over so far, by any worker); a delivery that failed
+    /// for good is an error.
     pub fn delivered_below(&self) -> Result<u64, KafkaSinkError> {
         let tracking = self.tracker.0.lock().unwrap();
         if let Some(first) = tracking.errors.first() {
@@ -379,6 +419,7 @@ mod tests {
         sink.write_document(&document("a")).unwrap();
         sink.begin_epoch(4);
         sink.write_document(&document("b")).unwrap();
+        sink.hand_over();
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!(
             sink.delivered_below().unwrap(),
@@ -396,6 +437,24 @@ mod tests {
     }
 
     #[test]
+    fn an_acknowledgement_before_its_record_is_counted_keeps_the_epoch_open_until_it_is() {
+        let mut tracking = Tracking::default();
+        // worker 1's record of epoch 5 is acknowledged before worker 1 hands it over
+        assert!(!tracking.add(5, -1));
+        assert_eq!(tracking.unacknowledged.first_key_value(), Some((&5, &-1)));
+        // worker 0 hands over its record of epoch 5, still in flight: the sum
+        // is zero, and worker 0 may let go of epoch 5; the frontier does not
+        // pass it, because worker 1's stage, still writing it, holds it
+        assert!(tracking.add(5, 1));
+        // worker 1 hands over: worker 0's record is what is outstanding now,
+        // and worker 1 holds epoch 5 until it is acknowledged
+        assert!(!tracking.add(5, 1));
+        assert_eq!(tracking.unacknowledged.first_key_value(), Some((&5, &1)));
+        assert!(tracking.add(5, -1));
+        assert!(tracking.unacknowledged.is_empty());
+    }
+
+    #[test]
     fn a_shared_sink_writes_through_the_same_producer_and_holds_the_same_epochs() {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("documents", 1, 1).unwrap();
@@ -404,6 +463,7 @@ mod tests {
         cluster.broker_down(1).unwrap();
         worker_1.begin_epoch(3);
         worker_1.write_document(&document("a")).unwrap();
+        worker_1.hand_over();
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!(
             worker_0.delivered_below().unwrap(),
@@ -427,6 +487,7 @@ mod tests {
         );
         sink.begin_epoch(7);
         sink.write_document(&document("a")).unwrap();
+        sink.hand_over();
         let after = wait_until(&sink, |r| r.is_err());
         let error = after.expect_err("a record the broker refused must not let epoch 7 pass");
         assert!(error.detail.contains("could not be delivered"), "{error}");
