@@ -268,13 +268,16 @@ impl KafkaSink {
     }
 
     pub fn write_document(&mut self, document: &OutputDocument) -> Result<(), KafkaSinkError> {
-        let version = document.version.to_string();
-        let partition = document.position.partition.to_string();
-        let offset = document.position.offset.to_string();
+        // numbers formatted on the stack: librdkafka copies each header
+        let (mut version, mut partition, mut offset) =
+            (itoa::Buffer::new(), itoa::Buffer::new(), itoa::Buffer::new());
+        let version = version.format(document.version);
+        let partition = partition.format(document.position.partition);
+        let offset = offset.format(document.position.offset);
         let mut headers = OwnedHeaders::new()
             .insert(Header {
                 key: "assay.version",
-                value: Some(version.as_str()),
+                value: Some(version),
             })
             .insert(Header {
                 key: "assay.source.topic",
@@ -282,17 +285,17 @@ impl KafkaSink {
             })
             .insert(Header {
                 key: "assay.source.partition",
-                value: Some(partition.as_str()),
+                value: Some(partition),
             })
             .insert(Header {
                 key: "assay.source.offset",
-                value: Some(offset.as_str()),
+                value: Some(offset),
             });
         if document.position.timestamp_ms > 0 {
-            let timestamp = document.position.timestamp_ms.to_string();
+            let mut timestamp = itoa::Buffer::new();
             headers = headers.insert(Header {
                 key: "assay.source.timestamp",
-                value: Some(timestamp.as_str()),
+                value: Some(timestamp.format(document.position.timestamp_ms)),
             });
         }
         if document.body.is_some() {
