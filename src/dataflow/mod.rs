@@ -278,7 +278,9 @@ pub fn run(
         &model_versions,
     )?;
     let documents_on_every_worker = document_sink.written_by_every_worker();
-    let document_sinks = Arc::new(Mutex::new(document_sink.for_workers(config.runtime.workers)));
+    let document_sinks = Arc::new(Mutex::new(
+        document_sink.for_workers(config.runtime.workers),
+    ));
     let dead_letter_sink = open_sink(
         config,
         &plan.dead_letter_binding,
@@ -287,8 +289,9 @@ pub fn run(
         &model_versions,
     )?;
     let dead_letters_on_every_worker = dead_letter_sink.written_by_every_worker();
-    let dead_letter_sinks =
-        Arc::new(Mutex::new(dead_letter_sink.for_workers(config.runtime.workers)));
+    let dead_letter_sinks = Arc::new(Mutex::new(
+        dead_letter_sink.for_workers(config.runtime.workers),
+    ));
     // the changelog is made on worker 0 (see `statistics_changelog`)
     let statistics_sink = Arc::new(Mutex::new(match &plan.statistics_binding {
         // optional: written only when the config binds it

@@ -269,8 +269,11 @@ impl KafkaSink {
 
     pub fn write_document(&mut self, document: &OutputDocument) -> Result<(), KafkaSinkError> {
         // numbers formatted on the stack: librdkafka copies each header
-        let (mut version, mut partition, mut offset) =
-            (itoa::Buffer::new(), itoa::Buffer::new(), itoa::Buffer::new());
+        let (mut version, mut partition, mut offset) = (
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+        );
         let version = version.format(document.version);
         let partition = partition.format(document.position.partition);
         let offset = offset.format(document.position.offset);
