@@ -486,7 +486,7 @@ pub struct Options {
     /// Override of `runtime.max_epochs_in_flight`.
     #[arg(long)]
     max_epochs_in_flight: Option<u64>,
-    /// Override of `runtime.market_window_epochs` (`config/kafka.toml`: 5
+    /// Override of `runtime.market_window_epochs` (`config/kafka.toml`: 25
     /// epochs of 20 ms). With 1, every tick re-evaluated the neighbours of
     /// every statistic that moved, and at half of the maximum rate the full
     /// topology fell behind (its trend line grew).
