@@ -133,6 +133,29 @@ fn document_order(a: &OutputDocument, b: &OutputDocument) -> std::cmp::Ordering 
     })
 }
 
+/// One output binding's sinks, a slot per worker (see `Sink::for_workers`).
+struct WorkerSinks {
+    slots: Mutex<Vec<Option<Sink>>>,
+    /// whether each worker writes its own records, or sends them to worker 0
+    every_worker: bool,
+}
+
+impl WorkerSinks {
+    fn new(sink: Sink, workers: usize) -> Self {
+        WorkerSinks {
+            every_worker: sink.written_by_every_worker(),
+            slots: Mutex::new(sink.for_workers(workers)),
+        }
+    }
+
+    /// Worker `index`'s sink (`None` where it writes nothing), and the
+    /// worker whose sink writes the records worker `index` makes.
+    fn take(&self, index: usize) -> (Option<Sink>, u64) {
+        let writer = if self.every_worker { index as u64 } else { 0 };
+        (self.slots.lock().unwrap()[index].take(), writer)
+    }
+}
+
 /// Opens an output binding (checking a Kafka topic first).
 fn open_sink(
     config: &EnvConfig,
@@ -267,30 +290,26 @@ pub fn run(
         .iter()
         .map(|m| (m.name.clone(), m.version.clone()))
         .collect();
-    // Documents and dead letters: each worker takes its sink by index (see
-    // `Sink::for_workers`); `*_on_every_worker` says whether a worker writes
-    // its own records or sends them to worker 0.
-    let document_sink = open_sink(
-        config,
-        &plan.output_binding,
-        options.from_scratch,
-        &source_topic,
-        &model_versions,
-    )?;
-    let documents_on_every_worker = document_sink.written_by_every_worker();
-    let document_sinks = Arc::new(Mutex::new(
-        document_sink.for_workers(config.runtime.workers),
+    // documents and dead letters: each worker takes its own sink
+    let document_sinks = Arc::new(WorkerSinks::new(
+        open_sink(
+            config,
+            &plan.output_binding,
+            options.from_scratch,
+            &source_topic,
+            &model_versions,
+        )?,
+        config.runtime.workers,
     ));
-    let dead_letter_sink = open_sink(
-        config,
-        &plan.dead_letter_binding,
-        options.from_scratch,
-        &source_topic,
-        &model_versions,
-    )?;
-    let dead_letters_on_every_worker = dead_letter_sink.written_by_every_worker();
-    let dead_letter_sinks = Arc::new(Mutex::new(
-        dead_letter_sink.for_workers(config.runtime.workers),
+    let dead_letter_sinks = Arc::new(WorkerSinks::new(
+        open_sink(
+            config,
+            &plan.dead_letter_binding,
+            options.from_scratch,
+            &source_topic,
+            &model_versions,
+        )?,
+        config.runtime.workers,
     ));
     // the changelog is made on worker 0 (see `statistics_changelog`)
     let statistics_sink = Arc::new(Mutex::new(match &plan.statistics_binding {
@@ -351,12 +370,9 @@ pub fn run(
         let stage = Rc::new(RefCell::new(ListingStateStage::new(plan.clone(), store.clone())));
         let counts = Rc::new(RefCell::new(SinkCounts::default()));
         let evaluate_counts = Rc::new(RefCell::new(evaluate::EvaluateCounts::default()));
-        let mut documents_out = document_sinks.lock().unwrap()[index].take();
-        let mut dead_out = dead_letter_sinks.lock().unwrap()[index].take();
+        let (mut documents_out, documents_writer) = document_sinks.take(index);
+        let (mut dead_out, dead_letters_writer) = dead_letter_sinks.take(index);
         let mut statistics_out = if index == 0 { statistics_sink.lock().unwrap().take() } else { None };
-        // the worker whose sink writes this worker's records
-        let documents_writer = if documents_on_every_worker { index as u64 } else { 0 };
-        let dead_letters_writer = if dead_letters_on_every_worker { index as u64 } else { 0 };
         // dataflow times: the rebuild at `first_epoch`, input epoch e at e + 1
         let first_epoch = source.first_epoch(runtime.epoch_records);
         let skip_epoch = trusted_views.then_some(first_epoch);

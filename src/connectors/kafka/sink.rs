@@ -83,6 +83,14 @@ impl Tracking {
             }
         }
     }
+
+    /// Wakes every worker's sink stage.
+    fn wake_all(&self) {
+        for waker in &self.wakers {
+            // a stage is gone only when the dataflow is: nothing left to wake
+            let _ = waker.activate();
+        }
+    }
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -106,10 +114,7 @@ impl ProducerContext for DeliveryTracker {
             wake = true;
         }
         if wake {
-            for waker in &tracking.wakers {
-                // a stage is gone only when the dataflow is: nothing left to wake
-                let _ = waker.activate();
-            }
+            tracking.wake_all();
         }
     }
 }
@@ -235,9 +240,7 @@ impl KafkaSink {
         if completed {
             // every record was acknowledged before it was counted: no
             // acknowledgement is left to wake the stages
-            for waker in &tracking.wakers {
-                let _ = waker.activate();
-            }
+            tracking.wake_all();
         }
     }
 
