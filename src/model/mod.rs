@@ -48,8 +48,11 @@ pub struct LoadedModel {
     /// row looked its value up by comparing it with every category in turn
     /// (50 two-letter states: a memcmp each), 2.5% of the full pipeline's
     /// instructions in encoding rows.
-    category_columns: Arc<Vec<Option<FxHashMap<Box<str>, usize>>>>,
+    category_columns: Arc<Vec<Option<CategoryColumns>>>,
 }
+
+/// A one-hot input's column for each of its categories.
+type CategoryColumns = FxHashMap<Box<str>, usize>;
 
 /// A borrowed value for encoding model inputs.
 #[derive(Debug, Clone, Copy)]
