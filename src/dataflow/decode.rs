@@ -102,14 +102,8 @@ impl Slots {
                 }
                 let (value, next) = flat_value(text, skip_whitespace(bytes, at + 1))?;
                 // a repeated name keeps its last value, as a parsed object does
-                match self.by_name.get(name).map(Vec::as_slice) {
-                    Some([slot]) => values[*slot] = Some(value),
-                    Some(slots) => {
-                        for slot in slots {
-                            values[*slot] = Some(value.clone());
-                        }
-                    }
-                    None => {}
+                if let Some(slots) = self.by_name.get(name) {
+                    place(&mut values, slots, value);
                 }
                 at = skip_whitespace(bytes, next);
                 match bytes.get(at) {
@@ -133,12 +127,21 @@ impl Slots {
                     Json::String(text) => Slot::Str(Cow::Owned(text)),
                     other => Slot::Json(other),
                 };
-                for slot in slots {
-                    values[*slot] = Some(value.clone());
-                }
+                place(&mut values, slots, value);
             }
         }
         values
+    }
+}
+
+/// Puts a name's value in each of its slots (a name may fill several: a
+/// field that is also the key), moved into the last.
+fn place<'a>(values: &mut [Option<Slot<'a>>], slots: &[usize], value: Slot<'a>) {
+    if let Some((last, others)) = slots.split_last() {
+        for slot in others {
+            values[*slot] = Some(value.clone());
+        }
+        values[*last] = Some(value);
     }
 }
 

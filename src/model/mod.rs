@@ -44,10 +44,10 @@ pub struct LoadedModel {
     pub version: String,
     pub sidecar: Sidecar,
     runnable: Arc<TypedRunnableModel>,
-    /// For each one-hot input (by input index), each category's column: a
+    /// For each one-hot input (by input index), each category's column. A
     /// row looked its value up by comparing it with every category in turn
-    /// (50 two-letter states: a memcmp each), 2.5% of the full pipeline's
-    /// instructions in encoding rows.
+    /// (50 two-letter states: a memcmp each); the map spares 0.3% of the
+    /// full pipeline's instructions (callgrind, 100,000 events).
     category_columns: Arc<Vec<Option<CategoryColumns>>>,
 }
 
