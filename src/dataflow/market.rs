@@ -373,9 +373,19 @@ pub fn member_signature(
         statistics,
     };
     let mut hash = FNV_OFFSET;
+    // a band of the value the output before it shows (the price position,
+    // banded from the price's ratio to the segment's median) takes that
+    // value instead of computing it again
+    let mut previous: Option<(ValueRef, Option<f64>)> = None;
     for index in &projection.outputs {
         let field = &plan.output_fields[*index];
-        let token = shaped_token(plan, field, context.number(shaped_from(plan, field)));
+        let source = shaped_from(plan, field);
+        let number = match previous {
+            Some((value, number)) if value == source => number,
+            _ => context.number(source),
+        };
+        previous = Some((source, number));
+        let token = shaped_token(plan, field, number);
         hash = match token {
             Some(token) => signature_mix(signature_mix(hash, 1), token),
             None => signature_mix(hash, 0),
