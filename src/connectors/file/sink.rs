@@ -86,21 +86,38 @@ impl FileSink {
         letter: &DeadLetter,
         binding: &str,
     ) -> Result<(), FileSinkError> {
-        let line = DeadLetterLine {
-            reason: &letter.reason,
-            stage: &letter.stage,
-            detail: &letter.detail,
-            source: SourceLine {
-                binding,
-                partition: letter.position.partition,
-                offset: letter.position.offset,
-                byte_offset: letter.position.byte_offset,
-            },
-            bytes_base64: base64::engine::general_purpose::STANDARD.encode(&letter.bytes),
-        };
+        // written field by field, as serde wrote `DeadLetterLine` (the unit
+        // test below compares the two): the base64 text, most of the line,
+        // goes straight into the buffer, without a String of its own and
+        // without a scan for characters to escape that base64 never has
         self.buffer.clear();
-        serde_json::to_writer(&mut self.buffer, &line).expect("json serializes");
-        self.buffer.push(b'\n');
+        self.buffer.extend_from_slice(b"{\"reason\":");
+        serde_json::to_writer(&mut self.buffer, &letter.reason).expect("a string serializes");
+        self.buffer.extend_from_slice(b",\"stage\":");
+        serde_json::to_writer(&mut self.buffer, &letter.stage).expect("a string serializes");
+        self.buffer.extend_from_slice(b",\"detail\":");
+        serde_json::to_writer(&mut self.buffer, &letter.detail).expect("a string serializes");
+        self.buffer.extend_from_slice(b",\"source\":{\"binding\":");
+        serde_json::to_writer(&mut self.buffer, binding).expect("a string serializes");
+        let mut number = itoa::Buffer::new();
+        self.buffer.extend_from_slice(b",\"partition\":");
+        self.buffer
+            .extend_from_slice(number.format(letter.position.partition).as_bytes());
+        self.buffer.extend_from_slice(b",\"offset\":");
+        self.buffer
+            .extend_from_slice(number.format(letter.position.offset).as_bytes());
+        self.buffer.extend_from_slice(b",\"byte_offset\":");
+        self.buffer
+            .extend_from_slice(number.format(letter.position.byte_offset).as_bytes());
+        self.buffer.extend_from_slice(b"},\"bytes_base64\":\"");
+        let start = self.buffer.len();
+        let encoded =
+            base64::encoded_len(letter.bytes.len(), true).expect("a record's length fits");
+        self.buffer.resize(start + encoded, 0);
+        base64::engine::general_purpose::STANDARD
+            .encode_slice(&letter.bytes, &mut self.buffer[start..])
+            .expect("the buffer was sized for the encoding");
+        self.buffer.extend_from_slice(b"\"}\n");
         self.write_buffer()
     }
 
@@ -120,24 +137,6 @@ impl FileSink {
             detail: e.to_string(),
         })
     }
-}
-
-/// A dead letter as written: fields in this order, for people reading the file.
-#[derive(serde::Serialize)]
-struct DeadLetterLine<'a> {
-    reason: &'a str,
-    stage: &'a str,
-    detail: &'a str,
-    source: SourceLine<'a>,
-    bytes_base64: String,
-}
-
-#[derive(serde::Serialize)]
-struct SourceLine<'a> {
-    binding: &'a str,
-    partition: u32,
-    offset: u64,
-    byte_offset: u64,
 }
 
 fn cut_partial_last_line(file: &mut File) -> std::io::Result<()> {
@@ -171,6 +170,84 @@ fn cut_partial_last_line(file: &mut File) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dead letter as serde wrote it before `write_dead_letter` wrote it
+    /// field by field: fields in this order, for people reading the file.
+    #[derive(serde::Serialize)]
+    struct DeadLetterLine<'a> {
+        reason: &'a str,
+        stage: &'a str,
+        detail: &'a str,
+        source: SourceLine<'a>,
+        bytes_base64: String,
+    }
+
+    #[derive(serde::Serialize)]
+    struct SourceLine<'a> {
+        binding: &'a str,
+        partition: u32,
+        offset: u64,
+        byte_offset: u64,
+    }
+
+    #[test]
+    fn a_dead_letter_line_is_what_serde_writes_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dead.jsonl");
+        let mut sink = FileSink::open(&path, true).unwrap();
+        let mut expected = Vec::new();
+        let texts = [
+            "",
+            "out_of_range",
+            "a \"quote\", a \\ and a\ttab\n",
+            "\u{1}\u{7f}é😀",
+        ];
+        let payloads: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            b"{".to_vec(),
+            b"ab".to_vec(),
+            b"abc".to_vec(),
+            vec![0xff, 0xfe, 0x00, b'"', b'\\'],
+            (0..=255u8).cycle().take(10 * 1024 * 1024 + 1).collect(),
+        ];
+        for (i, bytes) in payloads.into_iter().enumerate() {
+            for text in texts {
+                let letter = DeadLetter {
+                    bytes: bytes.clone(),
+                    position: crate::record::SourcePosition {
+                        partition: i as u32 * 7,
+                        offset: u64::MAX - i as u64,
+                        byte_offset: i as u64 * 1000,
+                        timestamp_ms: 0,
+                    },
+                    reason: text.to_string(),
+                    detail: format!("{text} in record {i}"),
+                    stage: text.chars().rev().collect(),
+                    read_at_nanos: 0,
+                };
+                sink.write_dead_letter(&letter, text).unwrap();
+                let line = DeadLetterLine {
+                    reason: &letter.reason,
+                    stage: &letter.stage,
+                    detail: &letter.detail,
+                    source: SourceLine {
+                        binding: text,
+                        partition: letter.position.partition,
+                        offset: letter.position.offset,
+                        byte_offset: letter.position.byte_offset,
+                    },
+                    bytes_base64: base64::engine::general_purpose::STANDARD.encode(&letter.bytes),
+                };
+                serde_json::to_writer(&mut expected, &line).unwrap();
+                expected.push(b'\n');
+            }
+        }
+        sink.flush().unwrap();
+        assert!(
+            std::fs::read(&path).unwrap() == expected,
+            "the lines differ"
+        );
+    }
 
     #[test]
     fn a_partial_last_line_is_cut_on_open() {
