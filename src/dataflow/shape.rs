@@ -19,8 +19,8 @@ enum Shaped<'a> {
     Number(f64),
     Integer(i64),
     Text(&'a str),
-    /// A JSON string already quoted and escaped (a band's label).
-    Quoted(&'a str),
+    /// The whole field, prefix and quoted label, written once (a band's).
+    Labelled(&'a str),
     /// A number rounded to a decimal step and not whole: units of its last
     /// decimal place, and the places.
     Decimal(i64, u32),
@@ -28,7 +28,14 @@ enum Shaped<'a> {
 
 /// One output field, resolved when the shaper is made.
 struct FieldWriter {
+    /// `,"name":`
     prefix: String,
+    /// `,"name":"`: a string that needs no escaping follows it, one copy
+    /// fewer per string field
+    prefix_and_quote: String,
+    /// For a band: `,"name":"label"` for each label (steps', then
+    /// `otherwise`), quoted and escaped once; a label is copied, never scanned.
+    labelled: Vec<String>,
     source: ValueRef,
     rounding: Option<features::Rounding>,
 }
@@ -41,9 +48,6 @@ pub struct Shaper {
     event_time_prefix: String,
     /// Each output field's `,"name":` and how its value is written, in order.
     fields: Vec<FieldWriter>,
-    /// Each band's labels (steps', then `otherwise`) as JSON strings, quoted
-    /// and escaped once: a label is copied, never scanned.
-    band_labels: Vec<Vec<String>>,
     /// `,"scored_by":{...}}`, or `}` without models.
     tail: String,
     /// The longest document so far (capped), to size the next one's buffer:
@@ -79,25 +83,30 @@ impl Shaper {
             fields: plan
                 .output_fields
                 .iter()
-                .map(|field| FieldWriter {
-                    prefix: prefix(",", &field.name),
-                    source: field.source,
-                    rounding: field.round_to,
-                })
-                .collect(),
-            band_labels: plan
-                .bands
-                .iter()
-                .map(|band| {
-                    let labels = band.steps.iter().map(|(_, label)| label);
-                    labels
-                        .chain([&band.otherwise])
-                        .map(|label| {
-                            let mut quoted = String::new();
-                            write_string(&mut quoted, label);
-                            quoted
-                        })
-                        .collect()
+                .map(|field| {
+                    let prefix = prefix(",", &field.name);
+                    let labelled = match field.source {
+                        ValueRef::Band(band) => {
+                            let band = &plan.bands[band];
+                            let labels = band.steps.iter().map(|(_, label)| label);
+                            labels
+                                .chain([&band.otherwise])
+                                .map(|label| {
+                                    let mut labelled = prefix.clone();
+                                    write_string(&mut labelled, label);
+                                    labelled
+                                })
+                                .collect()
+                        }
+                        _ => Vec::new(),
+                    };
+                    FieldWriter {
+                        prefix_and_quote: format!("{prefix}\""),
+                        prefix,
+                        labelled,
+                        source: field.source,
+                        rounding: field.round_to,
+                    }
                 })
                 .collect(),
             tail,
@@ -136,16 +145,6 @@ pub fn document_body(
             _ => None,
         });
     }
-    // each band's label, as the index of its quoted form
-    let bands: SmallVec<[Option<usize>; 8]> = plan
-        .bands
-        .iter()
-        .map(|band| {
-            numeric(plan, band.source, row, model_values, &derived)
-                .map(|value| features::band_index(value, &band.steps))
-        })
-        .collect();
-
     let mut out = String::with_capacity(shaper.longest_document.get());
     out.push_str(&shaper.key_prefix);
     write_string(&mut out, &row.key);
@@ -168,8 +167,12 @@ pub fn document_body(
                 Some(Value::Num(v)) => Some(Shaped::Number(*v)),
                 None => None,
             },
+            // a band is shown once, so its label is found here, not up front
             ValueRef::Band(i) => {
-                bands[i].map(|label| Shaped::Quoted(&shaper.band_labels[i][label]))
+                let band = &plan.bands[i];
+                numeric(plan, band.source, row, model_values, &derived).map(|value| {
+                    Shaped::Labelled(&field.labelled[features::band_index(value, &band.steps)])
+                })
             }
             other => numeric(plan, other, row, model_values, &derived).map(Shaped::Number),
         };
@@ -195,17 +198,28 @@ pub fn document_body(
             }
             (value, _) => value,
         };
-        out.push_str(&field.prefix);
         match value {
-            Shaped::Text(s) => write_string(&mut out, s),
-            Shaped::Quoted(s) => out.push_str(s),
-            Shaped::Integer(v) => write_integer(&mut out, v),
-            Shaped::Decimal(units, places) => write_decimal(&mut out, units, places),
-            // whole numbers print as integers: counts and ages read as 3, not 3.0
-            Shaped::Number(v) => match features::as_whole(v) {
-                Some(whole) => write_integer(&mut out, whole),
-                None => write_float(&mut out, v),
-            },
+            Shaped::Text(s) if !needs_escape(s) => {
+                out.reserve(field.prefix_and_quote.len() + s.len() + 1);
+                out.push_str(&field.prefix_and_quote);
+                out.push_str(s);
+                out.push('"');
+            }
+            Shaped::Labelled(s) => out.push_str(s),
+            value => {
+                out.push_str(&field.prefix);
+                match value {
+                    Shaped::Text(s) => write_string(&mut out, s),
+                    Shaped::Integer(v) => write_integer(&mut out, v),
+                    Shaped::Decimal(units, places) => write_decimal(&mut out, units, places),
+                    // whole numbers print as integers: counts and ages read as 3, not 3.0
+                    Shaped::Number(v) => match features::as_whole(v) {
+                        Some(whole) => write_integer(&mut out, whole),
+                        None => write_float(&mut out, v),
+                    },
+                    Shaped::Labelled(_) => unreachable!("written above"),
+                }
+            }
         }
     }
     out.push_str(&shaper.tail);
@@ -260,11 +274,16 @@ const NEEDS_ESCAPE: [bool; 256] = {
     table
 };
 
+/// Whether a string has a byte JSON must escape. A table lookup per byte:
+/// document strings are short (a model, a colour, a state), too short for a
+/// vectorized check's setup to pay.
+fn needs_escape(text: &str) -> bool {
+    text.bytes().any(|b| NEEDS_ESCAPE[b as usize])
+}
+
 fn write_string(out: &mut String, text: &str) {
-    // most values need no escaping: copy them straight in. A table lookup
-    // per byte: document strings are short (a model, a colour, a state),
-    // too short for a vectorized check's setup to pay.
-    if !text.bytes().any(|b| NEEDS_ESCAPE[b as usize]) {
+    // most values need no escaping: copy them straight in
+    if !needs_escape(text) {
         out.reserve(text.len() + 2);
         out.push('"');
         out.push_str(text);
