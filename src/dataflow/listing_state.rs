@@ -649,7 +649,8 @@ fn merge(
         market: current.market.clone(),
         emitted_hash: current.emitted_hash,
         revision: current.revision,
-        scores: current.scores.clone(),
+        // (SmallVec's clone copies a value at a time)
+        scores: SmallVec::from_slice(&current.scores),
         scores_stamp: current.scores_stamp,
     };
     let old_price = price_of(plan, &current.fields);

@@ -113,19 +113,17 @@ impl Scorer {
                 continue;
             }
             let scores: SmallVec<[f32; 4]> = match kept[row_index] {
-                Some(scores) => scores.iter().copied().collect(),
+                // (from_slice copies at once; collecting from an iterator
+                // pushes a value at a time)
+                Some(scores) => SmallVec::from_slice(scores),
                 None => {
-                    let scores = self
-                        .models
-                        .iter()
-                        .enumerate()
-                        .flat_map(|(m, model)| {
-                            let width = model.outputs();
-                            outputs[m][scored_row * width..(scored_row + 1) * width]
-                                .iter()
-                                .copied()
-                        })
-                        .collect();
+                    let mut scores = SmallVec::new();
+                    for (m, model) in self.models.iter().enumerate() {
+                        let width = model.outputs();
+                        scores.extend_from_slice(
+                            &outputs[m][scored_row * width..(scored_row + 1) * width],
+                        );
+                    }
                     scored_row += 1;
                     scores
                 }
