@@ -171,11 +171,11 @@ fn write_statistic(out: &mut String, value: f64) {
         out.push_str("null");
         return;
     }
-    if let Some(whole) = as_whole(value) {
-        if !(value == 0.0 && value.is_sign_negative()) {
-            out.push_str(itoa::Buffer::new().format(whole));
-            return;
-        }
+    if let Some(whole) = as_whole(value)
+        && !(value == 0.0 && value.is_sign_negative())
+    {
+        out.push_str(itoa::Buffer::new().format(whole));
+        return;
     }
     let mut buffer = ryu::Buffer::new();
     out.push_str(buffer.format_finite(value).trim_end_matches(".0"));

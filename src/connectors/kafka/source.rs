@@ -228,7 +228,7 @@ impl KafkaSource {
                         self.lag
                             .record((now_ms - timestamp_ms).max(0) as u64 * 1_000_000);
                     }
-                    if (out.len() - taken_before) % 64 == 0 {
+                    if (out.len() - taken_before).is_multiple_of(64) {
                         read_at_nanos = self.started.elapsed().as_nanos() as u64;
                     }
                     out.push(RawRecord {
