@@ -128,6 +128,7 @@ impl std::ops::DerefMut for Member {
         &mut self.0
     }
 }
+
 /// Statistics as the bits of f64s (NaN: no value), so they are `Ord`.
 pub type StatisticBits = Vec<u64>;
 /// A differential update of the member collection.
