@@ -147,13 +147,18 @@ impl QuotedNames {
     }
 }
 
+/// A whole value as both f64 printers below show it, digits only: below
+/// 9e15 (ryu switches to exponents only from 1e16), and not -0, which both
+/// print with its sign.
+fn printed_whole(value: f64) -> Option<i64> {
+    as_whole(value).filter(|_| !(value == 0.0 && value.is_sign_negative()))
+}
+
 /// A segment's count as `{}` prints an f64: whole counts without a fraction.
 fn write_count(out: &mut String, count: f64) {
-    match as_whole(count) {
-        Some(whole) if !(count == 0.0 && count.is_sign_negative()) => {
-            out.push_str(itoa::Buffer::new().format(whole))
-        }
-        _ => {
+    match printed_whole(count) {
+        Some(whole) => out.push_str(itoa::Buffer::new().format(whole)),
+        None => {
             let _ = write!(out, "{count}");
         }
     }
@@ -161,24 +166,19 @@ fn write_count(out: &mut String, count: f64) {
 
 /// A statistic as ryu prints it with a trailing `.0` cut (`null` when not
 /// finite). Most statistics are whole (prices, odometers, their quantiles):
-/// those go through itoa, which prints the same digits for whole values
-/// below 9e15 (ryu switches to exponents only from 1e16) at a fraction of
-/// ryu's and the trim's cost; -0 keeps ryu's `-0`. Formatting through
-/// `format!`, ryu, a trim and a `String` per value was 15,000 instructions
-/// a record (callgrind, the 100k-event harness with the changelog bound).
+/// those go through itoa, which prints the same digits, at a fraction of
+/// ryu's and the trim's cost. Formatting through `format!`, ryu, a trim
+/// and a `String` per value was 15,000 instructions a record (callgrind,
+/// the 100k-event harness with the changelog bound).
 fn write_statistic(out: &mut String, value: f64) {
     if !value.is_finite() {
         out.push_str("null");
-        return;
-    }
-    if let Some(whole) = as_whole(value)
-        && !(value == 0.0 && value.is_sign_negative())
-    {
+    } else if let Some(whole) = printed_whole(value) {
         out.push_str(itoa::Buffer::new().format(whole));
-        return;
+    } else {
+        let mut buffer = ryu::Buffer::new();
+        out.push_str(buffer.format_finite(value).trim_end_matches(".0"));
     }
-    let mut buffer = ryu::Buffer::new();
-    out.push_str(buffer.format_finite(value).trim_end_matches(".0"));
 }
 
 /// A record of the statistics changelog: written like a document (keyed by
