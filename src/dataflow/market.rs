@@ -35,7 +35,9 @@
 //! with the old statistics (retracted) and the new (inserted). It computes a
 //! member's *signature*: a hash of the output fields those statistics decide,
 //! rounded and banded (`topology::MarketProjection`), from the values the
-//! member carries. The evaluator nets the two; a member is re-evaluated only
+//! member carries. Equal halves cancel in the join's output builder
+//! (`signature_builder.rs`) when they come in a row, as they nearly always
+//! do; the evaluator nets whatever is left. A member is re-evaluated only
 //! when they differ. A median move in a segment of 100,000 listings changes
 //! the price position of the few priced near a band's edge, not all of them.
 //! Without a projection (a model reads the statistics, say) the signature is
@@ -66,12 +68,12 @@ use differential_dataflow::operators::arrange::TraceAgent;
 use differential_dataflow::trace::TraceReader;
 use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::{AsCollection, VecCollection};
-use timely::container::PushInto;
 use timely::dataflow::StreamVec;
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Concat, Exchange};
 
 use crate::dataflow::member_arrangement::{MemberBatcher, MemberRef, MemberSpine};
+use crate::dataflow::signature_builder::SignatureBuilder;
 use crate::dataflow::{bucket_views, segment_statistics};
 use crate::features;
 use crate::hash::{FNV_OFFSET, fnv1a_extend as fnv};
@@ -1032,15 +1034,10 @@ pub fn build<'scope>(
     // every (member, signature) pair by listing id (5% of the full pipeline's
     // time), only for the evaluator to net the same pairs again by listing,
     // as it must anyway (the two halves of a move can arrive in different
-    // batches). Unconsolidated, a pair whose signatures match reaches the
-    // evaluator and cancels there.
-    let joined = differential_dataflow::operators::join::join_traces::<
-        _,
-        _,
-        _,
-        _,
-        timely::container::CapacityContainerBuilder<Vec<(MarketInput, u64, isize)>>,
-    >(
+    // batches). Unconsolidated; the builder drops a pair whose two halves
+    // arrive in a row and match (`signature_builder.rs`), and the evaluator
+    // nets what is left.
+    let joined = differential_dataflow::operators::join::join_traces::<_, _, _, _, SignatureBuilder>(
         arranged,
         views,
         "MembersByView",
@@ -1053,13 +1050,15 @@ pub fn build<'scope>(
               output| {
             let aggregate = (*segment >> 56) as usize;
             let (partition, key) = member_identity(member, numbers_per_aggregate[aggregate]);
-            let update = MarketInput::Member(MarketUpdate {
+            // a pair whose two signatures are equal cancels here (signature_builder.rs)
+            output.push_member(
                 partition,
-                key: smol_str::SmolStr::new(key),
-                aggregate: aggregate as u8,
-                signature: member_signature(&join_plan, aggregate, member, statistics),
-            });
-            output.push_into((update, time, member_diff * view_diff));
+                key,
+                aggregate as u8,
+                member_signature(&join_plan, aggregate, member, statistics),
+                time,
+                member_diff * view_diff,
+            );
         },
     );
     let to_owners = joined.exchange(|(input, _, _): &(MarketInput, u64, isize)| match input {

@@ -30,6 +30,7 @@ pub mod member_arrangement;
 pub mod score;
 pub mod segment_statistics;
 pub mod shape;
+pub mod signature_builder;
 pub mod sink;
 pub mod statistics;
 

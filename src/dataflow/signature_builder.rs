@@ -1,0 +1,181 @@
+//! The market join's output builder: it drops a member's signature pair
+//! that cancels before it leaves the join.
+//!
+//! When a bucket's view moves, the join visits each of its members twice, in
+//! a row: with the old view (retracted) and the new (inserted). differential's
+//! join plays a key's members in the outer loop and the view's edits in the
+//! inner one whenever either side has fewer than ten edits, which a bucket's
+//! view nearly always has (one move per epoch). For most members the two
+//! signatures are equal: the move changes nothing in their documents. Such a
+//! pair used to travel to the listing's owner (an exchange, a `SmolStr` and a
+//! hash-map entry per half) only to cancel in the evaluator's netting. Here
+//! the second half cancels the first as it is pushed.
+//!
+//! Only adjacent exact opposites cancel (same listing, aggregate, signature
+//! and time, opposite differences), so what reaches the evaluator nets to the
+//! same changes: the evaluator still nets whatever is left, such as a pair
+//! split across two containers, or halves that arrive in other orders.
+
+use std::collections::VecDeque;
+
+use timely::container::ContainerBuilder;
+
+use crate::dataflow::market::{MarketInput, MarketUpdate};
+
+type Update = (MarketInput, u64, isize);
+
+/// Like timely's `CapacityContainerBuilder<Vec<_>>`, with `push_member`.
+#[derive(Default)]
+pub struct SignatureBuilder {
+    /// The container being filled.
+    current: Vec<Update>,
+    /// An allocation handed back by the consumer, to fill next.
+    empty: Option<Vec<Update>>,
+    /// Full containers waiting to be extracted.
+    pending: VecDeque<Vec<Update>>,
+}
+
+impl SignatureBuilder {
+    /// Pushes a member's signature update, or, when the update pushed just
+    /// before is its exact opposite, removes that one and pushes nothing.
+    /// The key is compared before a `SmolStr` is made of it.
+    pub fn push_member(
+        &mut self,
+        partition: u32,
+        key: &str,
+        aggregate: u8,
+        signature: u64,
+        time: u64,
+        diff: isize,
+    ) {
+        if let Some((MarketInput::Member(last), last_time, last_diff)) = self.current.last()
+            && *last_diff == -diff
+            && *last_time == time
+            && last.signature == signature
+            && last.aggregate == aggregate
+            && last.partition == partition
+            && last.key == key
+        {
+            self.current.pop();
+            return;
+        }
+        if self.current.capacity() == 0 {
+            self.current = self.empty.take().unwrap_or_default();
+            self.current.clear();
+        }
+        let preferred = timely::container::buffer::default_capacity::<Update>();
+        if self.current.capacity() < preferred {
+            self.current.reserve(preferred - self.current.len());
+        }
+        self.current.push((
+            MarketInput::Member(MarketUpdate {
+                partition,
+                key: smol_str::SmolStr::new(key),
+                aggregate,
+                signature,
+            }),
+            time,
+            diff,
+        ));
+        if self.current.len() == self.current.capacity() {
+            self.pending.push_back(std::mem::take(&mut self.current));
+        }
+    }
+}
+
+impl ContainerBuilder for SignatureBuilder {
+    type Container = Vec<Update>;
+
+    fn extract(&mut self) -> Option<&mut Vec<Update>> {
+        let container = self.pending.pop_front()?;
+        self.empty = Some(container);
+        self.empty.as_mut()
+    }
+
+    fn finish(&mut self) -> Option<&mut Vec<Update>> {
+        if !self.current.is_empty() {
+            self.pending.push_back(std::mem::take(&mut self.current));
+        }
+        self.empty = self.pending.pop_front();
+        self.empty.as_mut()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(builder: &mut SignatureBuilder) -> Vec<(u32, String, u8, u64, u64, isize)> {
+        let mut out = Vec::new();
+        while let Some(container) = builder.finish() {
+            for (input, time, diff) in container.drain(..) {
+                let MarketInput::Member(update) = input else {
+                    panic!("only members are pushed")
+                };
+                out.push((
+                    update.partition,
+                    update.key.to_string(),
+                    update.aggregate,
+                    update.signature,
+                    time,
+                    diff,
+                ));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn an_unchanged_signature_pair_cancels_and_a_changed_one_stays() {
+        let mut builder = SignatureBuilder::default();
+        // a member whose signature the move leaves alone: retracted, inserted
+        builder.push_member(3, "a", 0, 77, 5, -1);
+        builder.push_member(3, "a", 0, 77, 5, 1);
+        // one whose signature changes
+        builder.push_member(3, "b", 0, 10, 5, -1);
+        builder.push_member(3, "b", 0, 11, 5, 1);
+        assert_eq!(
+            drain(&mut builder),
+            vec![(3, "b".into(), 0, 10, 5, -1), (3, "b".into(), 0, 11, 5, 1)]
+        );
+    }
+
+    #[test]
+    fn only_exact_adjacent_opposites_cancel() {
+        let mut builder = SignatureBuilder::default();
+        let pushes = [
+            (3, "a", 0, 77, 5, -1),
+            (3, "a", 0, 77, 6, 1),  // another time
+            (3, "a", 1, 77, 6, -1), // another aggregate
+            (4, "a", 1, 77, 6, 1),  // another partition
+            (4, "b", 1, 77, 6, -1), // another listing
+            (4, "b", 1, 77, 6, -1), // the same sign
+            (4, "b", 1, 78, 6, 1),  // another signature
+        ];
+        for (partition, key, aggregate, signature, time, diff) in pushes {
+            builder.push_member(partition, key, aggregate, signature, time, diff);
+        }
+        let expected: Vec<_> = pushes
+            .iter()
+            .map(|(p, k, a, s, t, d)| (*p, k.to_string(), *a, *s, *t, *d))
+            .collect();
+        assert_eq!(drain(&mut builder), expected);
+    }
+
+    #[test]
+    fn a_pair_split_by_a_full_container_is_kept_and_nothing_is_lost() {
+        let mut builder = SignatureBuilder::default();
+        let capacity = timely::container::buffer::default_capacity::<Update>();
+        // fill the first container to one short of full, then push a pair:
+        // its first half completes the container, its second starts the next
+        for i in 0..capacity - 1 {
+            builder.push_member(0, "filler", 0, i as u64, 1, 1);
+        }
+        builder.push_member(0, "split", 0, 9, 1, -1);
+        builder.push_member(0, "split", 0, 9, 1, 1);
+        let out = drain(&mut builder);
+        assert_eq!(out.len(), capacity + 1);
+        assert_eq!(out[capacity - 1], (0, "split".into(), 0, 9, 1, -1));
+        assert_eq!(out[capacity], (0, "split".into(), 0, 9, 1, 1));
+    }
+}
