@@ -41,15 +41,6 @@ impl Source {
         }
     }
 
-    /// Whether records arrive over time (a topic, or a paced file replay)
-    /// rather than being all there: `fill` then often finds nothing new.
-    pub fn paced(&self) -> bool {
-        match self {
-            Source::File(file) => file.paced(),
-            Source::Kafka(_) => true,
-        }
-    }
-
     /// A Kafka source's shared clock: ticks of `epoch_ms` since the start.
     pub fn clock_tick(&self) -> Option<u64> {
         match self {

@@ -64,14 +64,20 @@ use crate::state::{StateError, Store, StoreTuning};
 use crate::topology::Plan;
 use listing_state::ListingStateStage;
 
-/// How long a worker reading a paced source (Kafka, a paced file) parks between steps when
-/// it waits (for records, back-pressure, a checkpoint or the end). Timely
-/// wakes a parked worker as soon as data or progress arrives for it, so this
-/// only bounds the wait for what timely does not signal (new records);
-/// spinning instead took a core from the broker on small machines. An unpaced
-/// file replay is never idle: its waits are short, and parking them cost about a
-/// tenth of the pass-through rate, so it steps without parking.
-const LIVE_WAIT_PARK: Duration = Duration::from_millis(1);
+/// How long a worker parks between steps when it waits (for records,
+/// back-pressure, a checkpoint or the end). Timely wakes a parked worker as
+/// soon as data or progress arrives for it, so this only bounds the wait for
+/// what timely does not signal (new records). Timely first polls for
+/// `idle_spin` (10 us), so a short wait never parks.
+///
+/// Every source parks, a file replay too. A replay that stepped without
+/// parking spun in its back-pressure loop whenever the other worker was
+/// behind, and on 2 cores the spinning worker took CPU from the one it waited
+/// for: on 2 workers the full topology spent about 7% of its CPU polling empty
+/// channels (`try_recv`), and parking gave it 2-7% more events/s, with
+/// pass-through and 1 worker unchanged (stop 29, docs/benchmarks.md). Spinning
+/// also took a core from the broker on small machines.
+const WAIT_PARK: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -607,7 +613,7 @@ pub fn run(
         });
 
         let live_source = matches!(source, Source::Kafka(_));
-        let wait_park = Some(if source.paced() { LIVE_WAIT_PARK } else { Duration::ZERO });
+        let wait_park = Some(WAIT_PARK);
         let mut report = WorkerReport { resumed_from_line: source.resume_offset(), ..WorkerReport::default() };
         let mut progress = ProgressBar::new(if index == 0 { progress_enabled } else { Some(false) });
         let epoch_records = runtime.epoch_records;

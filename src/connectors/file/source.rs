@@ -212,11 +212,6 @@ impl FileSource {
         self.finished || self.next_line >= until_line
     }
 
-    /// Whether the replay is paced (`records_per_second` > 0).
-    pub fn paced(&self) -> bool {
-        self.records_per_second > 0
-    }
-
     /// When the next owned record is due, in nanoseconds since the start; 0
     /// (always due) for an unpaced replay.
     fn due_nanos(&self) -> u64 {
