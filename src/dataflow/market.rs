@@ -145,6 +145,10 @@ pub struct MarketUpdate {
     /// Inline up to 23 bytes: the join makes two of these per member of a moved segment.
     pub key: smol_str::SmolStr,
     pub aggregate: u8,
+    /// The member's segment in that aggregate: a market re-evaluation's
+    /// listing has not moved since its last event, so this is its segment
+    /// still, and the evaluator need not hash its group-by values again.
+    pub segment: u64,
     pub signature: u64,
 }
 
@@ -1052,9 +1056,9 @@ pub fn build<'scope>(
             let (partition, key) = member_identity(member, numbers_per_aggregate[aggregate]);
             // a pair whose two signatures are equal cancels here (signature_builder.rs)
             output.push_member(
-                partition,
-                key,
+                (partition, key),
                 aggregate as u8,
+                *segment,
                 member_signature(&join_plan, aggregate, member, statistics),
                 time,
                 member_diff * view_diff,

@@ -36,14 +36,15 @@ pub struct SignatureBuilder {
 }
 
 impl SignatureBuilder {
-    /// Pushes a member's signature update, or, when the update pushed just
-    /// before is its exact opposite, removes that one and pushes nothing.
-    /// The key is compared before a `SmolStr` is made of it.
+    /// Pushes a member's signature update (the listing: partition and id),
+    /// or, when the update pushed just before is its exact opposite, removes
+    /// that one and pushes nothing. The key is compared before a `SmolStr` is
+    /// made of it.
     pub fn push_member(
         &mut self,
-        partition: u32,
-        key: &str,
+        (partition, key): (u32, &str),
         aggregate: u8,
+        segment: u64,
         signature: u64,
         time: u64,
         diff: isize,
@@ -53,6 +54,7 @@ impl SignatureBuilder {
             && *last_time == time
             && last.signature == signature
             && last.aggregate == aggregate
+            && last.segment == segment
             && last.partition == partition
             && last.key == key
         {
@@ -72,6 +74,7 @@ impl SignatureBuilder {
                 partition,
                 key: smol_str::SmolStr::new(key),
                 aggregate,
+                segment,
                 signature,
             }),
             time,
@@ -105,7 +108,15 @@ impl ContainerBuilder for SignatureBuilder {
 mod tests {
     use super::*;
 
-    fn drain(builder: &mut SignatureBuilder) -> Vec<(u32, String, u8, u64, u64, isize)> {
+    /// (partition, listing, aggregate, segment, signature, time, diff)
+    type Pushed = (u32, String, u8, u64, u64, u64, isize);
+
+    fn push(builder: &mut SignatureBuilder, update: (u32, &str, u8, u64, u64, u64, isize)) {
+        let (partition, key, aggregate, segment, signature, time, diff) = update;
+        builder.push_member((partition, key), aggregate, segment, signature, time, diff);
+    }
+
+    fn drain(builder: &mut SignatureBuilder) -> Vec<Pushed> {
         let mut out = Vec::new();
         while let Some(container) = builder.finish() {
             for (input, time, diff) in container.drain(..) {
@@ -116,6 +127,7 @@ mod tests {
                     update.partition,
                     update.key.to_string(),
                     update.aggregate,
+                    update.segment,
                     update.signature,
                     time,
                     diff,
@@ -129,35 +141,40 @@ mod tests {
     fn an_unchanged_signature_pair_cancels_and_a_changed_one_stays() {
         let mut builder = SignatureBuilder::default();
         // a member whose signature the move leaves alone: retracted, inserted
-        builder.push_member(3, "a", 0, 77, 5, -1);
-        builder.push_member(3, "a", 0, 77, 5, 1);
+        push(&mut builder, (3, "a", 0, 40, 77, 5, -1));
+        push(&mut builder, (3, "a", 0, 40, 77, 5, 1));
         // one whose signature changes
-        builder.push_member(3, "b", 0, 10, 5, -1);
-        builder.push_member(3, "b", 0, 11, 5, 1);
+        push(&mut builder, (3, "b", 0, 40, 10, 5, -1));
+        push(&mut builder, (3, "b", 0, 40, 11, 5, 1));
         assert_eq!(
             drain(&mut builder),
-            vec![(3, "b".into(), 0, 10, 5, -1), (3, "b".into(), 0, 11, 5, 1)]
+            vec![
+                (3, "b".into(), 0, 40, 10, 5, -1),
+                (3, "b".into(), 0, 40, 11, 5, 1)
+            ]
         );
     }
 
     #[test]
     fn only_exact_adjacent_opposites_cancel() {
         let mut builder = SignatureBuilder::default();
+        // each differs from the one before it in one thing only
         let pushes = [
-            (3, "a", 0, 77, 5, -1),
-            (3, "a", 0, 77, 6, 1),  // another time
-            (3, "a", 1, 77, 6, -1), // another aggregate
-            (4, "a", 1, 77, 6, 1),  // another partition
-            (4, "b", 1, 77, 6, -1), // another listing
-            (4, "b", 1, 77, 6, -1), // the same sign
-            (4, "b", 1, 78, 6, 1),  // another signature
+            (3, "a", 0, 40, 77, 5, -1),
+            (3, "a", 0, 40, 77, 6, 1),  // the time
+            (3, "a", 1, 40, 77, 6, -1), // the aggregate
+            (4, "a", 1, 40, 77, 6, 1),  // the partition
+            (4, "b", 1, 40, 77, 6, -1), // the listing
+            (4, "b", 1, 40, 77, 6, -1), // the sign
+            (4, "b", 1, 40, 78, 6, 1),  // the signature
+            (4, "b", 1, 41, 78, 6, -1), // the segment
         ];
-        for (partition, key, aggregate, signature, time, diff) in pushes {
-            builder.push_member(partition, key, aggregate, signature, time, diff);
+        for update in pushes {
+            push(&mut builder, update);
         }
-        let expected: Vec<_> = pushes
+        let expected: Vec<Pushed> = pushes
             .iter()
-            .map(|(p, k, a, s, t, d)| (*p, k.to_string(), *a, *s, *t, *d))
+            .map(|(p, k, a, g, s, t, d)| (*p, k.to_string(), *a, *g, *s, *t, *d))
             .collect();
         assert_eq!(drain(&mut builder), expected);
     }
@@ -169,13 +186,13 @@ mod tests {
         // fill the first container to one short of full, then push a pair:
         // its first half completes the container, its second starts the next
         for i in 0..capacity - 1 {
-            builder.push_member(0, "filler", 0, i as u64, 1, 1);
+            push(&mut builder, (0, "filler", 0, 40, i as u64, 1, 1));
         }
-        builder.push_member(0, "split", 0, 9, 1, -1);
-        builder.push_member(0, "split", 0, 9, 1, 1);
+        push(&mut builder, (0, "split", 0, 40, 9, 1, -1));
+        push(&mut builder, (0, "split", 0, 40, 9, 1, 1));
         let out = drain(&mut builder);
         assert_eq!(out.len(), capacity + 1);
-        assert_eq!(out[capacity - 1], (0, "split".into(), 0, 9, 1, -1));
-        assert_eq!(out[capacity], (0, "split".into(), 0, 9, 1, 1));
+        assert_eq!(out[capacity - 1], (0, "split".into(), 0, 40, 9, 1, -1));
+        assert_eq!(out[capacity], (0, "split".into(), 0, 40, 9, 1, 1));
     }
 }

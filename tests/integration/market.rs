@@ -57,7 +57,15 @@ fn rental_config_windowed(dir: &Path, input: &Path, workers: usize, window: u64)
 }
 
 fn run(config: &RentalConfig, from_scratch: bool) -> assay::observe::RunSummary {
-    let prepared = assay::prepare(&rentals_topology(), Some(&config.path), &[])
+    run_topology(&rentals_topology(), config, from_scratch)
+}
+
+fn run_topology(
+    topology: &Path,
+    config: &RentalConfig,
+    from_scratch: bool,
+) -> assay::observe::RunSummary {
+    let prepared = assay::prepare(topology, Some(&config.path), &[])
         .unwrap_or_else(|e| panic!("prepare failed: {e}"));
     let options = assay::dataflow::RunOptions {
         from_scratch,
@@ -422,6 +430,130 @@ fn incremental_statistics_and_documents_equal_a_from_scratch_oracle() {
                 - count_known_metro(&events),
             "lookup misses are the events of flats in a city the table does not know"
         );
+    }
+}
+
+/// The rentals topology with a second aggregate, over the metro (a lookup),
+/// that documents read through a rounded ratio and a band: a projection, so
+/// a move of a metro's median re-evaluates only the flats whose ratio or
+/// band it changes.
+fn rentals_with_a_metro_market(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(rentals_topology()).unwrap();
+    let metro_table = repo().join("topologies/rentals/data/city_metro.csv");
+    let text = text
+        .replace(
+            "file = \"rentals/data/city_metro.csv\"",
+            &format!("file = {:?}", metro_table.display().to_string()),
+        )
+        .replace(
+            "[[feature]]\nname = \"days_listed\"",
+            "[[aggregate]]\nname = \"metro_market\"\ngroup_by = [\"metro\"]\nmeasures = [\"rent\"]\nsignificant_digits = 3\n\n\
+             [[feature]]\nname = \"rent_to_metro_median\"\nfunction = \"ratio\"\nnumerator = \"rent\"\ndenominator = \"metro_market_rent_median\"\n\n\
+             [[band]]\nname = \"metro_position\"\nsource = \"rent_to_metro_median\"\nbands = [{ below = 0.95, label = \"below_metro\" }, { below = 1.05, label = \"at_metro\" }]\notherwise = \"above_metro\"\n\n\
+             [[feature]]\nname = \"days_listed\"",
+        )
+        .replace(
+            "\"rent_to_comparable_median\", \"rent_position\",",
+            "\"rent_to_comparable_median\", \"rent_position\", \"rent_to_metro_median\", \"metro_position\",",
+        )
+        .replace(
+            "rent_to_comparable_median = 0.01",
+            "rent_to_comparable_median = 0.01\nrent_to_metro_median = 0.02",
+        );
+    assert_eq!(
+        text.matches("[[aggregate]]").count(),
+        2,
+        "the rentals topology changed: {text}"
+    );
+    assert!(text.contains("\"metro_position\","), "{text}");
+    let path = dir.join("rentals_two_markets.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn metro_of(city: &str) -> &'static str {
+    match city {
+        "amsterdam" | "rotterdam" | "utrecht" => "randstad",
+        "groningen" => "north",
+        "maastricht" => "south",
+        _ => "other",
+    }
+}
+
+/// Two aggregates: a rent change moves a flat's comparable segment and its
+/// metro's, and a flat in another city of the metro is re-evaluated for the
+/// metro alone. The join names the segment whose signature moved; the other
+/// one the evaluator finds from the flat's fields. At the end every live
+/// flat's document shows both markets as the oracle computes them.
+#[test]
+fn with_two_aggregates_every_document_sees_both_markets_as_the_oracle_computes_them() {
+    for seed in [4u64, 5] {
+        let dir = tempfile::tempdir().unwrap();
+        let topology = rentals_with_a_metro_market(dir.path());
+        let events = random_events(seed, 1500);
+        let input = dir.path().join("events.jsonl");
+        write_events(&input, &events);
+        let config = rental_config(dir.path(), &input, 2);
+        let summary = run_topology(&topology, &config, true);
+        assert!(summary.market_documents > 0, "seed {seed}: {summary:?}");
+
+        let mut live = BTreeMap::new();
+        for event in &events {
+            apply(&mut live, event);
+        }
+        let comparable = oracle_statistics(&live);
+        let mut metro_rents: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for flat in live.values() {
+            metro_rents
+                .entry(metro_of(&flat.city))
+                .or_default()
+                .push(flat.rent);
+        }
+        let metro_median: BTreeMap<&str, f64> = metro_rents
+            .into_iter()
+            .map(|(metro, rents)| {
+                let median = measure_stats(rents)["median"].as_f64().unwrap();
+                (metro, round_significant(median, 3))
+            })
+            .collect();
+        let documents = current_documents(&config.documents);
+        for (id, flat) in &live {
+            let doc = documents[id]
+                .1
+                .as_ref()
+                .unwrap_or_else(|| panic!("seed {seed}: live listing {id} ends with a tombstone"));
+            let segment = &comparable[&segment_key(&flat.city, flat.bedrooms)];
+            let median = round_significant(segment["rent"]["median"].as_f64().unwrap(), 3);
+            let metro_ratio = flat.rent / metro_median[metro_of(&flat.city)];
+            let metro_position = if metro_ratio < 0.95 {
+                "below_metro"
+            } else if metro_ratio < 1.05 {
+                "at_metro"
+            } else {
+                "above_metro"
+            };
+            let want = json!({
+                "metro": metro_of(&flat.city),
+                "comparable_count": round_significant(segment["count"].as_f64().unwrap(), 3),
+                "comparable_rent_median": median,
+                "rent_to_comparable_median": round_to_step(flat.rent / median, 0.01),
+                "rent_to_metro_median": round_to_step(metro_ratio, 0.02),
+                "metro_position": metro_position,
+            });
+            for (field, value) in want.as_object().unwrap() {
+                assert!(
+                    close(&doc[field], value),
+                    "seed {seed}: {id}.{field} is {} but the oracle says {value}\n  document {doc}",
+                    doc[field]
+                );
+            }
+        }
+        for (id, (_, doc)) in &documents {
+            assert!(
+                live.contains_key(id) || doc.is_none(),
+                "seed {seed}: removed listing {id} still has a document"
+            );
+        }
     }
 }
 
