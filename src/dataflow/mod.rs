@@ -74,9 +74,10 @@ use listing_state::ListingStateStage;
 /// parking spun in its back-pressure loop whenever the other worker was
 /// behind, and on 2 cores the spinning worker took CPU from the one it waited
 /// for: on 2 workers the full topology spent about 7% of its CPU polling empty
-/// channels (`try_recv`), and parking gave it 2-7% more events/s, with
-/// pass-through and 1 worker unchanged (stop 29, docs/benchmarks.md). Spinning
-/// also took a core from the broker on small machines.
+/// channels (`try_recv`), and parking gave it about 9% more events/s over
+/// three alternating runs, pass-through and 1 worker moving less than their
+/// spread (stop 29, docs/benchmarks.md). Spinning also took a core from the
+/// broker on small machines.
 const WAIT_PARK: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
