@@ -142,7 +142,8 @@ pub type MemberUpdate = ((u64, Member), u64, isize);
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct MarketUpdate {
     pub partition: u32,
-    /// Inline up to 23 bytes: the join makes two of these per member of a moved segment.
+    /// Inline up to 23 bytes: the join makes one of these for each half of
+    /// a visited member's pair that does not cancel (`signature_builder.rs`).
     pub key: smol_str::SmolStr,
     pub aggregate: u8,
     /// The member's segment in that aggregate: a market re-evaluation's

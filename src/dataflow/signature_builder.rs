@@ -5,16 +5,18 @@
 //! a row: with the old view (retracted) and the new (inserted). differential's
 //! join plays a key's members in the outer loop and the view's edits in the
 //! inner one whenever either side has fewer than ten edits, which a bucket's
-//! view nearly always has (one move per epoch). For most members the two
+//! view nearly always has (one move per epoch). For many members the two
 //! signatures are equal: the move changes nothing in their documents. Such a
 //! pair used to travel to the listing's owner (an exchange, a `SmolStr` and a
 //! hash-map entry per half) only to cancel in the evaluator's netting. Here
-//! the second half cancels the first as it is pushed.
+//! the second half cancels the first as it is pushed: on the first 200,000
+//! events of the bench's stream, 240,196 of the join's 711,569 updates.
 //!
-//! Only adjacent exact opposites cancel (same listing, aggregate, signature
-//! and time, opposite differences), so what reaches the evaluator nets to the
-//! same changes: the evaluator still nets whatever is left, such as a pair
-//! split across two containers, or halves that arrive in other orders.
+//! Only adjacent exact opposites cancel (same listing, aggregate, segment,
+//! signature and time, opposite differences), so what reaches the evaluator
+//! nets to the same changes: the evaluator still nets whatever is left, such
+//! as a pair split across two containers, or halves that arrive in other
+//! orders.
 
 use std::collections::VecDeque;
 
