@@ -42,7 +42,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::dataflow::listing_state::{Cause, Enriched, ListingStateStage, compute_features};
-use crate::dataflow::market::{self, MarketInput, StatisticBits};
+use crate::dataflow::market::{self, MarketInput, MarketUpdate, StatisticBits};
 use crate::dataflow::score::Scorer;
 use crate::model::{LoadedModel, ModelError};
 use crate::record::{OutputDocument, SourcePosition};
@@ -226,34 +226,7 @@ impl Evaluator {
         // listing lives in one partition). Not sorted further: the sinks order
         // each epoch's documents themselves (`document_order`), and sorting
         // these rows by position, 300 bytes each, was 2% of the core pipeline.
-        // a listing whose signature in some aggregate changed: its signatures
-        // before (retracted) and after (inserted) do not cancel. Hashed, not
-        // sorted: a moved segment brings two updates per member. Each update
-        // names the member's segment: kept with the listing, so that a market
-        // re-evaluation (a listing that has not moved) need not hash its
-        // group-by values again (`segment_of`, 0.8% of the instructions).
-        let mut net: FxHashMap<(u32, &str, u8, u64), (isize, u64)> =
-            FxHashMap::with_capacity_and_hasher(updates.len(), Default::default());
-        for (update, diff) in &updates {
-            net.entry((
-                update.partition,
-                update.key.as_str(),
-                update.aggregate,
-                update.signature,
-            ))
-            .or_insert((0, update.segment))
-            .0 += diff;
-        }
-        let aggregates = self.plan.aggregates.len();
-        let mut changes: FxHashMap<(u32, &str), NamedSegments> = FxHashMap::default();
-        for ((partition, key, aggregate, _), (diff, segment)) in &net {
-            if *diff != 0 {
-                changes
-                    .entry((*partition, *key))
-                    .or_insert_with(|| SmallVec::from_elem(None, aggregates))
-                    [*aggregate as usize] = Some(*segment);
-            }
-        }
+        let changes = changed_listings(&updates, self.plan.aggregates.len());
 
         // own events: features as of each event's fields (a listing may move
         // segments twice in an epoch), computed in place; the segments are
@@ -534,9 +507,88 @@ fn same_read_view(a: &[f64], b: &[f64], read: &[bool]) -> bool {
             .all(|((x, y), read)| !read || x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
 }
 
+/// The listings whose signature in some aggregate changed, each with the
+/// segment the join named for it in each such aggregate: a listing's
+/// signatures before (retracted) and after (inserted) do not cancel. Hashed,
+/// not sorted: a moved segment brings two updates per member. The segment is
+/// kept so that a market re-evaluation (a listing that has not moved) need
+/// not hash its group-by values again (`segment_of`, 0.8% of the
+/// instructions).
+///
+/// The segment is part of what nets. A listing that left a segment can still
+/// be visited there: the join replays a member's history against a batch of
+/// view moves, and when the batch spans the listing's move the old
+/// membership's terms come out at a later time too, in pairs that cancel.
+/// Keyed without the segment, such a pair could share its key with a
+/// non-cancelling half of the listing's live membership (equal signatures in
+/// two segments are common: the same bands, the same rounded ratio) and name
+/// the segment it left.
+fn changed_listings(
+    updates: &[(MarketUpdate, isize)],
+    aggregates: usize,
+) -> FxHashMap<(u32, &str), NamedSegments> {
+    let mut net: FxHashMap<(u32, &str, u8, u64, u64), isize> =
+        FxHashMap::with_capacity_and_hasher(updates.len(), Default::default());
+    for (update, diff) in updates {
+        *net.entry((
+            update.partition,
+            update.key.as_str(),
+            update.aggregate,
+            update.segment,
+            update.signature,
+        ))
+        .or_default() += diff;
+    }
+    let mut changes: FxHashMap<(u32, &str), NamedSegments> = FxHashMap::default();
+    for ((partition, key, aggregate, segment, _), diff) in net {
+        if diff != 0 {
+            changes
+                .entry((partition, key))
+                .or_insert_with(|| SmallVec::from_elem(None, aggregates))[aggregate as usize] =
+                Some(segment);
+        }
+    }
+    changes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn member(key: &str, segment: u64, signature: u64, diff: isize) -> (MarketUpdate, isize) {
+        let update = MarketUpdate {
+            partition: 0,
+            key: key.into(),
+            aggregate: 0,
+            segment,
+            signature,
+        };
+        (update, diff)
+    }
+
+    /// A listing that moved from segment 1 to segment 2, visited in both
+    /// against a batch of view moves that spans its move: its old
+    /// membership's terms cancel, and its live one's signatures share their
+    /// values with them. The segment it is re-evaluated in is the live one.
+    #[test]
+    fn a_re_evaluated_listing_is_named_the_segment_whose_terms_do_not_cancel() {
+        let (left, live) = (1, 2);
+        let (before, after) = (0xaa, 0xbb);
+        let updates = vec![
+            member("cl-1", left, before, 1),
+            member("cl-1", left, before, -1),
+            member("cl-1", left, after, 1),
+            member("cl-1", left, after, -1),
+            member("cl-1", live, before, -1),
+            member("cl-1", live, after, 1),
+            // a neighbour whose signature did not move: not re-evaluated
+            member("cl-2", live, before, -1),
+            member("cl-2", live, before, 1),
+        ];
+        let changes = changed_listings(&updates, 1);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(changes[&(0, "cl-1")].as_slice(), &[Some(live)]);
+    }
 
     #[test]
     fn document_versions_order_by_listing_version_then_revision() {
