@@ -515,14 +515,17 @@ fn same_read_view(a: &[f64], b: &[f64], read: &[bool]) -> bool {
 /// not hash its group-by values again (`segment_of`, 0.8% of the
 /// instructions).
 ///
-/// The segment is part of what nets. A listing that left a segment can still
-/// be visited there: the join replays a member's history against a batch of
-/// view moves, and when the batch spans the listing's move the old
+/// The segment is part of what nets. As differential's join is written, a
+/// listing that left a segment can still be visited there: the join replays
+/// a member's history against a batch of view moves, advanced only to the
+/// batch's lower bound, so when the batch spans the listing's move the old
 /// membership's terms come out at a later time too, in pairs that cancel.
 /// Keyed without the segment, such a pair could share its key with a
 /// non-cancelling half of the listing's live membership (equal signatures in
 /// two segments are common: the same bands, the same rounded ratio) and name
-/// the segment it left.
+/// the segment it left. (Read from the code, not seen in a run: three
+/// 300k-event runs compared both keyings and found no listing named
+/// differently. The unit test below builds the case.)
 fn changed_listings(
     updates: &[(MarketUpdate, isize)],
     aggregates: usize,
