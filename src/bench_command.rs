@@ -19,6 +19,10 @@ pub fn summary_from(path: &Path) -> anyhow::Result<RunSummary> {
     Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one bench row's settings, passed from one call site per row kind"
+)]
 fn run_one(
     topology: &Path,
     dir: &Path,

@@ -125,6 +125,10 @@ pub struct ListingStateStage {
     rebuild_cursor: Option<(usize, Option<Vec<u8>>)>,
 }
 
+/// A listing's current state, if it has one, and whether `take_current` took
+/// it out of the changes since the last checkpoint (it must be handed back).
+pub type CurrentState = (Option<Arc<ListingState>>, bool);
+
 impl ListingStateStage {
     pub fn new(plan: Arc<Plan>, store: Store) -> Self {
         ListingStateStage {
@@ -241,12 +245,9 @@ impl ListingStateStage {
     /// copy of each was 4% of the full pipeline's time); the caller hands
     /// each one back, through `record_market_evaluation` or `restore`, before
     /// anything else reads this stage.
-    pub fn take_current(
-        &mut self,
-        keys: &[Vec<u8>],
-    ) -> Result<Vec<(Option<Arc<ListingState>>, bool)>, StateError> {
+    pub fn take_current(&mut self, keys: &[Vec<u8>]) -> Result<Vec<CurrentState>, StateError> {
         // one lookup per key in memory; the rest in one RocksDB multi-get
-        let mut current: Vec<(Option<Arc<ListingState>>, bool)> = Vec::with_capacity(keys.len());
+        let mut current: Vec<CurrentState> = Vec::with_capacity(keys.len());
         let mut missing: Vec<usize> = Vec::new();
         for (index, key) in keys.iter().enumerate() {
             if let Some(state) = self.dirty.remove(key.as_slice()) {

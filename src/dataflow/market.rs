@@ -866,10 +866,13 @@ pub fn aligned_checkpoint(epoch: u64, window_epochs: u64) -> u64 {
     }
 }
 
+/// The seen statistics of one aggregate, arranged by (segment, statistic).
+type StatisticsSpine = ValSpine<(u64, u16), StatisticBits, u64, isize>;
+
 /// Handles on the arrangements, to measure their memory (see [`ArrangementMemory`]).
 pub struct MarketTraces {
     members: TraceAgent<MemberSpine>,
-    statistics: Vec<TraceAgent<ValSpine<(u64, u16), StatisticBits, u64, isize>>>,
+    statistics: Vec<TraceAgent<StatisticsSpine>>,
     /// What the segment statistics' sorted values hold (see `segment_statistics.rs`).
     index_bytes: Rc<Cell<usize>>,
 }
@@ -950,6 +953,10 @@ fn reader<Tr: differential_dataflow::trace::TraceReader<Time = u64>>(mut trace: 
 /// signatures, exchanged to each listing's owner, and the seen statistics,
 /// broadcast), the exact statistics' changes (for the statistics output) and
 /// handles on the arrangements.
+#[expect(
+    clippy::type_complexity,
+    reason = "the three outputs are named in the doc comment; aliases would hide the update shapes"
+)]
 pub fn build<'scope>(
     plan: Arc<Plan>,
     members: StreamVec<'scope, u64, MemberUpdate>,

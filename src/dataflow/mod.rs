@@ -402,7 +402,9 @@ pub fn run(
             let raw = scope.input_from(&mut input_handle);
             let decode_plan = plan.clone();
             let decode_slots = decode::Slots::new(&plan);
-            let (events, decode_dead) = raw.ok_err::<Vec<_>, _, Vec<_>, _, _>(move |raw: RawRecord| decode::decode(&decode_plan, &decode_slots, max_record_bytes, raw));
+            #[expect(clippy::result_large_err, reason = "as for `decode::decode`: the dead letter is the error")]
+            let decode_record = move |raw: RawRecord| decode::decode(&decode_plan, &decode_slots, max_record_bytes, raw);
+            let (events, decode_dead) = raw.ok_err::<Vec<_>, _, Vec<_>, _, _>(decode_record);
 
             let (documents, state_dead) = if pass_through {
                 let encode_plan = plan.clone();

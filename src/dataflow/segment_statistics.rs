@@ -195,6 +195,10 @@ impl SegmentIndex {
 
 /// The operator: member changes in, exact statistics changes out. `memory`
 /// receives the bytes its indexes hold, after every epoch.
+#[expect(
+    clippy::type_complexity,
+    reason = "the pending epochs' type spells out what is held: capability and member updates"
+)]
 pub fn build<'scope>(
     plan: Arc<Plan>,
     members: StreamVec<'scope, u64, MemberUpdate>,

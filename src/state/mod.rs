@@ -342,12 +342,11 @@ impl Store {
             .expect("listings column family exists");
         let prefix = Self::state_key(partition, "");
         let start = from.unwrap_or(&prefix);
-        let mut visited = 0;
         let iterator = self.db.iterator_cf(
             &cf,
             rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward),
         );
-        for item in iterator {
+        for (visited, item) in iterator.enumerate() {
             let (key, value) = item?;
             if !key.starts_with(&prefix) {
                 return Ok(None);
@@ -356,7 +355,6 @@ impl Store {
                 return Ok(Some(key.to_vec()));
             }
             visit(&String::from_utf8_lossy(&key[5..]), decode(&value)?);
-            visited += 1;
         }
         Ok(None)
     }

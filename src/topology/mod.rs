@@ -1003,7 +1003,7 @@ fn compile(spec: &TopologySpec, source: &SourceText) -> Result<Plan, Diagnostics
                 Some("add it to output.fields or remove the rounding".into()),
             );
         }
-        if !(*step > 0.0) {
+        if step.is_nan() || *step <= 0.0 {
             diagnostics.error_at(
                 source,
                 spanned.span(),
@@ -1246,7 +1246,7 @@ fn compile_aggregates(
                     None,
                 );
             }
-            if !(*width > 0.0) {
+            if width.is_nan() || *width <= 0.0 {
                 diagnostics.error_at(
                     source,
                     key.span(),
