@@ -11,6 +11,7 @@ pub mod hash;
 pub mod model;
 pub mod observe;
 pub mod record;
+pub mod scan;
 pub mod state;
 pub mod topology;
 

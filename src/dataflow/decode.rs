@@ -161,10 +161,7 @@ fn plain_string(text: &str, at: usize) -> Option<(&str, usize)> {
         return None;
     }
     let start = at + 1;
-    let length = bytes[start..]
-        .iter()
-        .position(|byte| matches!(byte, b'"' | b'\\' | 0..=0x1f))?;
-    let end = start + length;
+    let end = crate::scan::string_stop(bytes, start)?;
     // (quotes are ASCII: both ends are character boundaries)
     (bytes[end] == b'"').then(|| (&text[start..end], end + 1))
 }

@@ -240,14 +240,13 @@ pub fn find_top_level_key<'a>(text: &'a [u8], quoted_key: &[u8]) -> Option<&'a [
     let string_end = |start: usize| -> Option<usize> {
         // start is at the opening quote; returns the index of the closing quote
         let mut j = start + 1;
-        while j < text.len() {
-            match text[j] {
+        loop {
+            j = crate::scan::quote_or_backslash(text, j);
+            match text.get(j)? {
                 b'\\' => j += 2,
-                b'"' => return Some(j),
-                _ => j += 1,
+                _ => return Some(j),
             }
         }
-        None
     };
     skip_ws(&mut i);
     if text.get(i) != Some(&b'{') {
