@@ -183,11 +183,17 @@ fn flat_value(text: &str, at: usize) -> Option<(Slot<'_>, usize)> {
         b'-' | b'0'..=b'9' => {
             let negative = bytes[at] == b'-';
             let start = at + negative as usize;
-            let digits = bytes[start..]
-                .iter()
-                .take_while(|byte| byte.is_ascii_digit())
-                .count();
-            let end = start + digits;
+            // the value is read with the digits (at most 18 fit a u64
+            // without overflow; longer ones go to serde_json below)
+            let mut magnitude: u64 = 0;
+            let mut end = start;
+            while let Some(digit @ b'0'..=b'9') = bytes.get(end) {
+                magnitude = magnitude
+                    .wrapping_mul(10)
+                    .wrapping_add((digit - b'0') as u64);
+                end += 1;
+            }
+            let digits = end - start;
             // JSON has no leading zeros; a fraction or an exponent makes a
             // float, and serde_json makes `-0` one too
             let leading_zero = digits > 1 && bytes[start] == b'0';
@@ -195,7 +201,6 @@ fn flat_value(text: &str, at: usize) -> Option<(Slot<'_>, usize)> {
             if digits == 0 || digits > 18 || leading_zero || float {
                 return None;
             }
-            let magnitude: u64 = text[start..end].parse().ok()?;
             let number = match (negative, magnitude) {
                 (false, _) => serde_json::Number::from(magnitude),
                 (true, 0) => return None,
