@@ -183,8 +183,9 @@ fn flat_value(text: &str, at: usize) -> Option<(Slot<'_>, usize)> {
         b'-' | b'0'..=b'9' => {
             let negative = bytes[at] == b'-';
             let start = at + negative as usize;
-            // the value is read with the digits (at most 18 fit a u64
-            // without overflow; longer ones go to serde_json below)
+            // the value is read with the digits (18 of them fit a u64
+            // without overflow; with more, this reader gives up below and
+            // serde_json reads the record)
             let mut magnitude: u64 = 0;
             let mut end = start;
             while let Some(digit @ b'0'..=b'9') = bytes.get(end) {

@@ -153,13 +153,10 @@ impl FileSource {
                 break;
             }
             self.line.clear();
-            let read =
-                self.reader
-                    .read_until(b'\n', &mut self.line)
-                    .map_err(|e| FileSourceError {
-                        path: self.path.clone(),
-                        detail: e.to_string(),
-                    })?;
+            let read = self.read_line().map_err(|e| FileSourceError {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            })?;
             if read == 0 {
                 self.finished = true;
                 break;
@@ -205,6 +202,38 @@ impl FileSource {
             self.records_emitted += 1;
         }
         Ok(())
+    }
+
+    /// Appends the next line, with its newline if it has one, to `self.line`,
+    /// and gives the bytes read (0 at the end of the file): `BufRead::read_until`,
+    /// with `memchr`'s vectorized search for the newline instead of std's
+    /// word-at-a-time one (0.5% of a run's instructions on one worker; every
+    /// worker reads every line).
+    fn read_line(&mut self) -> std::io::Result<usize> {
+        let mut read = 0;
+        loop {
+            let available = match self.reader.fill_buf() {
+                Ok(available) => available,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error),
+            };
+            if available.is_empty() {
+                return Ok(read);
+            }
+            match memchr::memchr(b'\n', available) {
+                Some(newline) => {
+                    self.line.extend_from_slice(&available[..=newline]);
+                    self.reader.consume(newline + 1);
+                    return Ok(read + newline + 1);
+                }
+                None => {
+                    let length = available.len();
+                    self.line.extend_from_slice(available);
+                    self.reader.consume(length);
+                    read += length;
+                }
+            }
+        }
     }
 
     /// Whether every line before `until_line` has been read (or the file ended).
