@@ -44,7 +44,7 @@ impl SignatureBuilder {
     /// made of it.
     pub fn push_member(
         &mut self,
-        (partition, key): (u32, &str),
+        (partition, key): (u32, &[u8]),
         aggregate: u8,
         segment: u64,
         signature: u64,
@@ -58,7 +58,7 @@ impl SignatureBuilder {
             && last.aggregate == aggregate
             && last.segment == segment
             && last.partition == partition
-            && last.key == key
+            && last.key.as_bytes() == key
         {
             self.current.pop();
             return;
@@ -74,7 +74,7 @@ impl SignatureBuilder {
         self.current.push((
             MarketInput::Member(MarketUpdate {
                 partition,
-                key: smol_str::SmolStr::new(key),
+                key: smol_str::SmolStr::new(std::str::from_utf8(key).unwrap_or("")),
                 aggregate,
                 segment,
                 signature,
@@ -115,7 +115,14 @@ mod tests {
 
     fn push(builder: &mut SignatureBuilder, update: (u32, &str, u8, u64, u64, u64, isize)) {
         let (partition, key, aggregate, segment, signature, time, diff) = update;
-        builder.push_member((partition, key), aggregate, segment, signature, time, diff);
+        builder.push_member(
+            (partition, key.as_bytes()),
+            aggregate,
+            segment,
+            signature,
+            time,
+            diff,
+        );
     }
 
     fn drain(builder: &mut SignatureBuilder) -> Vec<Pushed> {
