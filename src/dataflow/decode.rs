@@ -136,6 +136,7 @@ impl Slots {
 
 /// Puts a name's value in each of its slots (a name may fill several: a
 /// field that is also the key), moved into the last.
+#[inline(always)]
 fn place<'a>(values: &mut [Option<Slot<'a>>], slots: &[usize], value: Slot<'a>) {
     if let Some((last, others)) = slots.split_last() {
         for slot in others {
@@ -155,6 +156,7 @@ fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
 
 /// A string starting at `at` (its opening quote) with neither escapes nor
 /// control characters (which JSON forbids unescaped), and where it ends.
+#[inline(always)]
 fn plain_string(text: &str, at: usize) -> Option<(&str, usize)> {
     let bytes = text.as_bytes();
     if bytes.get(at) != Some(&b'"') {
