@@ -29,10 +29,15 @@ const EVENT_TIME: usize = 2;
 const KIND: usize = 3;
 const FIELDS: usize = 4;
 
-/// Which slots each name a record may carry fills.
+/// Which slots each name a record may carry fills, and what each kind needs.
 pub struct Slots {
     by_name: FxHashMap<String, Vec<usize>>,
     count: usize,
+    /// Per kind: the fields a record of it must carry (every required field
+    /// for a `complete` kind, and its `requires`), in field order. Checked
+    /// for every record: filtering every field by the kind's rules, with a
+    /// list collected each time, was 1.1% of a run.
+    needed_by_kind: Vec<Vec<usize>>,
 }
 
 impl Slots {
@@ -52,7 +57,22 @@ impl Slots {
             by_name.entry(name.clone()).or_default().push(slot);
             count = slot + 1;
         }
-        Slots { by_name, count }
+        let needed_by_kind = plan
+            .kinds
+            .iter()
+            .map(|kind| {
+                (0..plan.fields.len())
+                    .filter(|i| {
+                        (kind.complete && plan.fields[*i].required) || kind.requires.contains(i)
+                    })
+                    .collect()
+            })
+            .collect();
+        Slots {
+            by_name,
+            count,
+            needed_by_kind,
+        }
     }
 
     /// The values of a JSON object's names, by slot. The fast path reads
@@ -418,7 +438,7 @@ pub fn decode(
             Err(error) => return Err(fail(raw, "invalid_json", error.to_string())),
         },
     };
-    match validate(plan, values) {
+    match validate(plan, slots, values) {
         Ok(valid) => Ok(ChangeEvent {
             key: valid.key,
             version: valid.version,
@@ -443,7 +463,11 @@ struct Valid {
 }
 
 /// The envelope and field rules; an error is a dead letter's reason and detail.
-fn validate(plan: &Plan, values: Vec<Option<Slot<'_>>>) -> Result<Valid, (&'static str, String)> {
+fn validate(
+    plan: &Plan,
+    slots: &Slots,
+    values: Vec<Option<Slot<'_>>>,
+) -> Result<Valid, (&'static str, String)> {
     let key = match values[KEY].as_ref() {
         Some(Slot::Str(s)) if !s.is_empty() => s.to_string(),
         Some(Slot::Json(Json::Number(n))) if n.is_i64() || n.is_u64() => n.to_string(),
@@ -586,19 +610,18 @@ fn validate(plan: &Plan, values: Vec<Option<Slot<'_>>>) -> Result<Valid, (&'stat
         };
         fields.push(value);
     }
-    let kind_plan = &plan.kinds[kind];
-    let missing: Vec<&str> = plan
-        .fields
-        .iter()
-        .enumerate()
-        .filter(|(i, f)| {
-            fields[*i].is_none()
-                && ((kind_plan.complete && f.required) || kind_plan.requires.contains(i))
-        })
-        .map(|(_, f)| f.name.as_str())
-        .collect();
-    if !missing.is_empty() {
-        let detail = format!("kind `{}` needs {}", kind_plan.name, missing.join(", "));
+    let needed = &slots.needed_by_kind[kind];
+    if needed.iter().any(|i| fields[*i].is_none()) {
+        let missing: Vec<&str> = needed
+            .iter()
+            .filter(|i| fields[**i].is_none())
+            .map(|i| plan.fields[*i].name.as_str())
+            .collect();
+        let detail = format!(
+            "kind `{}` needs {}",
+            plan.kinds[kind].name,
+            missing.join(", ")
+        );
         return Err(("missing_required", detail));
     }
     Ok(Valid {
@@ -654,8 +677,8 @@ mod tests {
     use std::path::Path;
 
     /// What `validate` made of a record, in a form two results compare by.
-    fn outcome(plan: &Plan, values: Vec<Option<Slot<'_>>>) -> String {
-        match validate(plan, values) {
+    fn outcome(plan: &Plan, slots: &Slots, values: Vec<Option<Slot<'_>>>) -> String {
+        match validate(plan, slots, values) {
             Ok(valid) => format!(
                 "ok {} {} {} {} {:?}",
                 valid.key, valid.version, valid.event_time, valid.kind, valid.fields
@@ -824,8 +847,8 @@ mod tests {
             };
             let reference = slots.of_object(object);
             assert_eq!(
-                outcome(&plan, fast),
-                outcome(&plan, reference),
+                outcome(&plan, &slots, fast),
+                outcome(&plan, &slots, reference),
                 "record: {record}"
             );
             compared += 1;
