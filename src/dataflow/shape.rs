@@ -229,6 +229,7 @@ pub fn document_body(
     (out, gate_start)
 }
 
+#[inline(always)]
 fn numeric(
     plan: &Plan,
     r: ValueRef,
