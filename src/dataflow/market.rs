@@ -343,6 +343,7 @@ fn push_number(bytes: &mut Member, value: f64) {
     }
 }
 
+#[inline]
 fn push_varint(bytes: &mut Member, mut value: u64) {
     while value >= 0x80 {
         bytes.push((value as u8) | 0x80);
@@ -351,6 +352,7 @@ fn push_varint(bytes: &mut Member, mut value: u64) {
     bytes.push(value as u8);
 }
 
+#[inline]
 fn read_varint(member: &[u8], at: &mut usize) -> u64 {
     let mut value = 0u64;
     let mut shift = 0;
@@ -365,6 +367,7 @@ fn read_varint(member: &[u8], at: &mut usize) -> u64 {
     }
 }
 
+#[inline]
 fn read_number(member: &[u8], at: &mut usize) -> f64 {
     let tag = member[*at];
     *at += 1;
@@ -382,11 +385,29 @@ fn read_number(member: &[u8], at: &mut usize) -> f64 {
     }
 }
 
+/// Moves `at` past the number there without reading its value: the join
+/// finds a member's identity behind its numbers for every pair it visits.
+#[inline]
+fn skip_number(member: &[u8], at: &mut usize) {
+    let tag = member[*at];
+    *at += 1;
+    match tag {
+        NUMBER_WHOLE => {
+            while member[*at] >= 0x80 {
+                *at += 1;
+            }
+            *at += 1;
+        }
+        NUMBER_BITS => *at += 8,
+        _ => {}
+    }
+}
+
 /// A member's number at `index` (measures first, then carried values that are not measures).
 pub fn member_measure(member: &[u8], index: usize) -> f64 {
     let mut at = 0;
     for _ in 0..index {
-        read_number(member, &mut at);
+        skip_number(member, &mut at);
     }
     read_number(member, &mut at)
 }
@@ -398,7 +419,7 @@ pub fn member_measure(member: &[u8], index: usize) -> f64 {
 pub fn member_identity(member: &[u8], numbers: usize) -> (u32, &[u8]) {
     let mut at = 0;
     for _ in 0..numbers {
-        read_number(member, &mut at);
+        skip_number(member, &mut at);
     }
     let partition = read_varint(member, &mut at) as u32;
     (partition, &member[at..])
