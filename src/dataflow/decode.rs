@@ -31,7 +31,7 @@ const FIELDS: usize = 4;
 
 /// Which slots each name a record may carry fills, and what each kind needs.
 pub struct Slots {
-    by_name: FxHashMap<String, Vec<usize>>,
+    by_name: NameTable,
     count: usize,
     /// Per kind: the fields a record of it must carry (every required field
     /// for a `complete` kind, and its `requires`), in field order. Checked
@@ -69,7 +69,7 @@ impl Slots {
             })
             .collect();
         Slots {
-            by_name,
+            by_name: NameTable::new(by_name),
             count,
             needed_by_kind,
         }
@@ -122,7 +122,7 @@ impl Slots {
                 }
                 let (value, next) = flat_value(text, skip_whitespace(bytes, at + 1))?;
                 // a repeated name keeps its last value, as a parsed object does
-                if let Some(slots) = self.by_name.get(name) {
+                if let Some(slots) = self.by_name.get(name.as_bytes()) {
                     place(&mut values, slots, value);
                 }
                 at = skip_whitespace(bytes, next);
@@ -142,7 +142,7 @@ impl Slots {
     fn of_object(&self, object: serde_json::Map<String, Json>) -> Vec<Option<Slot<'static>>> {
         let mut values = vec![None; self.count];
         for (name, value) in object {
-            if let Some(slots) = self.by_name.get(&name) {
+            if let Some(slots) = self.by_name.get(name.as_bytes()) {
                 let value = match value {
                     Json::String(text) => Slot::Str(Cow::Owned(text)),
                     other => Slot::Json(other),
@@ -151,6 +151,51 @@ impl Slots {
             }
         }
         values
+    }
+}
+
+/// The slots of each name a record may carry, found without hashing the
+/// name: a record's names are looked up one by one (about twenty per record),
+/// and a hash map's hashing, not inlined, and its probe cost more than this
+/// table's index (the name's length and its first and last bytes) and one
+/// comparison. Names that share an index share a short list.
+struct NameTable {
+    buckets: Vec<Vec<NamedSlots>>,
+}
+
+/// A name's bytes and the slots it fills.
+type NamedSlots = (Box<[u8]>, Vec<usize>);
+
+impl NameTable {
+    const BUCKETS: usize = 256;
+
+    fn new(by_name: FxHashMap<String, Vec<usize>>) -> Self {
+        let mut buckets: Vec<Vec<NamedSlots>> = vec![Vec::new(); Self::BUCKETS];
+        let mut names: Vec<(String, Vec<usize>)> = by_name.into_iter().collect();
+        names.sort();
+        for (name, slots) in names {
+            buckets[Self::index(name.as_bytes())]
+                .push((name.into_bytes().into_boxed_slice(), slots));
+        }
+        NameTable { buckets }
+    }
+
+    #[inline(always)]
+    fn index(name: &[u8]) -> usize {
+        match name {
+            [] => 0,
+            [first, .., last] | [first @ last] => {
+                (name.len() * 37 + *first as usize * 7 + *last as usize) % Self::BUCKETS
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn get(&self, name: &[u8]) -> Option<&[usize]> {
+        self.buckets[Self::index(name)]
+            .iter()
+            .find(|(candidate, _)| **candidate == *name)
+            .map(|(_, slots)| slots.as_slice())
     }
 }
 
@@ -370,7 +415,7 @@ impl<'de, 'a> Visitor<'de> for NameSeed<'a> {
         formatter.write_str("a name")
     }
     fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
-        Ok(self.0.by_name.get(name).map(Vec::as_slice))
+        Ok(self.0.by_name.get(name.as_bytes()))
     }
 }
 
@@ -684,6 +729,29 @@ mod tests {
                 valid.key, valid.version, valid.event_time, valid.kind, valid.fields
             ),
             Err((reason, detail)) => format!("error {reason}: {detail}"),
+        }
+    }
+
+    #[test]
+    fn the_name_table_finds_each_name_and_nothing_else() {
+        // "axb" and "ayb" share an index (length, first and last byte)
+        let names = ["axb", "ayb", "a", "", "listing_id", "price", "prices"];
+        let by_name: FxHashMap<String, Vec<usize>> = names
+            .iter()
+            .enumerate()
+            .map(|(slot, name)| (name.to_string(), vec![slot, slot + 100]))
+            .collect();
+        let table = NameTable::new(by_name);
+        assert_eq!(NameTable::index(b"axb"), NameTable::index(b"ayb"));
+        for (slot, name) in names.iter().enumerate() {
+            assert_eq!(
+                table.get(name.as_bytes()),
+                Some(&[slot, slot + 100][..]),
+                "{name}"
+            );
+        }
+        for unknown in ["azb", "b", "listing_iD", "pric", "price ", "é"] {
+            assert_eq!(table.get(unknown.as_bytes()), None, "{unknown}");
         }
     }
 
