@@ -674,25 +674,34 @@ pub fn compute_features(
     event_time: i64,
     market: &[f64],
 ) -> Vec<Option<f64>> {
+    // a function, not a closure, so that it inlines (1.4 million calls
+    // per 200k events as a closure)
+    #[inline(always)]
+    fn lookup(
+        plan: &Plan,
+        state: &ListingState,
+        market: &[f64],
+        r: ValueRef,
+        values: &[Option<f64>],
+    ) -> Option<f64> {
+        match r {
+            ValueRef::Field(i) => state.fields[i].as_ref().and_then(Value::as_f64),
+            ValueRef::Feature(i) => values.get(i).copied().flatten(),
+            ValueRef::Lookup(i) => {
+                market::lookup_value(plan, i, &state.fields, &mut false).and_then(Value::as_f64)
+            }
+            ValueRef::Statistic {
+                aggregate,
+                statistic,
+            } => market
+                .get(plan.statistic_offset(aggregate, statistic))
+                .copied()
+                .filter(|x| !x.is_nan()),
+            _ => None, // later stages; compile forbids it
+        }
+    }
     let mut values: Vec<Option<f64>> = Vec::with_capacity(plan.features.len());
     for feature in &plan.features {
-        let lookup = |r: ValueRef, values: &[Option<f64>]| -> Option<f64> {
-            match r {
-                ValueRef::Field(i) => state.fields[i].as_ref().and_then(Value::as_f64),
-                ValueRef::Feature(i) => values.get(i).copied().flatten(),
-                ValueRef::Lookup(i) => {
-                    market::lookup_value(plan, i, &state.fields, &mut false).and_then(Value::as_f64)
-                }
-                ValueRef::Statistic {
-                    aggregate,
-                    statistic,
-                } => market
-                    .get(plan.statistic_offset(aggregate, statistic))
-                    .copied()
-                    .filter(|x| !x.is_nan()),
-                _ => None, // later stages; compile forbids it
-            }
-        };
         let value = match &feature.function {
             Function::DaysOnMarket => Some(features::days_on_market(state.first_seen, event_time)),
             Function::PriceChangeCount => Some(state.price_change_count as f64),
@@ -705,15 +714,15 @@ pub fn compute_features(
                 event_time,
             )),
             Function::YearsSince { field } => {
-                features::years_since(lookup(*field, &values), event_time)
+                features::years_since(lookup(plan, state, market, *field, &values), event_time)
             }
             Function::Ratio {
                 numerator,
                 denominator,
                 min_denominator,
             } => features::ratio(
-                lookup(*numerator, &values),
-                lookup(*denominator, &values),
+                lookup(plan, state, market, *numerator, &values),
+                lookup(plan, state, market, *denominator, &values),
                 *min_denominator,
             ),
         };
