@@ -740,11 +740,14 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
 pub fn net_statistics_changes(
     changes: Vec<(u64, StatisticBits, isize)>,
 ) -> Vec<(u64, Option<StatisticBits>)> {
-    let mut net: rustc_hash::FxHashMap<(u64, StatisticBits), isize> = Default::default();
+    // both sized for the most they can hold, not grown from empty
+    let mut net: rustc_hash::FxHashMap<(u64, StatisticBits), isize> =
+        rustc_hash::FxHashMap::with_capacity_and_hasher(changes.len(), Default::default());
     for (segment, statistics, diff) in changes {
         *net.entry((segment, statistics)).or_default() += diff;
     }
-    let mut by_segment: rustc_hash::FxHashMap<u64, Option<StatisticBits>> = Default::default();
+    let mut by_segment: rustc_hash::FxHashMap<u64, Option<StatisticBits>> =
+        rustc_hash::FxHashMap::with_capacity_and_hasher(net.len(), Default::default());
     for ((segment, statistics), diff) in net {
         if diff > 0 {
             by_segment.insert(segment, Some(statistics));
