@@ -5,7 +5,7 @@
 //! takes about twenty for eight bytes, and the strings of a record are
 //! mostly one or two words long. `memchr` was tried for the key scan and
 //! was slower (its call and setup cost more than a short string's bytes,
-//! `docs/benchmarks.md`, stop 27); these are inlined and set up nothing.
+//! `docs/benchmarks.md`, stop 28); these are inlined and set up nothing.
 //!
 //! Each search flags, in a little-endian word, the bytes that match with
 //! the classic "has a zero byte" test (`(x - 0x01..) & !x & 0x80..`).
