@@ -140,20 +140,21 @@ impl Sink {
         }
     }
 
-    /// The records written from now on belong to `epoch` (Kafka tracks their
-    /// acknowledgements per epoch).
+    /// The records written from now on belong to `epoch` (a sink reports
+    /// delivery per epoch).
     pub fn begin_epoch(&mut self, epoch: u64) {
-        if let Sink::Kafka(kafka) = self {
-            kafka.begin_epoch(epoch);
+        match self {
+            Sink::File(file) => file.begin_epoch(epoch),
+            Sink::Kafka(kafka) => kafka.begin_epoch(epoch),
         }
     }
 
-    /// Ends a write without waiting for the broker: files are handed to the
-    /// OS (so they are delivered when this returns); Kafka records are in
-    /// flight, see `delivered_below`.
+    /// Ends a write without waiting for it to be delivered: a file's lines go
+    /// to its writer thread, Kafka records to the broker; see
+    /// `delivered_below`.
     pub fn hand_over(&mut self) -> Result<(), String> {
         match self {
-            Sink::File(file) => file.flush().map_err(|e| e.to_string()),
+            Sink::File(file) => file.hand_over().map_err(|e| e.to_string()),
             Sink::Kafka(kafka) => {
                 kafka.hand_over();
                 Ok(())
@@ -164,15 +165,16 @@ impl Sink {
     /// Every epoch below the returned one, of those written, is delivered.
     pub fn delivered_below(&self) -> Result<u64, String> {
         match self {
-            Sink::File(_) => Ok(u64::MAX),
+            Sink::File(file) => file.delivered_below().map_err(|e| e.to_string()),
             Sink::Kafka(kafka) => kafka.delivered_below().map_err(|e| e.to_string()),
         }
     }
 
-    /// Kafka: wake the sink stage through `waker` when an epoch is delivered.
+    /// Wake the sink stage through `waker` when an epoch is delivered.
     pub fn wake_with(&mut self, waker: timely::scheduling::SyncActivator) {
-        if let Sink::Kafka(kafka) = self {
-            kafka.wake_with(waker);
+        match self {
+            Sink::File(file) => file.wake_with(waker),
+            Sink::Kafka(kafka) => kafka.wake_with(waker),
         }
     }
 }

@@ -4,17 +4,33 @@
 //! `{"key":…,"version":…,"op":"upsert","doc":{…}}` or `"op":"delete","doc":null`.
 //! Dead letters as `{"reason":…,"stage":…,"detail":…,"source":{…},"bytes_base64":…}`.
 //!
+//! # Writing on a thread of its own
+//! The worker formats lines into a chunk; `hand_over` passes the chunk, with
+//! the epochs it completes, to the sink's writer thread, which writes it and
+//! then reports those epochs delivered (`delivered_below`, and a wake-up of
+//! the sink stage), as a Kafka sink reports acknowledgements. Copying a
+//! document file into the page cache was about 13% of the worker's time in
+//! a 1-worker run of the full topology (`perf`, `docs/benchmarks.md`, stop
+//! 31), time the worker now spends on the next epochs while another core
+//! writes. At most `CHUNKS_IN_FLIGHT` chunks wait for the thread: a slow
+//! disk holds the worker back rather than filling memory.
+//!
 //! # Durability
-//! Each completed epoch is written and flushed to the OS before the epoch is
-//! released downstream, so a checkpoint never covers output that a `kill -9`
-//! could lose. (A power loss could; the sink does not fsync.) On open, a
-//! trailing partial line left by a crash mid-write is cut off.
+//! An epoch is delivered once the thread has handed its lines to the OS, and
+//! only a delivered epoch is released downstream, so a checkpoint never
+//! covers output that a `kill -9` could lose. (A power loss could; the sink
+//! does not fsync.) On open, a trailing partial line left by a crash
+//! mid-write is cut off.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
+use timely::scheduling::SyncActivator;
 
 use crate::record::{DeadLetter, OutputDocument};
 
@@ -25,10 +41,47 @@ pub struct FileSinkError {
     pub detail: String,
 }
 
+/// Chunks handed over and not yet written, at most.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
 pub struct FileSink {
-    writer: BufWriter<File>,
     path: String,
+    /// Lines written since the last hand-over: what the thread gets next.
     buffer: Vec<u8>,
+    /// Every epoch below this one has begun (`begin_epoch`): the epochs a
+    /// hand-over completes.
+    epochs_below: u64,
+    /// To the writer thread; `None` once closed (on drop).
+    chunks: Option<SyncSender<Message>>,
+    /// Written chunks, back from the thread empty, to be filled again: a
+    /// fresh buffer per hand-over would be fresh pages, each faulted in.
+    spare: Receiver<Vec<u8>>,
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Message {
+    /// Lines to append, and the epoch below which every epoch is then written.
+    Write(Vec<u8>, u64),
+    /// Answered once everything sent before it is written.
+    Sync(Sender<()>),
+}
+
+/// What the writer thread tells the sink.
+struct Shared {
+    delivered_below: AtomicU64,
+    failure: Mutex<Option<String>>,
+    /// The sink stage, woken when epochs are delivered.
+    waker: Mutex<Option<SyncActivator>>,
+}
+
+impl Shared {
+    fn wake(&self) {
+        if let Some(waker) = self.waker.lock().expect("not poisoned").as_ref() {
+            // (fails only when the worker is gone)
+            let _ = waker.activate();
+        }
+    }
 }
 
 impl FileSink {
@@ -53,15 +106,97 @@ impl FileSink {
         cut_partial_last_line(&mut file).map_err(|e| error(e.to_string()))?;
         file.seek(SeekFrom::End(0))
             .map_err(|e| error(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            delivered_below: AtomicU64::new(0),
+            failure: Mutex::new(None),
+            waker: Mutex::new(None),
+        });
+        let (chunks, to_write) = std::sync::mpsc::sync_channel(CHUNKS_IN_FLIGHT);
+        let (give_back, spare) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("assay:file-sink".into())
+            .spawn({
+                let shared = Arc::clone(&shared);
+                move || write_chunks(file, to_write, give_back, &shared)
+            })
+            .map_err(|e| error(e.to_string()))?;
         Ok(FileSink {
-            writer: BufWriter::with_capacity(1 << 20, file),
             path: path.display().to_string(),
-            buffer: Vec::with_capacity(4096),
+            buffer: Vec::with_capacity(1 << 20),
+            epochs_below: 0,
+            chunks: Some(chunks),
+            spare,
+            shared,
+            thread: Some(thread),
         })
     }
 
+    /// The records written from now on belong to `epoch`.
+    pub fn begin_epoch(&mut self, epoch: u64) {
+        self.epochs_below = self.epochs_below.max(epoch + 1);
+    }
+
+    /// Passes the lines written since the last hand-over to the writer
+    /// thread, with the epochs they complete; waits only when
+    /// `CHUNKS_IN_FLIGHT` chunks are waiting already.
+    pub fn hand_over(&mut self) -> Result<(), FileSinkError> {
+        self.check()?;
+        let spare = self.spare.try_recv().unwrap_or_default();
+        let chunk = std::mem::replace(&mut self.buffer, spare);
+        self.send(Message::Write(chunk, self.epochs_below))
+    }
+
+    /// Every epoch below the returned one, of those handed over, is written.
+    pub fn delivered_below(&self) -> Result<u64, FileSinkError> {
+        self.check()?;
+        Ok(self.shared.delivered_below.load(Ordering::Acquire))
+    }
+
+    /// The sink stage to wake when epochs are delivered.
+    pub fn wake_with(&mut self, waker: SyncActivator) {
+        *self.shared.waker.lock().expect("not poisoned") = Some(waker);
+    }
+
+    /// Hands everything written so far to the OS, and waits until it is.
+    pub fn flush(&mut self) -> Result<(), FileSinkError> {
+        self.hand_over()?;
+        let (answer, answered) = std::sync::mpsc::channel();
+        self.send(Message::Sync(answer))?;
+        // (no answer: the thread stopped on a failure, which `check` reports)
+        let _ = answered.recv();
+        self.check()
+    }
+
+    fn send(&mut self, message: Message) -> Result<(), FileSinkError> {
+        let sent = self
+            .chunks
+            .as_ref()
+            .expect("open until dropped")
+            .send(message);
+        match sent {
+            Ok(()) => Ok(()),
+            // the thread ends early only on a failure
+            Err(_) => self
+                .check()
+                .and(Err(self.failure("the writer thread stopped".into()))),
+        }
+    }
+
+    fn check(&self) -> Result<(), FileSinkError> {
+        match self.shared.failure.lock().expect("not poisoned").as_ref() {
+            Some(detail) => Err(self.failure(detail.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn failure(&self, detail: String) -> FileSinkError {
+        FileSinkError {
+            path: self.path.clone(),
+            detail,
+        }
+    }
+
     pub fn write_document(&mut self, document: &OutputDocument) -> Result<(), FileSinkError> {
-        self.buffer.clear();
         self.buffer.extend_from_slice(b"{\"key\":");
         write_json_string(&mut self.buffer, &document.key);
         self.buffer.extend_from_slice(b",\"version\":");
@@ -78,7 +213,7 @@ impl FileSink {
                 .extend_from_slice(b",\"op\":\"delete\",\"doc\":null"),
         }
         self.buffer.extend_from_slice(b"}\n");
-        self.write_buffer()
+        Ok(())
     }
 
     pub fn write_dead_letter(
@@ -90,7 +225,6 @@ impl FileSink {
         // test below compares the two): the base64 text, most of the line,
         // goes straight into the buffer, without a String of its own and
         // without a scan for characters to escape that base64 never has
-        self.buffer.clear();
         self.buffer.extend_from_slice(b"{\"reason\":");
         write_json_string(&mut self.buffer, &letter.reason);
         self.buffer.extend_from_slice(b",\"stage\":");
@@ -118,24 +252,49 @@ impl FileSink {
             .encode_slice(&letter.bytes, &mut self.buffer[start..])
             .expect("the buffer was sized for the encoding");
         self.buffer.extend_from_slice(b"\"}\n");
-        self.write_buffer()
+        Ok(())
     }
+}
 
-    fn write_buffer(&mut self) -> Result<(), FileSinkError> {
-        self.writer
-            .write_all(&self.buffer)
-            .map_err(|e| FileSinkError {
-                path: self.path.clone(),
-                detail: e.to_string(),
-            })
+impl Drop for FileSink {
+    /// Writes what was handed over (a run's end; on a failure the process
+    /// stops without waiting) and ends the thread.
+    fn drop(&mut self) {
+        self.chunks = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
+}
 
-    /// Hands everything written so far to the OS.
-    pub fn flush(&mut self) -> Result<(), FileSinkError> {
-        self.writer.flush().map_err(|e| FileSinkError {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        })
+/// The writer thread: appends each chunk in order, then marks its epochs
+/// delivered and gives the emptied chunk back. On a failure it records the
+/// error and stops; the sink reports it on its next call.
+fn write_chunks(
+    mut file: File,
+    to_write: Receiver<Message>,
+    give_back: Sender<Vec<u8>>,
+    shared: &Shared,
+) {
+    for message in to_write {
+        match message {
+            Message::Write(mut chunk, epochs_below) => {
+                if let Err(e) = file.write_all(&chunk) {
+                    *shared.failure.lock().expect("not poisoned") = Some(e.to_string());
+                    shared.wake();
+                    return;
+                }
+                shared
+                    .delivered_below
+                    .fetch_max(epochs_below, Ordering::Release);
+                shared.wake();
+                chunk.clear();
+                let _ = give_back.send(chunk);
+            }
+            Message::Sync(answer) => {
+                let _ = answer.send(());
+            }
+        }
     }
 }
 
@@ -309,6 +468,78 @@ mod tests {
         }
         sink.flush().unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), expected);
+    }
+
+    fn document(key: &str) -> OutputDocument {
+        OutputDocument {
+            key: key.to_string(),
+            version: 1,
+            body: Some("{\"price\":1}".to_string()),
+            position: crate::record::SourcePosition {
+                partition: 0,
+                offset: 0,
+                byte_offset: 0,
+                timestamp_ms: 0,
+            },
+            read_at_nanos: 0,
+            market: false,
+        }
+    }
+
+    /// The writer thread reports an epoch delivered only once its lines are
+    /// in the file, and reports every epoch handed over.
+    #[test]
+    fn an_epoch_is_delivered_once_its_lines_are_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("documents.jsonl");
+        let mut sink = FileSink::open(&path, true).unwrap();
+        // file length after each epoch's lines
+        let mut ends = Vec::new();
+        let mut written = 0;
+        for epoch in 0..300u64 {
+            sink.begin_epoch(epoch);
+            for i in 0..=epoch % 7 {
+                let before = sink.buffer.len();
+                sink.write_document(&document(&format!("{epoch}-{i}")))
+                    .unwrap();
+                written += (sink.buffer.len() - before) as u64;
+            }
+            ends.push(written);
+            sink.hand_over().unwrap();
+            let delivered = sink.delivered_below().unwrap();
+            assert!(delivered <= epoch + 1, "epoch {epoch}: {delivered}");
+            if delivered > 0 {
+                let len = std::fs::metadata(&path).unwrap().len();
+                assert!(
+                    len >= ends[delivered as usize - 1],
+                    "epoch {} reported delivered with {len} of its {} bytes in the file",
+                    delivered - 1,
+                    ends[delivered as usize - 1]
+                );
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while sink.delivered_below().unwrap() < 300 {
+            assert!(std::time::Instant::now() < deadline, "never delivered");
+            std::thread::yield_now();
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), written);
+    }
+
+    /// A write that fails on the thread is not lost: the sink reports it.
+    #[test]
+    fn a_failed_write_is_reported_not_dropped() {
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            panic!("/dev/full is needed: writes there fail with ENOSPC");
+        }
+        let mut sink = FileSink::open(full, false).unwrap();
+        sink.begin_epoch(0);
+        sink.write_document(&document("a")).unwrap();
+        let error = sink.flush().expect_err("a write to /dev/full fails");
+        assert!(error.to_string().contains("/dev/full"), "{error}");
+        assert!(sink.delivered_below().is_err());
+        assert!(sink.hand_over().is_err());
     }
 
     #[test]
