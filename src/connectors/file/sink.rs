@@ -42,13 +42,17 @@ pub struct FileSinkError {
 }
 
 /// Chunks handed over and not yet written, at most.
-const CHUNKS_IN_FLIGHT: usize = 4;
+const CHUNKS_IN_FLIGHT: usize = 2;
 
 /// A chunk goes to the thread once it holds this much, even mid-epoch: the
 /// buffers in flight and kept for reuse then hold a few megabytes, not
 /// several epochs of documents each (whole hand-overs added 15-20 MB to the
 /// full topology's peak RSS in `assay bench`).
 const CHUNK_BYTES: usize = 1 << 20;
+
+/// A chunk's buffer is made this much larger than `CHUNK_BYTES`, so that the
+/// line that fills it does not double it (a `Vec` grows by doubling).
+const LINE_ROOM: usize = 64 << 10;
 
 pub struct FileSink {
     path: String,
@@ -131,7 +135,7 @@ impl FileSink {
             .map_err(|e| error(e.to_string()))?;
         Ok(FileSink {
             path: path.display().to_string(),
-            buffer: Vec::with_capacity(CHUNK_BYTES),
+            buffer: Vec::with_capacity(CHUNK_BYTES + LINE_ROOM),
             epochs_below: 0,
             finished_below: 0,
             chunks: Some(chunks),
@@ -169,7 +173,7 @@ impl FileSink {
         let spare = self
             .spare
             .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(CHUNK_BYTES));
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK_BYTES + LINE_ROOM));
         let chunk = std::mem::replace(&mut self.buffer, spare);
         self.send(Message::Write(chunk, epochs_below))
     }
