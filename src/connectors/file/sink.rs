@@ -45,9 +45,8 @@ pub struct FileSinkError {
 const CHUNKS_IN_FLIGHT: usize = 2;
 
 /// A chunk goes to the thread once it holds this much, even mid-epoch: the
-/// buffers in flight and kept for reuse then hold a few megabytes, not
-/// several epochs of documents each (whole hand-overs added 15-20 MB to the
-/// full topology's peak RSS in `assay bench`).
+/// buffers in flight and kept for reuse then hold a few megabytes, whatever
+/// an epoch's size (a hand-over can hold several epochs of documents).
 const CHUNK_BYTES: usize = 1 << 20;
 
 /// A chunk's buffer is made this much larger than `CHUNK_BYTES`, so that the
