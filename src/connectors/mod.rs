@@ -120,23 +120,31 @@ impl Sink {
         matches!(self, Sink::Kafka(_))
     }
 
-    pub fn write_document(&mut self, document: &OutputDocument) -> Result<(), String> {
+    /// Writes documents of the epoch begun last (`begin_epoch`).
+    pub fn write_documents(&mut self, documents: Vec<OutputDocument>) -> Result<(), String> {
         match self {
-            Sink::File(file) => file.write_document(document).map_err(|e| e.to_string()),
-            Sink::Kafka(kafka) => kafka.write_document(document).map_err(|e| e.to_string()),
+            Sink::File(file) => file.write_documents(documents).map_err(|e| e.to_string()),
+            Sink::Kafka(kafka) => documents
+                .iter()
+                .try_for_each(|document| kafka.write_document(document))
+                .map_err(|e| e.to_string()),
         }
     }
 
-    pub fn write_dead_letter(
+    /// Writes dead letters of the epoch begun last, read from `source_binding`.
+    pub fn write_dead_letters(
         &mut self,
-        letter: &DeadLetter,
+        letters: Vec<DeadLetter>,
         source_binding: &str,
     ) -> Result<(), String> {
         match self {
             Sink::File(file) => file
-                .write_dead_letter(letter, source_binding)
+                .write_dead_letters(letters, source_binding)
                 .map_err(|e| e.to_string()),
-            Sink::Kafka(kafka) => kafka.write_dead_letter(letter).map_err(|e| e.to_string()),
+            Sink::Kafka(kafka) => letters
+                .iter()
+                .try_for_each(|letter| kafka.write_dead_letter(letter))
+                .map_err(|e| e.to_string()),
         }
     }
 

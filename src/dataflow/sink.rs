@@ -134,30 +134,22 @@ impl UndeliveredReadTimes {
     }
 }
 
-/// A record kind an output stage writes: how it is written and counted.
-pub(super) trait SinkRecord {
+/// A record kind an output stage writes: how it is counted and written.
+pub(super) trait SinkRecord: Sized {
     /// What a failure says was being written.
     const WHAT: &'static str;
-    /// Writes the record to `out` and counts it; returns its read time when
-    /// its latency counts (a market document's read time is its listing's
-    /// last event, not a new input).
-    fn write_counted(
-        &self,
-        out: &mut Sink,
-        counts: &mut SinkCounts,
-        source_binding: &str,
-    ) -> Result<Option<u64>, String>;
+    /// Counts the record; returns its read time when its latency counts (a
+    /// market document's read time is its listing's last event, not a new
+    /// input).
+    fn count(&self, counts: &mut SinkCounts) -> Option<u64>;
+    /// Writes an epoch's records to `out`, which takes them: a file sink
+    /// formats and writes them on its own thread.
+    fn write_all(records: Vec<Self>, out: &mut Sink, source_binding: &str) -> Result<(), String>;
 }
 
 impl SinkRecord for OutputDocument {
     const WHAT: &'static str = "writing documents";
-    fn write_counted(
-        &self,
-        out: &mut Sink,
-        counts: &mut SinkCounts,
-        _source_binding: &str,
-    ) -> Result<Option<u64>, String> {
-        out.write_document(self)?;
+    fn count(&self, counts: &mut SinkCounts) -> Option<u64> {
         if self.body.is_some() {
             counts.upserts += 1
         } else {
@@ -165,38 +157,35 @@ impl SinkRecord for OutputDocument {
         }
         if self.market {
             counts.market_documents += 1;
-            Ok(None)
+            None
         } else {
-            Ok(Some(self.read_at_nanos))
+            Some(self.read_at_nanos)
         }
+    }
+    fn write_all(records: Vec<Self>, out: &mut Sink, _source_binding: &str) -> Result<(), String> {
+        out.write_documents(records)
     }
 }
 
 impl SinkRecord for crate::dataflow::statistics::StatisticsRecord {
     const WHAT: &'static str = "writing statistics";
-    fn write_counted(
-        &self,
-        out: &mut Sink,
-        _counts: &mut SinkCounts,
-        _source_binding: &str,
-    ) -> Result<Option<u64>, String> {
-        out.write_document(&self.0)?;
+    fn count(&self, _counts: &mut SinkCounts) -> Option<u64> {
         // not a document of the search index, and no input's latency
-        Ok(None)
+        None
+    }
+    fn write_all(records: Vec<Self>, out: &mut Sink, _source_binding: &str) -> Result<(), String> {
+        out.write_documents(records.into_iter().map(|record| record.0).collect())
     }
 }
 
 impl SinkRecord for DeadLetter {
     const WHAT: &'static str = "writing dead letters";
-    fn write_counted(
-        &self,
-        out: &mut Sink,
-        counts: &mut SinkCounts,
-        source_binding: &str,
-    ) -> Result<Option<u64>, String> {
-        out.write_dead_letter(self, source_binding)?;
+    fn count(&self, counts: &mut SinkCounts) -> Option<u64> {
         *counts.dead_letters.entry(self.reason.clone()).or_default() += 1;
-        Ok(Some(self.read_at_nanos))
+        Some(self.read_at_nanos)
+    }
+    fn write_all(records: Vec<Self>, out: &mut Sink, source_binding: &str) -> Result<(), String> {
+        out.write_dead_letters(records, source_binding)
     }
 }
 
@@ -232,16 +221,16 @@ impl<D: SinkRecord + 'static> OrderedWriter<D> for SinkWriter {
     fn write(&mut self, epochs: Vec<(u64, Vec<D>)>) {
         let Some(out) = self.out.as_mut() else { return };
         let mut counts = self.counts.borrow_mut();
-        for (epoch, records) in &epochs {
-            out.begin_epoch(*epoch);
-            let mut read_times = Vec::with_capacity(records.len());
-            for record in records {
-                match record.write_counted(out, &mut counts, &self.source_binding) {
-                    Ok(read_at) => read_times.extend(read_at),
-                    Err(e) => fail_output(D::WHAT, &e),
-                }
+        for (epoch, records) in epochs {
+            out.begin_epoch(epoch);
+            let read_times: Vec<u64> = records
+                .iter()
+                .filter_map(|record| record.count(&mut counts))
+                .collect();
+            if let Err(e) = D::write_all(records, out, &self.source_binding) {
+                fail_output(D::WHAT, &e);
             }
-            self.undelivered.0.push_back((*epoch, read_times));
+            self.undelivered.0.push_back((epoch, read_times));
         }
         if let Err(e) = out.hand_over() {
             fail_output(D::WHAT, &e);
