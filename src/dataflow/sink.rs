@@ -12,8 +12,9 @@
 //! Every epoch that is complete when the operator runs is written in one
 //! call. Delivery may come later ([`OrderedWriter::delivered_below`]): a
 //! Kafka writer does not wait for the broker's acknowledgements on the worker
-//! thread, it wakes the operator when they arrive, so the round trips of
-//! several epochs overlap with computing the next ones.
+//! thread, and a file's writer thread formats and appends the records it is
+//! handed; each wakes the operator when epochs are delivered, so that
+//! delivery overlaps with computing the next epochs.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};

@@ -10,10 +10,10 @@
 //! hand-over (`hand_over`: the end of a write of complete epochs), reports
 //! the epochs delivered (`delivered_below`, and a wake-up of the sink stage),
 //! as a Kafka sink reports acknowledgements. Copying a document file into the
-//! page cache was about 13% of the worker's time in a 1-worker run of the
-//! full topology, and formatting and freeing the documents another 3% of its
-//! instructions (`docs/benchmarks.md`, stop 31): the worker now spends that
-//! on the next epochs while another core writes. At most `MESSAGES_IN_FLIGHT`
+//! page cache was 13.5% of the worker's samples in a `perf` run of the full
+//! topology on 1 worker, and formatting and freeing the documents another 3%
+//! of its instructions (`docs/benchmarks.md`, stop 31): the worker now spends
+//! that on the next epochs while another core writes. At most `MESSAGES_IN_FLIGHT`
 //! messages wait for the thread: a slow disk holds the worker back rather
 //! than filling memory.
 //!
@@ -44,7 +44,8 @@ pub struct FileSinkError {
 }
 
 /// Messages (an epoch's records, a hand-over) sent and not yet taken by the
-/// thread, at most: about two epochs' records.
+/// thread, at most: at most four epochs' records, two in a steady run (one
+/// epoch and its hand-over per write).
 const MESSAGES_IN_FLIGHT: usize = 4;
 
 /// The thread appends its lines to the file once they fill this much: a
