@@ -285,6 +285,11 @@ fn write_lines(mut file: File, to_handle: Receiver<Message>, shared: &Shared) {
             }
         }
     }
+    // the sink closed: lines not handed over yet go out too, as a buffered
+    // writer's would on drop. Their epochs were never reported delivered,
+    // so a restart may write them again (duplicates of identical lines),
+    // and a failure here has nobody left to tell.
+    let _ = file.write_all(&lines);
 }
 
 /// Appends a document's line: `{"key":…,"version":…,"op":…,"doc":…}`.
@@ -590,6 +595,21 @@ mod tests {
         );
         sink.flush().unwrap();
         assert_eq!(sink.delivered_below().unwrap(), 2);
+    }
+
+    /// Lines not handed over when the sink closes are written, as a
+    /// buffered writer's are on drop.
+    #[test]
+    fn closing_the_sink_writes_what_was_not_handed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("documents.jsonl");
+        let mut sink = FileSink::open(&path, true).unwrap();
+        sink.begin_epoch(0);
+        sink.write_documents(vec![document("a")]).unwrap();
+        drop(sink);
+        let mut expected = Vec::new();
+        write_document(&mut expected, &document("a"));
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
     }
 
     /// A write that fails on the thread is not lost: the sink reports it.
