@@ -249,22 +249,16 @@ fn write_lines(mut file: File, to_handle: Receiver<Message>, shared: &Shared) {
             Message::Documents(documents) => {
                 for document in &documents {
                     write_document(&mut lines, document);
-                    if lines.len() >= CHUNK_BYTES {
-                        if let Err(e) = file.write_all(&lines) {
-                            return fail(e);
-                        }
-                        lines.clear();
+                    if let Err(e) = write_full_chunk(&mut file, &mut lines) {
+                        return fail(e);
                     }
                 }
             }
             Message::DeadLetters(letters, binding) => {
                 for letter in &letters {
                     write_dead_letter(&mut lines, letter, &binding);
-                    if lines.len() >= CHUNK_BYTES {
-                        if let Err(e) = file.write_all(&lines) {
-                            return fail(e);
-                        }
-                        lines.clear();
+                    if let Err(e) = write_full_chunk(&mut file, &mut lines) {
+                        return fail(e);
                     }
                 }
             }
@@ -290,6 +284,15 @@ fn write_lines(mut file: File, to_handle: Receiver<Message>, shared: &Shared) {
     // so a restart may write them again (duplicates of identical lines),
     // and a failure here has nobody left to tell.
     let _ = file.write_all(&lines);
+}
+
+/// Appends `lines` to the file once they fill a chunk.
+fn write_full_chunk(file: &mut File, lines: &mut Vec<u8>) -> std::io::Result<()> {
+    if lines.len() >= CHUNK_BYTES {
+        file.write_all(lines)?;
+        lines.clear();
+    }
+    Ok(())
 }
 
 /// Appends a document's line: `{"key":…,"version":…,"op":…,"doc":…}`.
