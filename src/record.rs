@@ -78,3 +78,23 @@ pub struct OutputDocument {
     /// event of its own (`position` then holds only the partition).
     pub market: bool,
 }
+
+#[cfg(test)]
+impl OutputDocument {
+    /// A small upsert of `key` at version 1, for the sinks' tests.
+    pub fn for_test(key: &str) -> Self {
+        OutputDocument {
+            key: key.to_string(),
+            version: 1,
+            body: Some("{\"price\":1}".to_string()),
+            position: SourcePosition {
+                partition: 0,
+                offset: 0,
+                byte_offset: 0,
+                timestamp_ms: 0,
+            },
+            read_at_nanos: 0,
+            market: false,
+        }
+    }
+}

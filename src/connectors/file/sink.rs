@@ -486,17 +486,9 @@ mod tests {
         for (i, key) in keys.iter().enumerate() {
             for body in [Some("{\"price\":1}".to_string()), None] {
                 let document = OutputDocument {
-                    key: key.to_string(),
                     version: (i as u64) << 32 | 7,
                     body: body.clone(),
-                    position: crate::record::SourcePosition {
-                        partition: 0,
-                        offset: 0,
-                        byte_offset: 0,
-                        timestamp_ms: 0,
-                    },
-                    read_at_nanos: 0,
-                    market: false,
+                    ..document(key)
                 };
                 sink.write_documents(vec![document.clone()]).unwrap();
                 let (op, doc) = match &body {
@@ -515,19 +507,7 @@ mod tests {
     }
 
     fn document(key: &str) -> OutputDocument {
-        OutputDocument {
-            key: key.to_string(),
-            version: 1,
-            body: Some("{\"price\":1}".to_string()),
-            position: crate::record::SourcePosition {
-                partition: 0,
-                offset: 0,
-                byte_offset: 0,
-                timestamp_ms: 0,
-            },
-            read_at_nanos: 0,
-            market: false,
-        }
+        OutputDocument::for_test(key)
     }
 
     /// The writer thread reports an epoch delivered only once its lines are

@@ -361,7 +361,6 @@ mod tests {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
     use super::*;
-    use crate::record::SourcePosition;
 
     fn sink_on(
         cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
@@ -382,19 +381,7 @@ mod tests {
     }
 
     fn document(key: &str) -> OutputDocument {
-        OutputDocument {
-            key: key.into(),
-            version: 1,
-            body: Some("{\"price\":1}".into()),
-            position: SourcePosition {
-                partition: 0,
-                offset: 0,
-                byte_offset: 0,
-                timestamp_ms: 0,
-            },
-            read_at_nanos: 0,
-            market: false,
-        }
+        OutputDocument::for_test(key)
     }
 
     /// Polls `delivered_below` for up to 20 s until `done` says so.
