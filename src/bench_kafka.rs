@@ -469,8 +469,8 @@ pub struct Options {
     events: u64,
     /// Events produced during the latency measurement. 600k at the full
     /// topology's half rate is 6-7 s here: long enough to show whether the
-    /// engine keeps up (its latency grew through the run at that rate, from
-    /// 70 to 150-220 ms; 200k events, 2 s, reported a p99 of 82-103 ms)
+    /// engine keeps up (at that rate full's latency grew through the run; a
+    /// 2 s run of 200k ended before it showed)
     #[arg(long, default_value_t = 600_000)]
     latency_events: u64,
     /// The latency run's rate as a fraction of the measured maximum (the target is set at 0.5).
