@@ -66,6 +66,23 @@ pub struct RuntimeConfig {
     /// epochs old. The exact statistics changelog stays per epoch.
     #[serde(default = "default_market_window_epochs")]
     pub market_window_epochs: u64,
+    /// With a market window (K > 1): groups of segments whose windows end at
+    /// different epochs, K / this apart (segments fall into groups by a
+    /// hash). A window end's join and re-evaluations then come in this many
+    /// smaller rounds instead of one, and the records behind them wait less.
+    /// 1: every segment's window ends at the multiples of K. Each group's
+    /// round costs a round of the join and the arrangements, so one group
+    /// per epoch (K) cost more CPU than it saved (`docs/benchmarks.md`,
+    /// Stop 32); `config/kafka.toml` uses 5 of its 25.
+    #[serde(default = "default_market_window_phases")]
+    pub market_window_phases: u64,
+    /// With staggered windows (`market_window_phases` > 1): windows between
+    /// sync points, where every group's window ends and the statistics seen
+    /// are the exact ones. Checkpoints fall only there (a restart must
+    /// rebuild where no move is waiting), so they come at most once per K x
+    /// this epochs, however short `checkpoint_interval_ms` is.
+    #[serde(default = "default_market_windows_per_sync")]
+    pub market_windows_per_sync: u64,
     /// Progress bar on stderr: `auto` (when stderr is a terminal), `always`, `never`.
     #[serde(default)]
     pub progress: ProgressMode,
@@ -86,6 +103,24 @@ fn default_checkpoint_interval_ms() -> u64 {
 fn default_market_window_epochs() -> u64 {
     1
 }
+fn default_market_window_phases() -> u64 {
+    1
+}
+fn default_market_windows_per_sync() -> u64 {
+    4
+}
+
+impl RuntimeConfig {
+    /// Epochs between the market's sync points, where checkpoints can fall
+    /// (1 without a market window): see `market_windows_per_sync`.
+    pub fn market_sync_epochs(&self) -> u64 {
+        crate::dataflow::market::sync_epochs(
+            self.market_window_epochs,
+            self.market_window_phases,
+            self.market_windows_per_sync,
+        )
+    }
+}
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
@@ -95,6 +130,8 @@ impl Default for RuntimeConfig {
             max_epochs_in_flight: default_max_epochs_in_flight(),
             checkpoint_interval_ms: default_checkpoint_interval_ms(),
             market_window_epochs: default_market_window_epochs(),
+            market_window_phases: default_market_window_phases(),
+            market_windows_per_sync: default_market_windows_per_sync(),
             progress: ProgressMode::default(),
         }
     }
@@ -368,6 +405,24 @@ fn check(config: &EnvConfig, file: &Path, plan: Option<&Plan>, diagnostics: &mut
             Some(
                 "1 re-evaluates neighbours every epoch; K gathers K epochs of market moves".into(),
             ),
+        );
+    }
+    let (window, phases) = (
+        config.runtime.market_window_epochs,
+        config.runtime.market_window_phases,
+    );
+    if phases == 0 || (window > 0 && phases > window) {
+        diagnostics.error(
+            file,
+            format!("runtime.market_window_phases is {phases}; it must be between 1 and market_window_epochs ({window})"),
+            Some("1 ends every segment's window together; P splits the segments into P groups whose windows end K / P epochs apart".into()),
+        );
+    }
+    if config.runtime.market_windows_per_sync == 0 {
+        diagnostics.error(
+            file,
+            "runtime.market_windows_per_sync must be at least 1",
+            Some("with staggered windows, every N windows all groups' windows end together, and checkpoints fall there".into()),
         );
     }
     if config.runtime.max_epochs_in_flight == 0 {

@@ -516,7 +516,12 @@ pub fn run(
                     }
                 });
 
-                let window = market::MarketWindow { epochs: runtime.market_window_epochs, rebuild_time: first_epoch };
+                let window = market::MarketWindow {
+                    epochs: runtime.market_window_epochs,
+                    phases: runtime.market_window_phases,
+                    windows_per_sync: runtime.market_windows_per_sync,
+                    rebuild_time: first_epoch,
+                };
                 let (market_updates, statistics_changes, traces) = market::build(plan.clone(), members, window);
                 *market_traces.borrow_mut() = Some(traces);
 
@@ -720,7 +725,7 @@ pub fn run(
                     || (max_dirty_listings > 0 && dirty_listings.iter().map(|d| d.load(Ordering::Relaxed)).sum::<u64>() >= max_dirty_listings))
             {
                 checkpoint_request.store(
-                    market::aligned_checkpoint(epoch + runtime.max_epochs_in_flight + 1, runtime.market_window_epochs),
+                    market::aligned_checkpoint(epoch + runtime.max_epochs_in_flight + 1, runtime.market_sync_epochs()),
                     Ordering::SeqCst,
                 );
             }
@@ -742,7 +747,7 @@ pub fn run(
                 // the checkpointed state's statistics; a move still waiting for its
                 // window's end would never re-evaluate anyone.
                 if live_source {
-                    epoch = market::aligned_checkpoint(epoch, runtime.market_window_epochs);
+                    epoch = market::aligned_checkpoint(epoch, runtime.market_sync_epochs());
                 }
                 input_handle.advance_to(epoch + 1);
                 // The checkpoint covers the epochs through `epoch` and the positions

@@ -15,7 +15,7 @@ fn line_count(path: &std::path::Path) -> usize {
 
 #[test]
 fn killed_and_resumed_run_equals_a_clean_run() {
-    killed_and_resumed_equals_clean("1");
+    killed_and_resumed_equals_clean("1", "1");
 }
 
 /// With a market window the checkpoints fall on window ends, so the resumed
@@ -26,7 +26,16 @@ fn killed_and_resumed_run_equals_a_clean_run() {
 /// documents lost by the crash).
 #[test]
 fn with_a_market_window_a_killed_and_resumed_run_equals_a_clean_run() {
-    killed_and_resumed_equals_clean("5");
+    killed_and_resumed_equals_clean("5", "1");
+}
+
+/// Staggered windows (5 epochs in 5 groups): checkpoints fall only on the
+/// sync points, every 4 windows (20 epochs) by default, where every group's
+/// window has ended. (Aligned to window ends instead, the first checkpoint
+/// fell on epoch 15 and this test failed.)
+#[test]
+fn with_staggered_market_windows_a_killed_and_resumed_run_equals_a_clean_run() {
+    killed_and_resumed_equals_clean("5", "5");
 }
 
 /// The epochs a restart would rebuild at, from the checkpointed positions of
@@ -51,10 +60,11 @@ fn checkpointed_epochs(config: &TestConfig, epoch_records: u64) -> BTreeSet<u64>
         .collect()
 }
 
-fn killed_and_resumed_equals_clean(market_window_epochs: &str) {
+fn killed_and_resumed_equals_clean(market_window_epochs: &str, market_window_phases: &str) {
     let assay = || {
         let mut command = assay_command();
         command.env("ASSAY_RUNTIME__MARKET_WINDOW_EPOCHS", market_window_epochs);
+        command.env("ASSAY_RUNTIME__MARKET_WINDOW_PHASES", market_window_phases);
         command
     };
     // the uninterrupted run
@@ -91,10 +101,15 @@ fn killed_and_resumed_equals_clean(market_window_epochs: &str) {
     }
     // SIGKILL: no destructor, no flush, no final checkpoint
     child.kill();
-    // the restart rebuilds the market at the checkpoint's epoch: a window's
-    // end (at any other epoch, moves still waiting for their window's end
-    // would never re-evaluate anyone)
-    let window: u64 = market_window_epochs.parse().unwrap();
+    // the restart rebuilds the market at the checkpoint's epoch: a sync point,
+    // where every segment's window has ended (at any other epoch, moves still
+    // waiting for their window's end would never re-evaluate anyone)
+    let runtime = assay::config::RuntimeConfig {
+        market_window_epochs: market_window_epochs.parse().unwrap(),
+        market_window_phases: market_window_phases.parse().unwrap(),
+        ..Default::default()
+    };
+    let sync_epochs = runtime.market_sync_epochs();
     let rebuild_epochs = checkpointed_epochs(&crashed, 256);
     assert!(
         !rebuild_epochs.is_empty(),
@@ -102,9 +117,9 @@ fn killed_and_resumed_equals_clean(market_window_epochs: &str) {
     );
     for epoch in rebuild_epochs {
         assert_eq!(
-            epoch % window,
+            epoch % sync_epochs,
             0,
-            "a checkpoint at epoch {epoch}, inside a window of {window}"
+            "a checkpoint at epoch {epoch}, between sync points {sync_epochs} apart"
         );
     }
     let before_restart = line_count(&crashed.documents);

@@ -36,10 +36,21 @@ fn rental_config(dir: &Path, input: &Path, workers: usize) -> RentalConfig {
 
 /// With `runtime.market_window_epochs` = `window`.
 fn rental_config_windowed(dir: &Path, input: &Path, workers: usize, window: u64) -> RentalConfig {
+    rental_config_staggered(dir, input, workers, window, 1)
+}
+
+/// With `runtime.market_window_epochs` = `window` in `phases` groups.
+fn rental_config_staggered(
+    dir: &Path,
+    input: &Path,
+    workers: usize,
+    window: u64,
+    phases: u64,
+) -> RentalConfig {
     let documents = dir.join("documents.jsonl");
     let statistics = dir.join("statistics.jsonl");
     let text = format!(
-        "[runtime]\nworkers = {workers}\nepoch_records = {EPOCH}\nmarket_window_epochs = {window}\ncheckpoint_interval_ms = 50\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n\
+        "[runtime]\nworkers = {workers}\nepoch_records = {EPOCH}\nmarket_window_epochs = {window}\nmarket_window_phases = {phases}\ncheckpoint_interval_ms = 50\nprogress = \"never\"\n\n[state]\ndir = {:?}\n\n\
          [bindings.rental_changes]\ntype = \"file\"\npath = {input:?}\npartitions = 4\n\n\
          [bindings.rental_documents]\ntype = \"file\"\npath = {documents:?}\n\n\
          [bindings.rental_dead_letters]\ntype = \"file\"\npath = {:?}\n\n\
@@ -638,12 +649,29 @@ fn a_market_window_emits_fewer_documents_and_leaves_the_same_index() {
     }
 }
 
+/// Staggered windows (4 epochs in 2 groups): the windows of half of the
+/// segments end at the odd multiples of 2, the others' at multiples of 4,
+/// and every group's at the sync points, every `market_windows_per_sync` =
+/// 4 windows (16 epochs) by default. The first part ends at the second.
+#[test]
+fn with_staggered_market_windows_a_resumed_run_writes_what_an_uninterrupted_run_writes() {
+    resumed_in_the_middle_equals_uninterrupted_staggered(4, 2, 32);
+}
+
 fn resumed_in_the_middle_equals_uninterrupted(window: u64, first_epochs: usize) {
+    resumed_in_the_middle_equals_uninterrupted_staggered(window, 1, first_epochs)
+}
+
+fn resumed_in_the_middle_equals_uninterrupted_staggered(
+    window: u64,
+    phases: u64,
+    first_epochs: usize,
+) {
     let events = random_events(7, 1200);
     let clean_dir = tempfile::tempdir().unwrap();
     let clean_input = clean_dir.path().join("events.jsonl");
     write_events(&clean_input, &events);
-    let clean = rental_config_windowed(clean_dir.path(), &clean_input, 2, window);
+    let clean = rental_config_staggered(clean_dir.path(), &clean_input, 2, window, phases);
     run(&clean, true);
 
     // the first half, then the rest appended to the same file: the second run
@@ -651,7 +679,7 @@ fn resumed_in_the_middle_equals_uninterrupted(window: u64, first_epochs: usize) 
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
     write_events(&input, &events[..first_epochs * EPOCH]);
-    let resumed = rental_config_windowed(dir.path(), &input, 2, window);
+    let resumed = rental_config_staggered(dir.path(), &input, 2, window, phases);
     let first = run(&resumed, true);
     assert_eq!(first.records_in, (first_epochs * EPOCH) as u64);
     write_events(&input, &events);
@@ -787,12 +815,13 @@ fn the_rentals_domain_runs_on_its_committed_sample() {
 #[test]
 fn with_a_market_window_the_sample_leaves_the_index_of_every_epoch() {
     let mut indexes = Vec::new();
-    for window in [1, 8, 20] {
+    // (window, phases): 8 in 4 groups is a staggered window (see `MarketWindow`)
+    for (window, phases) in [(1, 1), (8, 1), (20, 1), (8, 4)] {
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path(), &sample_stream(), 1, 128, "");
         let text = std::fs::read_to_string(&config.path).unwrap().replace(
             "checkpoint_interval_ms = 100\n",
-            &format!("checkpoint_interval_ms = 100\nmarket_window_epochs = {window}\n"),
+            &format!("checkpoint_interval_ms = 100\nmarket_window_epochs = {window}\nmarket_window_phases = {phases}\n"),
         );
         std::fs::write(&config.path, text).unwrap();
         let summary = run_in_process(&listings_topology(), &config, true);
@@ -806,7 +835,11 @@ fn with_a_market_window_the_sample_leaves_the_index_of_every_epoch() {
                 (key, document)
             })
             .collect();
-        indexes.push((window, summary.market_documents, index));
+        indexes.push((
+            format!("{window} in {phases} phases"),
+            summary.market_documents,
+            index,
+        ));
     }
     let (_, every_epoch_market, every_epoch) = &indexes[0];
     for (window, market_documents, index) in &indexes[1..] {

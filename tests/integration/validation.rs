@@ -161,3 +161,40 @@ fn the_shipped_topology_and_default_config_validate() {
 fn the_shipped_kafka_config_validates() {
     assert_validates(&["--config", "config/kafka.toml"]);
 }
+
+/// A market window's phases must fit in it: each group's window ends K / P
+/// epochs after the previous one's, and with more groups than epochs some
+/// would share an end. Reported with the value and the window.
+#[test]
+fn more_market_window_phases_than_epochs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let config = |phases: u64| {
+        std::fs::write(
+            &path,
+            format!(
+                "[runtime]\nmarket_window_epochs = 25\nmarket_window_phases = {phases}\n\n\
+                 [bindings.listing_changes]\ntype = \"file\"\npath = \"in.jsonl\"\n"
+            ),
+        )
+        .unwrap();
+        assay::config::load(Some(&path), &[], None)
+    };
+    let errors = config(30).expect_err("30 phases in a window of 25").errors;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].message.contains("market_window_phases is 30")
+            && errors[0].message.contains("(25)"),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[0].hint.is_some());
+    let errors = config(0).expect_err("0 phases").errors;
+    assert!(
+        errors[0].message.contains("market_window_phases is 0"),
+        "{}",
+        errors[0]
+    );
+    let loaded = config(5).expect("5 phases in a window of 25");
+    assert_eq!(loaded.runtime.market_sync_epochs(), 100);
+}
