@@ -133,6 +133,18 @@ fn engine_config(
     }
     if let Some(window) = options.market_window_epochs {
         runtime.insert("market_window_epochs".into(), (window as i64).into());
+        // the shipped groups fit the shipped window: a smaller window takes at
+        // most one group per epoch (the engine refuses more)
+        let shipped_phases = runtime
+            .get("market_window_phases")
+            .and_then(toml::Value::as_integer)
+            .unwrap_or(1);
+        if options.market_window_phases.is_none() && shipped_phases > window as i64 {
+            runtime.insert("market_window_phases".into(), (window.max(1) as i64).into());
+        }
+    }
+    if let Some(phases) = options.market_window_phases {
+        runtime.insert("market_window_phases".into(), (phases as i64).into());
     }
     config.insert("runtime".into(), runtime.into());
     let mut state = table(&config, &["state"]).unwrap_or_default();
@@ -504,6 +516,11 @@ pub struct Options {
     /// topology fell behind (its trend line grew).
     #[arg(long)]
     market_window_epochs: Option<u64>,
+    /// Override of `runtime.market_window_phases` (`config/kafka.toml`: 5).
+    /// Without it, a `--market-window-epochs` below the shipped phases lowers
+    /// them to the window.
+    #[arg(long)]
+    market_window_phases: Option<u64>,
     /// Override of the engine consumer's `fetch.wait.max.ms`
     /// (`config/kafka.toml`: 10): tansu 0.6.0 answers every fetch only after
     /// sleeping for at least half of the request's maximum wait (a full one
@@ -882,6 +899,10 @@ mod tests {
             shipped_config.runtime.market_window_epochs
         );
         assert_eq!(
+            config.runtime.market_window_phases,
+            shipped_config.runtime.market_window_phases
+        );
+        assert_eq!(
             config.runtime.max_epochs_in_flight,
             shipped_config.runtime.max_epochs_in_flight
         );
@@ -921,6 +942,8 @@ mod tests {
         let config =
             assay::config::load(Some(&path), &[], None).unwrap_or_else(|d| panic!("{d:?}"));
         assert_eq!(config.runtime.market_window_epochs, 3);
+        // the shipped 5 groups do not fit a window of 3: lowered to it
+        assert_eq!(config.runtime.market_window_phases, 3);
         assert_eq!(config.runtime.max_epochs_in_flight, 9);
         assert_eq!(input_epoch_ms(&path).unwrap(), 7);
         match config.binding("listing_changes") {

@@ -21,11 +21,23 @@ fn shipped_kafka_config() -> assay::config::EnvConfig {
         .unwrap_or_else(|d| panic!("config/kafka.toml: {d:?}"))
 }
 
-/// `runtime.market_window_epochs` as `config/kafka.toml` ships it. The poison
+/// `runtime.market_window_epochs` as `config/kafka.toml` ships it (with its
+/// `market_window_phases`, `phases_for`). The poison
 /// test runs with 1: it checks exact document counts, and its few records
 /// would otherwise also be re-emitted when their window ends.
 fn shipped_market_window() -> u64 {
     shipped_kafka_config().runtime.market_window_epochs
+}
+
+/// `runtime.market_window_phases` as `config/kafka.toml` ships it, for the
+/// tests that run its window (with a window of 1 there is one phase).
+fn phases_for(window: u64) -> u64 {
+    let shipped = shipped_kafka_config().runtime;
+    if window == shipped.market_window_epochs {
+        shipped.market_window_phases
+    } else {
+        1
+    }
 }
 
 /// The input binding's `epoch_ms` as `config/kafka.toml` ships it.
@@ -50,6 +62,7 @@ workers = {workers}
 epoch_records = 512
 checkpoint_interval_ms = 100
 market_window_epochs = {window}
+market_window_phases = {phases}
 progress = "never"
 
 [state]
@@ -81,6 +94,7 @@ create_topic = true
 "#,
         state = dir.join("state"),
         epoch_ms = shipped_epoch_ms(),
+        phases = phases_for(window),
     );
     let path = dir.join("kafka.toml");
     std::fs::write(&path, text).unwrap();
