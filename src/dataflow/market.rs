@@ -837,7 +837,7 @@ pub fn band_stand_in(value: f64, cuts: &[f64]) -> f64 {
 /// re-evaluations of a whole window fell on one epoch and the records
 /// behind it waited: over Kafka (the shipped config, half of the full
 /// topology's maximum rate, 600k events) 5 groups of 25 epochs gave a lower
-/// p99 in 9 of 11 alternating pairs (by 21 ms on average, of about 190), at
+/// p99 in 9 of 11 alternating pairs (193 against 214 ms on average), at
 /// the same CPU; the jumps left are at the sync points. A group per epoch (P = K) cost
 /// more CPU than the burst: every epoch then had a round of the join and
 /// the arrangements (see `docs/benchmarks.md`, Stop 32).
