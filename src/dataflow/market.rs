@@ -835,10 +835,11 @@ pub fn band_stand_in(value: f64, cuts: &[f64]) -> f64 {
 /// epochs congruent to g x K / P, so every K / P epochs the windows of a
 /// P-th of the segments end. With one end for all, the join and the
 /// re-evaluations of a whole window fell on one epoch and the records
-/// behind it waited: over Kafka (the shipped config, half of the full
-/// topology's maximum rate, 600k events) 5 groups of 25 epochs gave a lower
-/// p99 in 9 of 11 alternating pairs (193 against 214 ms on average), at
-/// the same CPU; the jumps left are at the sync points. A group per epoch (P = K) cost
+/// behind it waited. Over Kafka (half of the full topology's maximum rate,
+/// 600k events) 5 groups of 25 epochs cost no more CPU and flattened the
+/// latency between sync points, but p99 was lower in only 10 of 15
+/// alternating pairs and higher on average, the jumps at the sync points
+/// included, so the shipped config keeps 1. A group per epoch (P = K) cost
 /// more CPU than the burst: every epoch then had a round of the join and
 /// the arrangements (see `docs/benchmarks.md`, Stop 32).
 ///
