@@ -44,8 +44,8 @@ pub struct FileSinkError {
 }
 
 /// Messages (an epoch's records, a hand-over) sent and not yet taken by the
-/// thread, at most: at most four epochs' records, two in a steady run (one
-/// epoch and its hand-over per write).
+/// thread, at most: four epochs' records, two in a steady run (one epoch and
+/// its hand-over per write).
 const MESSAGES_IN_FLIGHT: usize = 4;
 
 /// The thread appends its lines to the file once they fill this much: a
