@@ -451,7 +451,7 @@ struct Row {
     pipeline: &'static str,
     round: u32,
     events_per_second: f64,
-    half_rate: f64,
+    latency_run_rate: f64,
     latencies: LatencyFigures,
     /// The engine's own read to acknowledged, p50 and p99 ms, from its summary.
     engine_latency: (f64, f64),
@@ -488,6 +488,18 @@ pub struct Options {
     /// The latency run's rate as a fraction of the measured maximum (the target is set at 0.5).
     #[arg(long, default_value_t = 0.5)]
     latency_rate_fraction: f64,
+    /// The latency run's rate in events/s, for every pipeline, instead of a
+    /// fraction of each one's own maximum. Two binaries or settings compared
+    /// at a fraction of their own maxima run at different rates (stop 32:
+    /// 97.6k against 79.8k events/s in one pair), and a higher rate alone
+    /// moves the latency; at one rate the latencies compare like with like.
+    #[arg(long, conflicts_with = "latency_rate_fraction")]
+    latency_rate: Option<f64>,
+    /// Which pipelines to run, in this order in each round
+    /// (`pass-through`, `full`); a figure "vs pass" needs pass-through in
+    /// the same round.
+    #[arg(long, value_delimiter = ',', default_values_t = [BenchPipeline::PassThrough, BenchPipeline::Full])]
+    pipelines: Vec<BenchPipeline>,
     #[arg(long, default_value_t = 2)]
     workers: usize,
     #[arg(long, default_value_t = 4)]
@@ -536,6 +548,30 @@ pub struct Options {
     dir: PathBuf,
 }
 
+/// A pipeline `bench-kafka` measures.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchPipeline {
+    /// Consume, produce the same bytes.
+    PassThrough,
+    /// The whole topology.
+    Full,
+}
+
+impl BenchPipeline {
+    fn name(self) -> &'static str {
+        match self {
+            BenchPipeline::PassThrough => "pass-through",
+            BenchPipeline::Full => "full",
+        }
+    }
+}
+
+impl std::fmt::Display for BenchPipeline {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
 pub fn run(options: &Options) -> anyhow::Result<()> {
     let Options {
         topology,
@@ -566,10 +602,17 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .as_secs();
     let mut rows = Vec::new();
     let rounds = options.rounds.max(1);
-    let pipelines = [("pass-through", true), ("full", false)];
-    for (round, (pipeline, pass_through)) in
-        (1..=rounds).flat_map(|round| pipelines.into_iter().map(move |pipeline| (round, pipeline)))
-    {
+    let pipelines: Vec<(&str, bool)> = options
+        .pipelines
+        .iter()
+        .map(|pipeline| (pipeline.name(), *pipeline == BenchPipeline::PassThrough))
+        .collect();
+    for (round, (pipeline, pass_through)) in (1..=rounds).flat_map(|round| {
+        pipelines
+            .iter()
+            .copied()
+            .map(move |pipeline| (round, pipeline))
+    }) {
         let label = if rounds > 1 {
             format!("{pipeline} #{round}")
         } else {
@@ -612,7 +655,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         let events_per_second = summary.records_in as f64 / busy;
 
         // 2. latency at half of that rate, engine running while records arrive
-        let half_rate = events_per_second * options.latency_rate_fraction;
+        let latency_run_rate = options
+            .latency_rate
+            .unwrap_or(events_per_second * options.latency_rate_fraction);
         let latency_prefix = format!("{prefix}-latency");
         create_topics(
             brokers,
@@ -630,7 +675,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             brokers,
             &format!("{prefix}-echo"),
             &lines[..count],
-            half_rate,
+            latency_run_rate,
             partitions,
         )?;
         let latency_config = engine_config(dir, brokers, &latency_prefix, partitions, options)?;
@@ -654,13 +699,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .unwrap_or(0.0);
         let engine_cpu_before = cpu_seconds(Some(engine.id()));
         eprintln!(
-            "bench-kafka: {label}: producing {count} events at {half_rate:.0}/s while the engine runs"
+            "bench-kafka: {label}: producing {count} events at {latency_run_rate:.0}/s while the engine runs"
         );
         produce(
             brokers,
             &format!("{latency_prefix}-in"),
             &lines[..count],
-            half_rate,
+            latency_run_rate,
         )?;
         // the engine's and the broker's share of one core while records were produced
         let producing = latency_started.elapsed().as_secs_f64();
@@ -681,7 +726,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             pipeline,
             round,
             events_per_second,
-            half_rate,
+            latency_run_rate,
             latencies,
             engine_latency: (latency_run.latency_p50_ms, latency_run.latency_p99_ms),
             engine_source_lag: (
@@ -726,7 +771,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             r.label,
             r.events_per_second,
             100.0 * r.events_per_second / baseline(r.round),
-            r.half_rate,
+            r.latency_run_rate,
             r.latencies.total.0,
             r.latencies.total.1,
             r.engine_cpu,
@@ -791,12 +836,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     for r in &rows {
         println!(
             "  {:<13} at {:>7.0}/s   p50 {:>7.1} ms   p99 {:>7.1} ms",
-            r.label, r.half_rate, r.broker_alone.0, r.broker_alone.1
+            r.label, r.latency_run_rate, r.broker_alone.0, r.broker_alone.1
         );
     }
     if rounds > 1 {
         println!("\nmedians of {rounds} rounds:");
-        for (pipeline, _) in pipelines {
+        for &(pipeline, _) in &pipelines {
             let of = |figure: &dyn Fn(&Row) -> f64| {
                 median(
                     rows.iter()
