@@ -337,6 +337,64 @@ fn p50_p99_ms(histogram: &LatencyHistogram) -> (f64, f64) {
     )
 }
 
+/// The CPU of the broker, the engine and this process (the bench's producer
+/// and reader), sampled every `TREND_BUCKET_MS` while a latency run produces:
+/// at a steady rate a component whose share grows is doing more per record
+/// as the run goes on. tansu 0.6.0's memory store lists every stored batch of
+/// a partition on each fetch (`tansu-storage` `dynostore.rs`, `fetch`), so
+/// its cost per fetch grows with the topic's length; this shows it in figures.
+struct CpuSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<CpuTrend>,
+}
+
+/// Each component's share of one core, in percent, per `TREND_BUCKET_MS`.
+#[derive(Clone, Default)]
+struct CpuTrend {
+    broker: Vec<i64>,
+    engine: Vec<i64>,
+    bench_clients: Vec<i64>,
+}
+
+impl CpuSampler {
+    fn start(broker: Option<u32>, engine: Option<u32>) -> CpuSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let read = || {
+                (
+                    broker.map(|p| cpu_seconds(Some(p))),
+                    engine.map(|p| cpu_seconds(Some(p))),
+                    cpu_seconds(None),
+                )
+            };
+            let share = |after: Option<f64>, before: Option<f64>, seconds: f64| {
+                after
+                    .zip(before)
+                    .map(|(after, before)| (100.0 * (after - before) / seconds).round() as i64)
+            };
+            let mut trend = CpuTrend::default();
+            let (mut at, mut before) = (Instant::now(), read());
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(TREND_BUCKET_MS as u64));
+                let (now, after) = (Instant::now(), read());
+                let seconds = (now - at).as_secs_f64();
+                trend.broker.extend(share(after.0, before.0, seconds));
+                trend.engine.extend(share(after.1, before.1, seconds));
+                trend.bench_clients.extend(share(Some(after.2), Some(before.2), seconds));
+                (at, before) = (now, after);
+            }
+            trend
+        });
+        CpuSampler { stop, handle }
+    }
+
+    fn finish(self) -> CpuTrend {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or_default()
+    }
+}
+
 /// `measure_latency` on its own thread, from `start` until `finish`.
 struct LatencyReader {
     stop: Arc<AtomicBool>,
@@ -432,7 +490,8 @@ fn broker_round_trip(
     lines: &[Vec<u8>],
     rate: f64,
     partitions: u32,
-) -> anyhow::Result<(f64, f64)> {
+    broker_pid: Option<u32>,
+) -> anyhow::Result<((f64, f64), CpuTrend)> {
     create_topics(brokers, &[topic], partitions)?;
     let reader = LatencyReader::start(brokers, topic);
     std::thread::sleep(Duration::from_millis(500));
@@ -440,9 +499,11 @@ fn broker_round_trip(
         "bench-kafka: broker alone: producing {} events at {rate:.0}/s and reading them back",
         lines.len()
     );
+    let sampler = CpuSampler::start(broker_pid, None);
     produce(brokers, topic, lines, rate)?;
+    let cpu_trend = sampler.finish();
     std::thread::sleep(Duration::from_millis(IDLE_MS));
-    Ok(reader.finish()?.total)
+    Ok((reader.finish()?.total, cpu_trend))
 }
 
 struct Row {
@@ -459,6 +520,10 @@ struct Row {
     engine_source_lag: (f64, f64),
     /// The broker alone at the latency run's rate, p50 and p99 ms.
     broker_alone: (f64, f64),
+    /// The broker's CPU while the broker alone ran, per `TREND_BUCKET_MS`.
+    broker_alone_cpu_trend: CpuTrend,
+    /// The latency run's CPU per component, per `TREND_BUCKET_MS`.
+    cpu_trend: CpuTrend,
     engine_cpu: f64,
     broker_cpu: f64,
     client_cpu: f64,
@@ -671,12 +736,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         let count = (options.latency_events as usize).min(lines.len());
         // the broker alone at the same rate and count, on a fresh topic: what
         // the latency run would see with no engine in between
-        let broker_alone = broker_round_trip(
+        let (broker_alone, broker_alone_cpu_trend) = broker_round_trip(
             brokers,
             &format!("{prefix}-echo"),
             &lines[..count],
             latency_run_rate,
             partitions,
+            options.broker_pid,
         )?;
         let latency_config = engine_config(dir, brokers, &latency_prefix, partitions, options)?;
         let latency_summary = dir.join(format!("{latency_prefix}-summary.json"));
@@ -701,12 +767,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         eprintln!(
             "bench-kafka: {label}: producing {count} events at {latency_run_rate:.0}/s while the engine runs"
         );
+        let sampler = CpuSampler::start(options.broker_pid, Some(engine.id()));
         produce(
             brokers,
             &format!("{latency_prefix}-in"),
             &lines[..count],
             latency_run_rate,
         )?;
+        let cpu_trend = sampler.finish();
         // the engine's and the broker's share of one core while records were produced
         let producing = latency_started.elapsed().as_secs_f64();
         let engine_load = (cpu_seconds(Some(engine.id())) - engine_cpu_before) / producing;
@@ -734,6 +802,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 latency_run.source_lag_p99_ms.unwrap_or(f64::NAN),
             ),
             broker_alone,
+            broker_alone_cpu_trend,
+            cpu_trend,
             engine_cpu: summary.cpu_seconds,
             broker_cpu,
             client_cpu,
@@ -811,6 +881,20 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     for r in &rows {
         let trend: Vec<String> = r.latencies.trend.iter().map(|ms| ms.to_string()).collect();
         println!("  {:<13} {}", r.label, trend.join(" "));
+    }
+    println!(
+        "\nCPU per {TREND_BUCKET_MS} ms of the latency run (share of one core, %): at a steady rate, a growing share is more work per record as the run goes on"
+    );
+    let joined = |values: &[i64]| values.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    for r in &rows {
+        if !r.cpu_trend.broker.is_empty() {
+            println!("  {:<13} broker        {}", r.label, joined(&r.cpu_trend.broker));
+        }
+        println!("  {:<13} engine        {}", r.label, joined(&r.cpu_trend.engine));
+        println!("  {:<13} bench clients {}", r.label, joined(&r.cpu_trend.bench_clients));
+        if !r.broker_alone_cpu_trend.broker.is_empty() {
+            println!("  {:<13} broker alone  {}", r.label, joined(&r.broker_alone_cpu_trend.broker));
+        }
     }
     println!(
         "\nwhere the latency goes (p50 / p99 ms): documents of an input record, split at the engine's send (output record timestamp);\n\
