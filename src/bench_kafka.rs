@@ -837,10 +837,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     };
     for r in &rows {
         println!(
-            "{:<13} {:>10.0} {:>7.0}% {:>11.0} {:>8.1} {:>8.1}   engine {:.1}, broker {}, bench clients {:.1} ({} events)",
+            "{:<13} {:>10.0} {:>8} {:>11.0} {:>8.1} {:>8.1}   engine {:.1}, broker {}, bench clients {:.1} ({} events)",
             r.label,
             r.events_per_second,
-            100.0 * r.events_per_second / baseline(r.round),
+            // without pass-through in the round there is nothing to compare with
+            match 100.0 * r.events_per_second / baseline(r.round) {
+                share if share.is_finite() => format!("{share:.0}%"),
+                _ => "n/a".to_string(),
+            },
             r.latency_run_rate,
             r.latencies.total.0,
             r.latencies.total.1,
