@@ -381,7 +381,9 @@ impl CpuSampler {
                 let seconds = (now - at).as_secs_f64();
                 trend.broker.extend(share(after.0, before.0, seconds));
                 trend.engine.extend(share(after.1, before.1, seconds));
-                trend.bench_clients.extend(share(Some(after.2), Some(before.2), seconds));
+                trend
+                    .bench_clients
+                    .extend(share(Some(after.2), Some(before.2), seconds));
                 (at, before) = (now, after);
             }
             trend
@@ -889,15 +891,37 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     println!(
         "\nCPU per {TREND_BUCKET_MS} ms of the latency run (share of one core, %): at a steady rate, a growing share is more work per record as the run goes on"
     );
-    let joined = |values: &[i64]| values.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
+    let joined = |values: &[i64]| {
+        values
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     for r in &rows {
         if !r.cpu_trend.broker.is_empty() {
-            println!("  {:<13} broker        {}", r.label, joined(&r.cpu_trend.broker));
+            println!(
+                "  {:<13} broker        {}",
+                r.label,
+                joined(&r.cpu_trend.broker)
+            );
         }
-        println!("  {:<13} engine        {}", r.label, joined(&r.cpu_trend.engine));
-        println!("  {:<13} bench clients {}", r.label, joined(&r.cpu_trend.bench_clients));
+        println!(
+            "  {:<13} engine        {}",
+            r.label,
+            joined(&r.cpu_trend.engine)
+        );
+        println!(
+            "  {:<13} bench clients {}",
+            r.label,
+            joined(&r.cpu_trend.bench_clients)
+        );
         if !r.broker_alone_cpu_trend.broker.is_empty() {
-            println!("  {:<13} broker alone  {}", r.label, joined(&r.broker_alone_cpu_trend.broker));
+            println!(
+                "  {:<13} broker alone  {}",
+                r.label,
+                joined(&r.broker_alone_cpu_trend.broker)
+            );
         }
     }
     println!(
