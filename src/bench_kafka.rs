@@ -6,7 +6,7 @@
 //!    engine (a child process) consumes it to the end; events/s excludes the
 //!    idle wait that ends the run.
 //! 2. **Latency at half the maximum**: the engine runs while a producer appends
-//!    at half the measured rate; a consumer reads the output and records
+//!    at half the measured rate (or at `--latency-rate` events/s); a consumer reads the output and records
 //!    `now - input record timestamp` (header `assay.source.timestamp`), i.e.
 //!    append to the input topic until readable from the output topic.
 //!    Split at the engine's send (the output record's create time): append
@@ -15,7 +15,9 @@
 //!    the engine's own read-to-acknowledged comes from its summary, so what
 //!    the broker and the clients add can be told from what the engine adds.
 //! 3. **CPU per component**: engine (its own /proc), broker (its /proc, when
-//!    `--broker-pid` is given), and this process's producer and consumer.
+//!    `--broker-pid` is given), and this process's producer and consumer;
+//!    also per 500 ms of the latency run (`CpuSampler`), which shows a
+//!    component whose work per record grows through the run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -647,6 +649,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         ..
     } = options;
     let brokers = brokers.as_str();
+    if let Some(rate) = options.latency_rate
+        && !(rate > 0.0 && rate.is_finite())
+    {
+        bail!(
+            "--latency-rate {rate}: a rate in events/s above 0 (0 would produce as fast as it can, a backlog)"
+        );
+    }
     let (events, workers, partitions) = (options.events, options.workers, options.partitions);
     let mut epoch_ms = None;
     std::fs::create_dir_all(dir)?;
@@ -721,7 +730,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         let busy = (summary.elapsed_seconds - IDLE_MS as f64 / 1000.0).max(1e-3);
         let events_per_second = summary.records_in as f64 / busy;
 
-        // 2. latency at half of that rate, engine running while records arrive
+        // 2. latency at half of that rate (or the rate asked for), engine running while records arrive
         let latency_run_rate = options
             .latency_rate
             .unwrap_or(events_per_second * options.latency_rate_fraction);
