@@ -851,11 +851,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             "{:<13} {:>10.0} {:>8} {:>11.0} {:>8.1} {:>8.1}   engine {:.1}, broker {}, bench clients {:.1} ({} events)",
             r.label,
             r.events_per_second,
-            // without pass-through in the round there is nothing to compare with
-            match 100.0 * r.events_per_second / baseline(r.round) {
-                share if share.is_finite() => format!("{share:.0}%"),
-                _ => "n/a".to_string(),
-            },
+            percent_or_na(100.0 * r.events_per_second / baseline(r.round)),
             r.latency_run_rate,
             r.latencies.total.0,
             r.latencies.total.1,
@@ -972,10 +968,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 )
             };
             println!(
-                "  {:<13} {:>8.0} events/s {:>5.0}% of pass-through   append -> readable p50 {:>7.1} ms p99 {:>7.1} ms   source lag p50 {:>7.1} ms p99 {:>7.1} ms",
+                "  {:<13} {:>8.0} events/s {:>6} of pass-through   append -> readable p50 {:>7.1} ms p99 {:>7.1} ms   source lag p50 {:>7.1} ms p99 {:>7.1} ms",
                 pipeline,
                 of(&|r| r.events_per_second),
-                of(&|r| 100.0 * r.events_per_second / baseline(r.round)),
+                percent_or_na(of(&|r| 100.0 * r.events_per_second / baseline(r.round))),
                 of(&|r| r.latencies.total.0),
                 of(&|r| r.latencies.total.1),
                 of(&|r| r.engine_source_lag.0),
@@ -988,6 +984,16 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         if rounds > 1 { "rounds" } else { "one run" }
     );
     Ok(())
+}
+
+/// A share in percent, or `n/a` when there was nothing to compare with (no
+/// pass-through in the round: `--pipelines full`).
+fn percent_or_na(share: f64) -> String {
+    if share.is_finite() {
+        format!("{share:.0}%")
+    } else {
+        "n/a".to_string()
+    }
 }
 
 /// The middle value (the mean of the two middle ones for an even count).
@@ -1006,7 +1012,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{Options, engine_config, input_epoch_ms, latency_trend, median};
+    use super::{Options, engine_config, input_epoch_ms, latency_trend, median, percent_or_na};
     use clap::Parser;
 
     #[derive(clap::Parser)]
@@ -1142,6 +1148,13 @@ mod tests {
         // buckets of 500 ms from the first append: [1000, 1500), [1500, 2000), ..., [2500, 3000)
         assert_eq!(latency_trend(&over_time), vec![70, 30, 0, 95]);
         assert!(latency_trend(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_share_without_a_baseline_reads_n_a() {
+        assert_eq!(percent_or_na(53.4), "53%");
+        assert_eq!(percent_or_na(f64::NAN), "n/a");
+        assert_eq!(percent_or_na(100.0 * 180_000.0 / f64::NAN), "n/a");
     }
 
     #[test]
