@@ -904,29 +904,17 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .join(" ")
     };
     for r in &rows {
-        if !r.cpu_trend.broker.is_empty() {
-            println!(
-                "  {:<13} broker        {}",
-                r.label,
-                joined(&r.cpu_trend.broker)
-            );
-        }
-        println!(
-            "  {:<13} engine        {}",
-            r.label,
-            joined(&r.cpu_trend.engine)
-        );
-        println!(
-            "  {:<13} bench clients {}",
-            r.label,
-            joined(&r.cpu_trend.bench_clients)
-        );
-        if !r.broker_alone_cpu_trend.broker.is_empty() {
-            println!(
-                "  {:<13} broker alone  {}",
-                r.label,
-                joined(&r.broker_alone_cpu_trend.broker)
-            );
+        // the broker's lines are empty without --broker-pid, and left out
+        let lines = [
+            ("broker", &r.cpu_trend.broker, false),
+            ("engine", &r.cpu_trend.engine, true),
+            ("bench clients", &r.cpu_trend.bench_clients, true),
+            ("broker alone", &r.broker_alone_cpu_trend.broker, false),
+        ];
+        for (component, values, always) in lines {
+            if always || !values.is_empty() {
+                println!("  {:<13} {component:<13} {}", r.label, joined(values));
+            }
         }
     }
     println!(
