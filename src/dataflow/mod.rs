@@ -177,7 +177,11 @@ fn open_sink(
             .binding(name)
             .expect("validated: every binding exists")
         {
-            Binding::File(file) => Sink::File(FileSink::open(&file.path, truncate)?),
+            Binding::File(file) => Sink::File(FileSink::open(
+                &file.path,
+                truncate,
+                file.write_behind_bytes,
+            )?),
             Binding::Kafka(kafka) => {
                 crate::connectors::kafka::ensure_topic(&config.kafka, kafka)?;
                 Sink::Kafka(KafkaSink::open(

@@ -23,6 +23,12 @@
 //! covers output that a `kill -9` could lose. (A power loss could; the sink
 //! does not fsync.) On open, a trailing partial line left by a crash
 //! mid-write is cut off.
+//!
+//! # Page cache
+//! The thread writes each window of `write_behind_bytes` back as soon as it
+//! is full and drops it from the page cache once it is on disk
+//! (`write_behind.rs`): a run's gigabytes of output do not sit in memory as
+//! dirty pages, and the file keeps reusing the same few megabytes of cache.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -34,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use base64::Engine;
 use timely::scheduling::SyncActivator;
 
+use super::write_behind::WriteBehind;
 use crate::record::{DeadLetter, OutputDocument};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +103,14 @@ impl Shared {
 }
 
 impl FileSink {
-    /// Opens for appending; `truncate` starts the file afresh.
-    pub fn open(path: &Path, truncate: bool) -> Result<FileSink, FileSinkError> {
+    /// Opens for appending; `truncate` starts the file afresh. Every
+    /// `write_behind_bytes` appended are written back and dropped from the
+    /// page cache (0: left to the kernel; see `write_behind.rs`).
+    pub fn open(
+        path: &Path,
+        truncate: bool,
+        write_behind_bytes: u64,
+    ) -> Result<FileSink, FileSinkError> {
         let error = |detail: String| FileSinkError {
             path: path.display().to_string(),
             detail,
@@ -115,8 +128,13 @@ impl FileSink {
             .open(path)
             .map_err(|e| error(e.to_string()))?;
         cut_partial_last_line(&mut file).map_err(|e| error(e.to_string()))?;
-        file.seek(SeekFrom::End(0))
+        let end = file
+            .seek(SeekFrom::End(0))
             .map_err(|e| error(e.to_string()))?;
+        let output = Output {
+            file,
+            behind: WriteBehind::new(end, write_behind_bytes),
+        };
         let shared = Arc::new(Shared {
             delivered_below: AtomicU64::new(0),
             failure: Mutex::new(None),
@@ -127,7 +145,7 @@ impl FileSink {
             .name("assay:file-sink".into())
             .spawn({
                 let shared = Arc::clone(&shared);
-                move || write_lines(file, to_handle, &shared)
+                move || write_lines(output, to_handle, &shared)
             })
             .map_err(|e| error(e.to_string()))?;
         Ok(FileSink {
@@ -238,7 +256,7 @@ impl Drop for FileSink {
 /// order they come, appends them a chunk at a time, and at each hand-over
 /// writes the rest and marks its epochs delivered. On a failure it records
 /// the error and stops; the sink reports it on its next call.
-fn write_lines(mut file: File, to_handle: Receiver<Message>, shared: &Shared) {
+fn write_lines(mut file: Output, to_handle: Receiver<Message>, shared: &Shared) {
     let mut lines: Vec<u8> = Vec::with_capacity(CHUNK_BYTES + LINE_ROOM);
     let fail = |error: std::io::Error| {
         *shared.failure.lock().expect("not poisoned") = Some(error.to_string());
@@ -263,7 +281,7 @@ fn write_lines(mut file: File, to_handle: Receiver<Message>, shared: &Shared) {
                 }
             }
             Message::HandOver(epochs_below) => {
-                if let Err(e) = file.write_all(&lines) {
+                if let Err(e) = file.append(&lines) {
                     return fail(e);
                 }
                 lines.clear();
@@ -283,13 +301,26 @@ fn write_lines(mut file: File, to_handle: Receiver<Message>, shared: &Shared) {
     // writer's would on drop. Their epochs were never reported delivered,
     // so a restart may write them again (duplicates of identical lines),
     // and a failure here has nobody left to tell.
-    let _ = file.write_all(&lines);
+    let _ = file.append(&lines);
+}
+
+/// The file the thread appends to, and its write-behind.
+struct Output {
+    file: File,
+    behind: WriteBehind,
+}
+
+impl Output {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.behind.appended(&self.file, bytes.len() as u64)
+    }
 }
 
 /// Appends `lines` to the file once they fill a chunk.
-fn write_full_chunk(file: &mut File, lines: &mut Vec<u8>) -> std::io::Result<()> {
+fn write_full_chunk(file: &mut Output, lines: &mut Vec<u8>) -> std::io::Result<()> {
     if lines.len() >= CHUNK_BYTES {
-        file.write_all(lines)?;
+        file.append(lines)?;
         lines.clear();
     }
     Ok(())
@@ -415,7 +446,7 @@ mod tests {
     fn a_dead_letter_line_is_what_serde_writes_for_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dead.jsonl");
-        let mut sink = FileSink::open(&path, true).unwrap();
+        let mut sink = FileSink::open(&path, true, 0).unwrap();
         let mut expected = Vec::new();
         let texts = [
             "",
@@ -474,7 +505,7 @@ mod tests {
     fn a_document_line_is_what_serde_writes_for_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("documents.jsonl");
-        let mut sink = FileSink::open(&path, true).unwrap();
+        let mut sink = FileSink::open(&path, true, 0).unwrap();
         let mut expected = String::new();
         let keys = [
             "g-00000001",
@@ -516,7 +547,7 @@ mod tests {
     fn an_epoch_is_delivered_once_its_lines_are_in_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("documents.jsonl");
-        let mut sink = FileSink::open(&path, true).unwrap();
+        let mut sink = FileSink::open(&path, true, 0).unwrap();
         // file length after each epoch's lines
         let mut ends = Vec::new();
         let mut lines = Vec::new();
@@ -560,7 +591,7 @@ mod tests {
     fn an_epoch_written_in_parts_is_delivered_only_when_handed_over() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("documents.jsonl");
-        let mut sink = FileSink::open(&path, true).unwrap();
+        let mut sink = FileSink::open(&path, true, 0).unwrap();
         sink.begin_epoch(0);
         sink.write_documents(vec![document("first")]).unwrap();
         sink.hand_over().unwrap();
@@ -580,13 +611,83 @@ mod tests {
         assert_eq!(sink.delivered_below().unwrap(), 2);
     }
 
+    /// With write-behind, the file's bytes are the same and its early
+    /// windows leave the page cache once written; without it they stay
+    /// (which shows that the residency check can tell the two apart).
+    #[test]
+    fn write_behind_drops_written_windows_from_the_page_cache_and_changes_no_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let window = 1usize << 20;
+        let documents: Vec<OutputDocument> = (0..5 * window / 1000)
+            .map(|i| document(&format!("{i:0>1000}")))
+            .collect();
+        let mut expected = Vec::new();
+        for document in &documents {
+            write_document(&mut expected, document);
+        }
+        assert!(expected.len() > 5 * window);
+        for write_behind_bytes in [window as u64, 0] {
+            let path = dir
+                .path()
+                .join(format!("documents-{write_behind_bytes}.jsonl"));
+            let mut sink = FileSink::open(&path, true, write_behind_bytes).unwrap();
+            sink.begin_epoch(0);
+            sink.write_documents(documents.clone()).unwrap();
+            sink.flush().unwrap();
+            drop(sink);
+            // before reading the file back, which loads its pages again
+            let resident = resident_pages(&path);
+            let first_three_windows = &resident[..3 * window / 4096];
+            let cached = first_three_windows.iter().filter(|r| **r).count();
+            if write_behind_bytes > 0 {
+                assert_eq!(cached, 0, "pages of written windows still cached");
+            } else {
+                assert_eq!(
+                    cached,
+                    first_three_windows.len(),
+                    "the kernel dropped pages itself"
+                );
+            }
+            assert!(
+                std::fs::read(&path).unwrap() == expected,
+                "the bytes differ"
+            );
+        }
+    }
+
+    /// Whether each page of the file is in the page cache (`mincore` of a
+    /// mapping, which maps without reading).
+    fn resident_pages(path: &Path) -> Vec<bool> {
+        use std::os::fd::AsRawFd;
+        let file = File::open(path).unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        let page = 4096;
+        let mut flags = vec![0u8; len.div_ceil(page)];
+        // SAFETY: a read-only shared mapping of a file nobody truncates
+        // meanwhile, unmapped before return; `flags` has a byte per page
+        unsafe {
+            let address = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(address, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(address, len, flags.as_mut_ptr()), 0);
+            libc::munmap(address, len);
+        }
+        flags.iter().map(|f| f & 1 == 1).collect()
+    }
+
     /// Lines not handed over when the sink closes are written, as a
     /// buffered writer's are on drop.
     #[test]
     fn closing_the_sink_writes_what_was_not_handed_over() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("documents.jsonl");
-        let mut sink = FileSink::open(&path, true).unwrap();
+        let mut sink = FileSink::open(&path, true, 0).unwrap();
         sink.begin_epoch(0);
         sink.write_documents(vec![document("a")]).unwrap();
         drop(sink);
@@ -602,7 +703,7 @@ mod tests {
         if !full.exists() {
             panic!("/dev/full is needed: writes there fail with ENOSPC");
         }
-        let mut sink = FileSink::open(full, false).unwrap();
+        let mut sink = FileSink::open(full, false, 0).unwrap();
         sink.begin_epoch(0);
         sink.write_documents(vec![document("a")]).unwrap();
         let error = sink.flush().expect_err("a write to /dev/full fails");
@@ -616,14 +717,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
         std::fs::write(&path, "{\"a\":1}\n{\"b\":2}\n{\"c\":").unwrap();
-        let mut sink = FileSink::open(&path, false).unwrap();
+        let mut sink = FileSink::open(&path, false, 0).unwrap();
         sink.flush().unwrap();
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             "{\"a\":1}\n{\"b\":2}\n"
         );
         std::fs::write(&path, "no newline at all").unwrap();
-        FileSink::open(&path, false).unwrap();
+        FileSink::open(&path, false, 0).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     }
 }
