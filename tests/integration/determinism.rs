@@ -24,6 +24,37 @@ fn same_input_twice_gives_identical_bytes_and_workers_do_not_change_output() {
     );
 }
 
+/// With a market window and a limit on re-evaluations per epoch and
+/// partition, which epoch a waiting listing comes out at is a function of
+/// the epochs and the partition alone: one worker and two (each with half
+/// the partitions) write the same bytes, and so does a paced replay on two,
+/// whose epochs complete at other moments.
+#[test]
+fn with_market_re_evaluations_waiting_workers_and_pace_do_not_change_output() {
+    let mut outputs = Vec::new();
+    for (workers, pace) in [(1, ""), (2, ""), (2, "records_per_second = 5000")] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &sample_stream(), workers, 128, pace);
+        let text = std::fs::read_to_string(&config.path).unwrap().replace(
+            "checkpoint_interval_ms = 100\n",
+            "checkpoint_interval_ms = 20\nmarket_window_epochs = 8\nmarket_evaluations_per_epoch_and_partition = 3\n",
+        );
+        std::fs::write(&config.path, text).unwrap();
+        let summary = run_in_process(&listings_topology(), &config, true);
+        assert!(summary.reconciled, "{summary:?}");
+        outputs.push(std::fs::read(&config.documents).unwrap());
+    }
+    assert!(!outputs[0].is_empty());
+    assert!(
+        outputs[0] == outputs[1],
+        "two workers give different output from one"
+    );
+    assert!(
+        outputs[1] == outputs[2],
+        "a paced replay gives different output"
+    );
+}
+
 /// A paced replay (`records_per_second`) reads like a live source: part of an
 /// epoch, then steps, then more, with checkpoints written in the background
 /// meanwhile. A file's epochs must still be a pure function of line numbers
