@@ -7,7 +7,10 @@
 //! - Every listing of this worker whose signature in some aggregate changed in
 //!   the epoch (see market.rs) and that had no event of its own: a market
 //!   re-evaluation, as of its own last event time (so only the market part of
-//!   its document can differ).
+//!   its document can differ). With
+//!   `runtime.market_evaluations_per_epoch_and_partition`, at most that many
+//!   per partition; the others wait in a queue for the next epochs
+//!   (`deferred_evaluations.rs`).
 //!
 //! A listing's market view is its segments' seen statistics at the end of the
 //! epoch, looked up by segment (every worker keeps every segment's, from the
