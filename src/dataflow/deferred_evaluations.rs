@@ -152,28 +152,26 @@ impl DeferredEvaluations {
             format: 0,
             detail: format!("the waiting market re-evaluations of partition {partition}"),
         };
-        let mut rest = bytes;
-        let mut take = |n: usize| -> Result<&[u8], StateError> {
-            if rest.len() < n {
-                return Err(corrupt());
-            }
-            let (head, tail) = rest.split_at(n);
-            rest = tail;
-            Ok(head)
+        let mut at = 0;
+        let take = |at: &mut usize, n: usize| -> Result<&[u8], StateError> {
+            let taken = bytes.get(*at..*at + n).ok_or_else(corrupt)?;
+            *at += n;
+            Ok(taken)
         };
         let mut listings = Vec::new();
-        loop {
-            let Ok(len) = take(4) else { break };
-            let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-            let key = std::str::from_utf8(take(len)?)
+        while at < bytes.len() {
+            let len = u32::from_le_bytes(take(&mut at, 4)?.try_into().expect("4 bytes")) as usize;
+            let key = std::str::from_utf8(take(&mut at, len)?)
                 .map_err(|_| corrupt())?
                 .to_string();
-            let aggregates = take(1)?[0] as usize;
+            let aggregates = take(&mut at, 1)?[0] as usize;
             let mut named = NamedSegments::new();
             for _ in 0..aggregates {
-                named.push(match take(1)?[0] {
+                named.push(match take(&mut at, 1)?[0] {
                     0 => None,
-                    1 => Some(u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"))),
+                    1 => Some(u64::from_le_bytes(
+                        take(&mut at, 8)?.try_into().expect("8 bytes"),
+                    )),
                     _ => return Err(corrupt()),
                 });
             }
@@ -265,7 +263,12 @@ mod tests {
             ["y", "x", "z", "ünïcode key"],
             "x went to the back when queued again"
         );
-        let cut = &stored[0].1[..stored[0].1.len() - 1];
-        assert!(DeferredEvaluations::default().decode_into(3, cut).is_err());
+        for cut in [1, stored[0].1.len() - 1] {
+            let cut = &stored[0].1[..cut];
+            assert!(
+                DeferredEvaluations::default().decode_into(3, cut).is_err(),
+                "{cut:?}"
+            );
+        }
     }
 }
