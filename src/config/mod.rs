@@ -92,8 +92,9 @@ pub struct RuntimeConfig {
     /// written after the window end's in epoch order, wait for a chunk of it
     /// instead of all of it. A waiting listing is evaluated with the
     /// statistics of the epoch it comes out at (an own event of it takes it
-    /// out first), and the queue is checkpointed with the state. Per
-    /// partition, so a file run's output stays the same on any worker count.
+    /// out first), and the queue is checkpointed with the state. An epoch
+    /// takes a chunk on a worker with input in it (own rows or market
+    /// moves), so the output does not depend on timing.
     #[serde(default)]
     pub market_evaluations_per_epoch_and_partition: u64,
     /// Progress bar on stderr: `auto` (when stderr is a terminal), `always`, `never`.

@@ -34,8 +34,8 @@ use crate::state::StateError;
 /// A re-evaluated listing's segment per aggregate, where the join named it.
 pub type NamedSegments = SmallVec<[Option<u64>; 2]>;
 
-/// Per input partition, so that which epoch a listing comes out at does not
-/// depend on how partitions are spread over workers.
+/// Per input partition: a limit per partition is what an operator can size
+/// from a partition's traffic, whatever the worker count.
 #[derive(Default)]
 pub struct DeferredEvaluations {
     /// Arrival order per partition, each entry with its arrival number; an

@@ -187,9 +187,9 @@ impl Evaluator {
         !self.stage.borrow().deferred.is_empty()
     }
 
-    /// Evaluates waiting market re-evaluations at `time`, an epoch with no
-    /// input of its own on this worker: as many as an epoch takes, or, when
-    /// `drain` (the input has ended), all of them.
+    /// Evaluates waiting market re-evaluations at `time`, past the input's
+    /// last epoch: as many as an epoch takes, or, when `drain` (the input has
+    /// ended), all of them.
     pub fn evaluate_deferred(
         &mut self,
         time: u64,

@@ -551,9 +551,9 @@ pub fn run(
                         type Pending = (Capability<u64>, Vec<listing_state::Enriched>, Vec<Vec<(market::MarketInput, u64, isize)>>);
                         let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
                         // While market re-evaluations wait (deferred_evaluations.rs), a
-                        // capability at the next epoch not yet evaluated: each epoch that
-                        // completes with no input here takes a chunk of the queue at its
-                        // own time, and the input's end takes the rest.
+                        // capability at the next epoch not yet evaluated, for the input's
+                        // end, which takes the rest; until then each epoch with input here
+                        // (own rows or market moves) takes a chunk.
                         let mut waiting_at: Option<Capability<u64>> = None;
                         move |(own_input, own_frontier), (market_input, market_frontier), output| {
                             own_input.for_each_stamp(|capability, containers| {
@@ -586,10 +586,8 @@ pub fn run(
                                 }
                             });
                             let passed = |time: &u64| !own_frontier.less_equal(time) && !market_frontier.less_equal(time);
-                            // Completed epochs in order: each one with input here, and, while
-                            // re-evaluations wait, each one without (a chunk of the queue at its
-                            // own time: which epoch takes which listings is a function of the
-                            // epochs alone, not of when this operator runs).
+                            // Completed epochs in order, each one with input here; while
+                            // re-evaluations wait, the held capability at the input's end.
                             loop {
                                 let pending_time = pending.first_key_value().map(|(time, _)| *time).filter(|time| passed(time));
                                 let waiting_time = waiting_at.as_ref().map(|held| *held.time()).filter(|time| passed(time));
@@ -615,10 +613,18 @@ pub fn run(
                                     (_, Some(time)) => {
                                         let held = waiting_at.take().expect("looked up");
                                         // the input's end: nothing comes after to take the rest
-                                        let ended = own_frontier.is_empty() && market_frontier.is_empty();
-                                        let documents = evaluator.evaluate_deferred(time, ended).unwrap_or_else(|e| panic!("{e}"));
-                                        output.session(&held).give_iterator(documents.into_iter());
-                                        waiting_at = evaluator.has_deferred().then(|| held.delayed(&(time + 1)));
+                                        if own_frontier.is_empty() && market_frontier.is_empty() {
+                                            let documents = evaluator.evaluate_deferred(time, true).unwrap_or_else(|e| panic!("{e}"));
+                                            output.session(&held).give_iterator(documents.into_iter());
+                                            continue;
+                                        }
+                                        // An epoch with no input here takes no chunk: which times pass
+                                        // empty can depend on timing (a checkpoint can close an empty
+                                        // one), and the chunks must not. The capability follows the
+                                        // frontier, so that it holds back no epoch the sinks could finish.
+                                        let next = own_frontier.frontier().iter().chain(market_frontier.frontier().iter()).min().copied().expect("not ended");
+                                        waiting_at = Some(held.delayed(&next.max(time + 1)));
+                                        break;
                                     }
                                     (Some(_), None) => unreachable!("the first arm takes a pending epoch with nothing waiting"),
                                 }

@@ -26,9 +26,13 @@ fn same_input_twice_gives_identical_bytes_and_workers_do_not_change_output() {
 
 /// With a market window and a limit on re-evaluations per epoch and
 /// partition, which epoch a waiting listing comes out at is a function of
-/// the epochs and the partition alone: one worker and two (each with half
-/// the partitions) write the same bytes, and so does a paced replay on two,
-/// whose epochs complete at other moments.
+/// the input, not of timing: a paced replay on two workers, whose epochs
+/// complete at other moments (and whose checkpoints fall elsewhere), writes
+/// the bytes of an unpaced one. An epoch takes a chunk on a worker with
+/// input in it (own rows or market moves); on this input every epoch has
+/// some on both workers, so one worker writes the same bytes too, which is
+/// not so in general. (When every time that passed took a chunk, empty
+/// ones included, two runs differed about once in six.)
 #[test]
 fn with_market_re_evaluations_waiting_workers_and_pace_do_not_change_output() {
     let mut outputs = Vec::new();
