@@ -24,6 +24,27 @@ fn same_input_twice_gives_identical_bytes_and_workers_do_not_change_output() {
     );
 }
 
+/// The sample on `workers`, in epochs of 128 records with a market window
+/// of 8 and a checkpoint every 20 ms, `pace` in the input binding and
+/// `runtime` added to `[runtime]`; checked to reconcile. Its outputs are
+/// in `dir`.
+fn run_sample_with_a_market_window(
+    dir: &std::path::Path,
+    workers: usize,
+    pace: &str,
+    runtime: &str,
+) -> (assay::observe::RunSummary, TestConfig) {
+    let config = write_config(dir, &sample_stream(), workers, 128, pace);
+    let text = std::fs::read_to_string(&config.path).unwrap().replace(
+        "checkpoint_interval_ms = 100\n",
+        &format!("checkpoint_interval_ms = 20\nmarket_window_epochs = 8\n{runtime}"),
+    );
+    std::fs::write(&config.path, text).unwrap();
+    let summary = run_in_process(&listings_topology(), &config, true);
+    assert!(summary.reconciled, "{summary:?}");
+    (summary, config)
+}
+
 /// With a market window and a limit on re-evaluations per epoch and
 /// partition, which epoch a waiting listing comes out at is a function of
 /// the input, not of timing: a paced replay on two workers, whose epochs
@@ -38,14 +59,12 @@ fn with_market_re_evaluations_waiting_workers_and_pace_do_not_change_output() {
     let mut outputs = Vec::new();
     for (workers, pace) in [(1, ""), (2, ""), (2, "records_per_second = 5000")] {
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), &sample_stream(), workers, 128, pace);
-        let text = std::fs::read_to_string(&config.path).unwrap().replace(
-            "checkpoint_interval_ms = 100\n",
-            "checkpoint_interval_ms = 20\nmarket_window_epochs = 8\nmarket_evaluations_per_epoch_and_partition = 3\n",
+        let (_summary, config) = run_sample_with_a_market_window(
+            dir.path(),
+            workers,
+            pace,
+            "market_evaluations_per_epoch_and_partition = 3\n",
         );
-        std::fs::write(&config.path, text).unwrap();
-        let summary = run_in_process(&listings_topology(), &config, true);
-        assert!(summary.reconciled, "{summary:?}");
         outputs.push(std::fs::read(&config.documents).unwrap());
     }
     assert!(!outputs[0].is_empty());
@@ -74,14 +93,7 @@ fn a_paced_replay_with_checkpoints_gives_the_bytes_of_an_unpaced_one() {
     // starved run still has ample slack.
     for pace in ["", "records_per_second = 5000"] {
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), &sample_stream(), 2, 128, pace);
-        let text = std::fs::read_to_string(&config.path).unwrap().replace(
-            "checkpoint_interval_ms = 100\n",
-            "checkpoint_interval_ms = 20\nmarket_window_epochs = 8\n",
-        );
-        std::fs::write(&config.path, text).unwrap();
-        let summary = run_in_process(&listings_topology(), &config, true);
-        assert!(summary.reconciled, "{summary:?}");
+        let (summary, config) = run_sample_with_a_market_window(dir.path(), 2, pace, "");
         // the worker time says which run waited for its source
         assert!(summary.worker_busy_seconds > 0.0, "{summary:?}");
         if pace.is_empty() {
