@@ -30,7 +30,6 @@ use smallvec::SmallVec;
 use std::sync::Arc;
 
 use crate::dataflow::decode::ChangeEvent;
-use crate::dataflow::deferred_evaluations::DeferredEvaluations;
 use crate::dataflow::market::{self, MemberUpdate};
 use crate::features;
 use crate::record::{DeadLetter, SourcePosition, Value};
@@ -124,15 +123,6 @@ pub struct ListingStateStage {
     labelled: FxHashSet<u64>,
     /// Where `rebuild_step` continues: (index into its partitions, key).
     rebuild_cursor: Option<(usize, Option<Vec<u8>>)>,
-    /// Market re-evaluations waiting for a later epoch; the evaluator queues
-    /// and takes them (`runtime.market_evaluations_per_epoch_and_partition`).
-    pub deferred: DeferredEvaluations,
-    /// The partitions whose waiting re-evaluations each checkpoint writes
-    /// (this worker's), when a limit is set or the last run left some
-    /// waiting; `None`: checkpoints write none.
-    deferred_partitions: Option<Vec<u32>>,
-    /// The queue as of the seal, for the checkpoint (see `seal`).
-    sealed_deferred: Vec<(u32, Vec<u8>)>,
 }
 
 /// A listing's current state, if it has one, and whether `take_current` took
@@ -150,32 +140,7 @@ impl ListingStateStage {
             counts: GateCounts::default(),
             labelled: FxHashSet::default(),
             rebuild_cursor: None,
-            deferred: DeferredEvaluations::default(),
-            deferred_partitions: None,
-            sealed_deferred: Vec::new(),
         }
-    }
-
-    /// Puts back the market re-evaluations the last checkpoint left waiting
-    /// in `partitions` (this worker's), and has checkpoints write the queue
-    /// from now on when `limited` (a limit per epoch is set) or some waited.
-    pub fn load_deferred(
-        &mut self,
-        binding: &str,
-        partitions: &[u32],
-        limited: bool,
-    ) -> Result<(), StateError> {
-        let mut loaded = false;
-        for partition in partitions {
-            if let Some(stored) = self.store.deferred_evaluations(binding, *partition)? {
-                self.deferred.decode_into(*partition, &stored)?;
-                loaded = true;
-            }
-        }
-        if limited || loaded {
-            self.deferred_partitions = Some(partitions.to_vec());
-        }
-        Ok(())
     }
 
     /// The segments of a live state in every aggregate, in order (`None`
@@ -500,11 +465,6 @@ impl ListingStateStage {
             &mut self.dirty,
             FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
         )));
-        // the listings still waiting for their re-evaluation: their states
-        // and documents do not show their moves yet (deferred_evaluations.rs)
-        if let Some(partitions) = &self.deferred_partitions {
-            self.sealed_deferred = self.deferred.encode(partitions);
-        }
     }
 
     /// Starts writing the sealed changes (or, without a seal, every change
@@ -520,7 +480,6 @@ impl ListingStateStage {
         let previous = self.wait_checkpoint()?;
         self.seal();
         let states = self.sealed.take().expect("sealed just now or before");
-        let deferred = std::mem::take(&mut self.sealed_deferred);
         let (store, binding, written_states, written_positions) = (
             self.store.clone(),
             binding.to_string(),
@@ -538,7 +497,7 @@ impl ListingStateStage {
                     .map(|(k, v)| (k.as_slice(), Some(&**v)))
                     .collect();
                 changes.sort_unstable_by_key(|(key, _)| *key);
-                store.checkpoint(changes.into_iter(), &binding, &written_positions, &deferred)
+                store.checkpoint(changes.into_iter(), &binding, &written_positions)
             })
             .map_err(|e| StateError::Io(e.to_string()))?;
         self.writing = Some(CheckpointWrite {

@@ -23,7 +23,6 @@
 
 pub mod bucket_views;
 pub mod decode;
-pub mod deferred_evaluations;
 pub mod evaluate;
 pub mod listing_state;
 pub mod market;
@@ -381,8 +380,6 @@ pub fn run(
             ),
         };
         let stage = Rc::new(RefCell::new(ListingStateStage::new(plan.clone(), store.clone())));
-        // the market re-evaluations the last checkpoint left waiting (deferred_evaluations.rs)
-        stage.borrow_mut().load_deferred(&plan.input_binding, &owned, runtime.market_evaluations_per_epoch_and_partition > 0).map_err(|e| e.to_string())?;
         let counts = Rc::new(RefCell::new(SinkCounts::default()));
         let evaluate_counts = Rc::new(RefCell::new(evaluate::EvaluateCounts::default()));
         let (mut documents_out, documents_writer) = document_sinks.take(index);
@@ -442,7 +439,6 @@ pub fn run(
                 let activator_slot = state_activator.clone();
                 let rebuild_partitions = owned.clone();
                 let rebuild_done = rebuild_done.clone();
-                let evaluator_seal_at = seal_at.clone();
                 let seal_at = seal_at.clone();
                 // One operator, four outputs: each kind of output leaves in the
                 // vector the stage filled, handed on whole.
@@ -533,11 +529,10 @@ pub fn run(
                 let (market_updates, statistics_changes, traces) = market::build(plan.clone(), members, window);
                 *market_traces.borrow_mut() = Some(traces);
 
-                let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone(), incarnation, skip_epoch, runtime.market_evaluations_per_epoch_and_partition, first_epoch);
+                let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone(), incarnation, skip_epoch);
                 let evaluator_counts = evaluate_counts.clone();
                 let done = evaluated_below.clone();
                 let activator_slot = state_activator.clone();
-                let evaluator_stage = stage.clone();
                 let documents = events.binary_frontier::<_, timely::container::CapacityContainerBuilder<Vec<OutputDocument>>, _, _, _, _>(
                     market_updates,
                     Pipeline,
@@ -550,11 +545,6 @@ pub fn run(
                         // one again every time the vector grew
                         type Pending = (Capability<u64>, Vec<listing_state::Enriched>, Vec<Vec<(market::MarketInput, u64, isize)>>);
                         let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
-                        // While market re-evaluations wait (deferred_evaluations.rs), a
-                        // capability at the next epoch not yet evaluated, for the input's
-                        // end, which takes the rest; until then each epoch with input here
-                        // (own rows or market moves) takes a chunk.
-                        let mut waiting_at: Option<Capability<u64>> = None;
                         move |(own_input, own_frontier), (market_input, market_frontier), output| {
                             own_input.for_each_stamp(|capability, containers| {
                                 let Some(capability) = capability.retain_least(0) else { return };
@@ -586,54 +576,19 @@ pub fn run(
                                 }
                             });
                             let passed = |time: &u64| !own_frontier.less_equal(time) && !market_frontier.less_equal(time);
-                            // Completed epochs in order, each one with input here; while
-                            // re-evaluations wait, the held capability at the input's end.
-                            loop {
-                                let pending_time = pending.first_key_value().map(|(time, _)| *time).filter(|time| passed(time));
-                                let waiting_time = waiting_at.as_ref().map(|held| *held.time()).filter(|time| passed(time));
-                                // An epoch past a checkpoint's with nothing for the state stage
-                                // to apply here (market moves only, or a chunk of the queue)
-                                // records its decisions after the checkpoint's: seal first, as
-                                // the stage does before it applies a later epoch. Every epoch
-                                // through the checkpoint's is applied and evaluated by now.
-                                if let Some(time) = pending_time.into_iter().chain(waiting_time).min()
-                                    && evaluator_seal_at.get().is_some_and(|through| time > through)
-                                {
-                                    evaluator_stage.borrow_mut().seal();
-                                    evaluator_seal_at.set(None);
+                            while let Some(entry) = pending.first_entry() {
+                                if !passed(entry.key()) {
+                                    break;
                                 }
-                                match (pending_time, waiting_time) {
-                                    (None, None) => break,
-                                    (Some(time), waiting) if waiting.is_none_or(|waiting| time <= waiting) => {
-                                        let (capability, own, updates) = pending.remove(&time).expect("looked up");
-                                        let documents = evaluator.evaluate_epoch(time, own, updates).unwrap_or_else(|e| panic!("{e}"));
-                                        output.session(&capability).give_iterator(documents.into_iter());
-                                        waiting_at = evaluator.has_deferred().then(|| capability.delayed(&(time + 1)));
-                                    }
-                                    (_, Some(time)) => {
-                                        let held = waiting_at.take().expect("looked up");
-                                        // the input's end: nothing comes after to take the rest
-                                        if own_frontier.is_empty() && market_frontier.is_empty() {
-                                            let documents = evaluator.evaluate_deferred(time, true).unwrap_or_else(|e| panic!("{e}"));
-                                            output.session(&held).give_iterator(documents.into_iter());
-                                            continue;
-                                        }
-                                        // An epoch with no input here takes no chunk: which times pass
-                                        // empty can depend on timing (a checkpoint can close an empty
-                                        // one), and the chunks must not. The capability follows the
-                                        // frontier, so that it holds back no epoch the sinks could finish.
-                                        let next = own_frontier.frontier().iter().chain(market_frontier.frontier().iter()).min().copied().expect("not ended");
-                                        waiting_at = Some(held.delayed(&next.max(time + 1)));
-                                        break;
-                                    }
-                                    (Some(_), None) => unreachable!("the first arm takes a pending epoch with nothing waiting"),
-                                }
+                                let time = *entry.key();
+                                let (capability, own, updates) = entry.remove();
+                                let documents = evaluator.evaluate_epoch(time, own, updates).unwrap_or_else(|e| panic!("{e}"));
+                                output.session(&capability).give_iterator(documents.into_iter());
                             }
                             *evaluator_counts.borrow_mut() = evaluator.counts.clone();
                             // every epoch below both frontiers has been evaluated
                             let below = own_frontier.frontier().iter().chain(market_frontier.frontier().iter()).min().copied().unwrap_or(u64::MAX);
                             let below = pending.first_key_value().map(|(t, _)| (*t).min(below)).unwrap_or(below);
-                            let below = waiting_at.as_ref().map(|held| (*held.time()).min(below)).unwrap_or(below);
                             if below > done.get() {
                                 done.set(below);
                                 if let Some(activator) = activator_slot.borrow().as_ref() {

@@ -38,16 +38,6 @@ fn with_staggered_market_windows_a_killed_and_resumed_run_equals_a_clean_run() {
     killed_and_resumed_equals_clean("5", "5");
 }
 
-/// With a limit on market re-evaluations per epoch and partition, the
-/// listings still waiting at a checkpoint are stored with it, and the
-/// restart puts them back: a window of 5 (one phase), 2 per partition per
-/// epoch, so the queue is rarely empty (with the queue not stored, this test
-/// failed: documents lost by the crash).
-#[test]
-fn with_market_re_evaluations_waiting_a_killed_and_resumed_run_equals_a_clean_run() {
-    killed_and_resumed_equals_clean_with("5", "1", "2");
-}
-
 /// The epochs a restart would rebuild at, from the checkpointed positions of
 /// every input partition (a file's epoch is its line number over
 /// `epoch_records`).
@@ -71,22 +61,10 @@ fn checkpointed_epochs(config: &TestConfig, epoch_records: u64) -> BTreeSet<u64>
 }
 
 fn killed_and_resumed_equals_clean(market_window_epochs: &str, market_window_phases: &str) {
-    killed_and_resumed_equals_clean_with(market_window_epochs, market_window_phases, "0")
-}
-
-fn killed_and_resumed_equals_clean_with(
-    market_window_epochs: &str,
-    market_window_phases: &str,
-    market_evaluations_per_epoch_and_partition: &str,
-) {
     let assay = || {
         let mut command = assay_command();
         command.env("ASSAY_RUNTIME__MARKET_WINDOW_EPOCHS", market_window_epochs);
         command.env("ASSAY_RUNTIME__MARKET_WINDOW_PHASES", market_window_phases);
-        command.env(
-            "ASSAY_RUNTIME__MARKET_EVALUATIONS_PER_EPOCH_AND_PARTITION",
-            market_evaluations_per_epoch_and_partition,
-        );
         command
     };
     // the uninterrupted run

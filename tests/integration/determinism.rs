@@ -24,60 +24,6 @@ fn same_input_twice_gives_identical_bytes_and_workers_do_not_change_output() {
     );
 }
 
-/// The sample on `workers`, in epochs of 128 records with a market window
-/// of 8 and a checkpoint every 20 ms, `pace` in the input binding and
-/// `runtime` added to `[runtime]`; checked to reconcile. Its outputs are
-/// in `dir`.
-fn run_sample_with_a_market_window(
-    dir: &std::path::Path,
-    workers: usize,
-    pace: &str,
-    runtime: &str,
-) -> (assay::observe::RunSummary, TestConfig) {
-    let config = write_config(dir, &sample_stream(), workers, 128, pace);
-    let text = std::fs::read_to_string(&config.path).unwrap().replace(
-        "checkpoint_interval_ms = 100\n",
-        &format!("checkpoint_interval_ms = 20\nmarket_window_epochs = 8\n{runtime}"),
-    );
-    std::fs::write(&config.path, text).unwrap();
-    let summary = run_in_process(&listings_topology(), &config, true);
-    assert!(summary.reconciled, "{summary:?}");
-    (summary, config)
-}
-
-/// With a market window and a limit on re-evaluations per epoch and
-/// partition, which epoch a waiting listing comes out at is a function of
-/// the input, not of timing: a paced replay on two workers, whose epochs
-/// complete at other moments (and whose checkpoints fall elsewhere), writes
-/// the bytes of an unpaced one. An epoch takes a chunk on a worker with
-/// input in it (own rows or market moves); on this input every epoch has
-/// some on both workers, so one worker writes the same bytes too, which is
-/// not so in general. (When every time that passed took a chunk, empty
-/// ones included, two runs differed about once in six.)
-#[test]
-fn with_market_re_evaluations_waiting_workers_and_pace_do_not_change_output() {
-    let mut outputs = Vec::new();
-    for (workers, pace) in [(1, ""), (2, ""), (2, "records_per_second = 5000")] {
-        let dir = tempfile::tempdir().unwrap();
-        let (_summary, config) = run_sample_with_a_market_window(
-            dir.path(),
-            workers,
-            pace,
-            "market_evaluations_per_epoch_and_partition = 3\n",
-        );
-        outputs.push(std::fs::read(&config.documents).unwrap());
-    }
-    assert!(!outputs[0].is_empty());
-    assert!(
-        outputs[0] == outputs[1],
-        "two workers give different output from one"
-    );
-    assert!(
-        outputs[1] == outputs[2],
-        "a paced replay gives different output"
-    );
-}
-
 /// A paced replay (`records_per_second`) reads like a live source: part of an
 /// epoch, then steps, then more, with checkpoints written in the background
 /// meanwhile. A file's epochs must still be a pure function of line numbers
@@ -93,7 +39,14 @@ fn a_paced_replay_with_checkpoints_gives_the_bytes_of_an_unpaced_one() {
     // starved run still has ample slack.
     for pace in ["", "records_per_second = 5000"] {
         let dir = tempfile::tempdir().unwrap();
-        let (summary, config) = run_sample_with_a_market_window(dir.path(), 2, pace, "");
+        let config = write_config(dir.path(), &sample_stream(), 2, 128, pace);
+        let text = std::fs::read_to_string(&config.path).unwrap().replace(
+            "checkpoint_interval_ms = 100\n",
+            "checkpoint_interval_ms = 20\nmarket_window_epochs = 8\n",
+        );
+        std::fs::write(&config.path, text).unwrap();
+        let summary = run_in_process(&listings_topology(), &config, true);
+        assert!(summary.reconciled, "{summary:?}");
         // the worker time says which run waited for its source
         assert!(summary.worker_busy_seconds > 0.0, "{summary:?}");
         if pace.is_empty() {
