@@ -115,6 +115,10 @@ pub struct ListingStateStage {
     /// (read between `dirty` and `writing`). Meanwhile later epochs go on into
     /// `dirty`: the source never stops for a checkpoint.
     sealed: Option<Arc<StateMap>>,
+    /// The epoch a checkpoint covers, from `seal_after` until the seal: the
+    /// first thing of a later epoch to reach this stage (an event applied, or
+    /// a market re-evaluation's states taken) seals the changes first.
+    seal_after: Option<u64>,
     /// The checkpoint being written, at most one: its states (read between
     /// `sealed` and the store) and the thread writing them.
     writing: Option<CheckpointWrite>,
@@ -136,6 +140,7 @@ impl ListingStateStage {
             store,
             dirty: FxHashMap::default(),
             sealed: None,
+            seal_after: None,
             writing: None,
             counts: GateCounts::default(),
             labelled: FxHashSet::default(),
@@ -245,7 +250,16 @@ impl ListingStateStage {
     /// copy of each was 4% of the full pipeline's time); the caller hands
     /// each one back, through `record_market_evaluation` or `restore`, before
     /// anything else reads this stage.
-    pub fn take_current(&mut self, keys: &[Vec<u8>]) -> Result<Vec<CurrentState>, StateError> {
+    ///
+    /// `time` is the epoch being evaluated: past a checkpoint's epoch, the
+    /// changes through it are sealed first, so that the decisions recorded
+    /// on these states stay out of that checkpoint (see `seal_after`).
+    pub fn take_current(
+        &mut self,
+        time: u64,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<CurrentState>, StateError> {
+        self.enter_epoch(time);
         // one lookup per key in memory; the rest in one RocksDB multi-get
         let mut current: Vec<CurrentState> = Vec::with_capacity(keys.len());
         let mut missing: Vec<usize> = Vec::new();
@@ -317,6 +331,7 @@ impl ListingStateStage {
         time: u64,
         out: &mut StateOutputs,
     ) -> Result<(), StateError> {
+        self.enter_epoch(time);
         let keys: Vec<Vec<u8>> = events
             .iter()
             .map(|e| Store::state_key(e.position.partition, &e.key))
@@ -449,12 +464,35 @@ impl ListingStateStage {
         )
     }
 
-    /// Sets the changes so far aside as the next checkpoint's (see `sealed`);
-    /// called once the stage has applied every epoch through the checkpoint's
-    /// and the evaluator has recorded its decisions for them, before anything
-    /// later is applied. A second call before `begin_checkpoint` keeps the
-    /// first seal.
-    pub fn seal(&mut self) {
+    /// The next checkpoint covers the epochs through `epoch`: the changes are
+    /// sealed before anything of a later epoch reaches this stage, whichever
+    /// operator brings it. The state stage applies epoch e only once the
+    /// evaluator is done with e - 1, and the evaluator goes in epoch order,
+    /// so at that moment every decision through `epoch` has been recorded
+    /// and nothing later has.
+    ///
+    /// Both doors matter. A worker whose partitions had no event in an
+    /// epoch past the checkpoint's still re-evaluates its listings there
+    /// when another worker's events move their segments; sealed only by the
+    /// state stage, those decisions went into the earlier checkpoint, whose
+    /// positions replay the events that caused them. After a crash the
+    /// replay found each neighbour's stored view already moved, evaluated
+    /// nothing, and a document that was never delivered stayed lost.
+    pub fn seal_after(&mut self, epoch: u64) {
+        self.seal_after = Some(epoch);
+    }
+
+    /// Seals the changes when `time` is past the pending checkpoint's epoch.
+    fn enter_epoch(&mut self, time: u64) {
+        if self.seal_after.is_some_and(|through| time > through) {
+            self.seal();
+        }
+    }
+
+    /// Sets the changes so far aside as the next checkpoint's (see `sealed`).
+    /// A second call before `begin_checkpoint` keeps the first seal.
+    fn seal(&mut self) {
+        self.seal_after = None;
         if self.sealed.is_some() {
             return;
         }
@@ -478,6 +516,8 @@ impl ListingStateStage {
         positions: Vec<(u32, CheckpointedPosition)>,
     ) -> Result<Option<Vec<(u32, CheckpointedPosition)>>, StateError> {
         let previous = self.wait_checkpoint()?;
+        // unless something later sealed them already, nothing past the
+        // checkpoint's epoch has reached the stage: these are its changes
         self.seal();
         let states = self.sealed.take().expect("sealed just now or before");
         let (store, binding, written_states, written_positions) = (
@@ -729,4 +769,130 @@ pub fn compute_features(
         values.push(value);
     }
     values
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataflow::decode;
+    use crate::record::RawRecord;
+    use crate::state::StoreTuning;
+    use std::path::Path;
+
+    fn stage(dir: &Path) -> ListingStateStage {
+        let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/listings.toml");
+        let plan = crate::topology::load(&topology).expect("the shipped topology is valid");
+        let tuning = StoreTuning {
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+        };
+        let store = Store::open(dir, &plan.field_fingerprint(), tuning).unwrap();
+        ListingStateStage::new(Arc::new(plan), store)
+    }
+
+    fn event(plan: &Plan, line: &str) -> ChangeEvent {
+        let raw = RawRecord {
+            bytes: line.as_bytes().to_vec(),
+            position: SourcePosition {
+                partition: 0,
+                offset: 0,
+                byte_offset: 0,
+                timestamp_ms: 0,
+            },
+            read_at_nanos: 0,
+        };
+        decode::decode(plan, &decode::Slots::new(plan), 1 << 20, raw).expect("a valid event")
+    }
+
+    fn stored(stage: &ListingStateStage, key: &[u8]) -> ListingState {
+        let mut states = stage.store.get_many(&[key]).unwrap();
+        states.remove(0).expect("the listing is stored")
+    }
+
+    /// A checkpoint through epoch 5 holds the state as of epoch 5, even when
+    /// the evaluator re-evaluates the listing in epoch 6 (its segment moved
+    /// by another worker's event) before the checkpoint is written, and no
+    /// event of epoch 6 reached this worker's state stage. The checkpoint's
+    /// positions replay epoch 6's events after a crash; had it held epoch
+    /// 6's decision, the replay would find the listing's stored view already
+    /// moved and never deliver its document again.
+    #[test]
+    fn a_decision_of_an_epoch_past_the_checkpoints_is_left_to_the_next_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stage = stage(dir.path());
+        let plan = stage.plan.clone();
+        let line = r#"{"kind":"create","listing_id":"cl-1","version":1,"event_time":1640995618,"price":25990,"model":"e-class","year":2017,"state":"ca"}"#;
+        let mut out = StateOutputs::default();
+        stage
+            .process(vec![event(&plan, line)], 5, &mut out)
+            .unwrap();
+        assert_eq!(out.events.len(), 1);
+        drop(out);
+        let key = Store::state_key(0, "cl-1");
+        // the evaluator's decision on the event of epoch 5
+        stage.record_own_evaluation(&key, 11, 0, vec![1.0], None);
+        stage.seal_after(5);
+
+        // epoch 6: a market re-evaluation, on the state the stage holds
+        let mut current = stage.take_current(6, std::slice::from_ref(&key)).unwrap();
+        let (Some(state), _) = current.remove(0) else {
+            panic!("the listing is held")
+        };
+        assert_eq!(state.emitted_hash, 11);
+        stage.record_market_evaluation(key.clone(), state, 22, 1, vec![2.0], None);
+
+        stage
+            .begin_checkpoint("listing_changes", Vec::new())
+            .unwrap();
+        stage.wait_checkpoint().unwrap();
+        let checkpointed = stored(&stage, &key);
+        assert_eq!(
+            (checkpointed.emitted_hash, checkpointed.market.as_slice()),
+            (11, &[1.0][..]),
+            "the checkpoint through epoch 5 holds epoch 5's decision"
+        );
+        // the decision of epoch 6 is still held, for the next checkpoint
+        let (Some(held), _) = stage
+            .take_current(7, std::slice::from_ref(&key))
+            .unwrap()
+            .remove(0)
+        else {
+            panic!("the listing is held")
+        };
+        assert_eq!(held.emitted_hash, 22);
+        stage.restore(key.clone(), held);
+        stage
+            .begin_checkpoint("listing_changes", Vec::new())
+            .unwrap();
+        stage.wait_checkpoint().unwrap();
+        assert_eq!(stored(&stage, &key).emitted_hash, 22);
+    }
+
+    /// Without an epoch past it, the checkpoint takes every change (its own
+    /// epoch's decisions included).
+    #[test]
+    fn a_checkpoint_with_nothing_later_takes_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stage = stage(dir.path());
+        let plan = stage.plan.clone();
+        let line = r#"{"kind":"create","listing_id":"cl-2","version":1,"event_time":1640995618,"price":25990,"model":"e-class","year":2017,"state":"ca"}"#;
+        let mut out = StateOutputs::default();
+        stage
+            .process(vec![event(&plan, line)], 5, &mut out)
+            .unwrap();
+        drop(out);
+        let key = Store::state_key(0, "cl-2");
+        stage.seal_after(5);
+        // a market re-evaluation within the checkpoint's epoch
+        let mut current = stage.take_current(5, std::slice::from_ref(&key)).unwrap();
+        let (Some(state), _) = current.remove(0) else {
+            panic!("the listing is held")
+        };
+        stage.record_market_evaluation(key.clone(), state, 33, 1, vec![3.0], None);
+        stage
+            .begin_checkpoint("listing_changes", Vec::new())
+            .unwrap();
+        stage.wait_checkpoint().unwrap();
+        assert_eq!(stored(&stage, &key).emitted_hash, 33);
+    }
 }

@@ -391,10 +391,6 @@ pub fn run(
         // epochs below this one have been evaluated (see the lockstep in the graph)
         let evaluated_below = Rc::new(Cell::new(first_epoch));
         let state_activator: Rc<RefCell<Option<timely::scheduling::Activator>>> = Rc::new(RefCell::new(None));
-        // The epoch a checkpoint covers, once its last record is sent and until
-        // the state stage seals its changes (`ListingStateStage::seal`): the stage
-        // applies nothing later before the evaluator is done with that epoch.
-        let seal_at: Rc<Cell<Option<u64>>> = Rc::new(Cell::new(None));
 
         let market_traces: Rc<RefCell<Option<market::MarketTraces>>> = Rc::new(RefCell::new(None));
         // the source reads nothing until the market rebuild is handed on: records
@@ -439,7 +435,6 @@ pub fn run(
                 let activator_slot = state_activator.clone();
                 let rebuild_partitions = owned.clone();
                 let rebuild_done = rebuild_done.clone();
-                let seal_at = seal_at.clone();
                 // One operator, four outputs: each kind of output leaves in the
                 // vector the stage filled, handed on whole.
                 let mut builder = OperatorBuilder::new("ListingState".to_owned(), events.scope());
@@ -501,12 +496,6 @@ pub fn run(
                         while let Some(entry) = pending.first_entry() {
                             if *entry.key() > done.get() {
                                 break;
-                            }
-                            // the first epoch after a checkpoint's: its changes are sealed
-                            // first (the evaluator has recorded all it decided up to it)
-                            if seal_at.get().is_some_and(|through| *entry.key() > through) {
-                                state_stage.borrow_mut().seal();
-                                seal_at.set(None);
                             }
                             let (time, (capabilities, batch)) = entry.remove_entry();
                             let mut out = listing_state::StateOutputs {
@@ -643,11 +632,9 @@ pub fn run(
                 report.checkpoints += 1;
             }
         };
-        // Seals the stage's changes unless the stage sealed them itself (it does
-        // before it applies an epoch past `seal_at`); nothing later has been
-        // applied when it has not, so what `begin_checkpoint` seals is exact.
+        // The stage seals its changes itself when an epoch past the checkpoint's
+        // reaches it (`ListingStateStage::seal_after`), or here when none has.
         let begin_checkpoint = |stage: &Rc<RefCell<ListingStateStage>>, positions, source: &Source, report: &mut WorkerReport| -> Result<(), String> {
-            seal_at.set(None);
             let previous = stage.borrow_mut().begin_checkpoint(&plan.input_binding, positions).map_err(|e| e.to_string())?;
             durable(previous, source, report);
             Ok(())
@@ -755,11 +742,11 @@ pub fn run(
                 }
                 input_handle.advance_to(epoch + 1);
                 // The checkpoint covers the epochs through `epoch` and the positions
-                // now. The source goes on reading: the state stage seals these epochs'
-                // changes before it applies a later one, and the write begins once
+                // now. The source goes on reading: the stage seals these epochs'
+                // changes before anything later reaches it, and the write begins once
                 // the sinks are done with them (it was a drain of the whole pipeline,
                 // with the source stopped: a stall of every record behind it).
-                seal_at.set(Some(epoch));
+                stage.borrow_mut().seal_after(epoch);
                 pending_checkpoint = Some((epoch, source.positions()));
                 served_request = requested;
             }
