@@ -84,6 +84,24 @@ pub struct RuntimeConfig {
     /// this epochs, however short `checkpoint_interval_ms` is.
     #[serde(default = "default_market_windows_per_sync")]
     pub market_windows_per_sync: u64,
+    /// Market re-evaluations (neighbours whose signature moved) evaluated per
+    /// epoch and input partition, at most; the others wait, first in first
+    /// out, for the next epochs (0 = all in the epoch of the move). A window
+    /// end's re-evaluations and their documents are then spread over the
+    /// epochs after it, and the records read meanwhile, whose documents are
+    /// written after the window end's in epoch order, wait for a chunk of it
+    /// instead of all of it. A waiting listing is evaluated with the
+    /// statistics of the epoch it comes out at (an own event of it takes it
+    /// out first), and the queue is checkpointed with the state. Every epoch
+    /// that passes takes a chunk, and the input's end the rest.
+    ///
+    /// Live (Kafka) inputs only: a file input evaluates every re-evaluation
+    /// in the epoch of its move whatever this says. A file is a replay whose
+    /// output is a function of its lines, and which epochs pass while
+    /// listings wait would make it one of timing too; nobody waits on a
+    /// replay's latency anyway.
+    #[serde(default)]
+    pub market_evaluations_per_epoch_and_partition: u64,
     /// Progress bar on stderr: `auto` (when stderr is a terminal), `always`, `never`.
     #[serde(default)]
     pub progress: ProgressMode,
@@ -133,6 +151,7 @@ impl Default for RuntimeConfig {
             market_window_epochs: default_market_window_epochs(),
             market_window_phases: default_market_window_phases(),
             market_windows_per_sync: default_market_windows_per_sync(),
+            market_evaluations_per_epoch_and_partition: 0,
             progress: ProgressMode::default(),
         }
     }

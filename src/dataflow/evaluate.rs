@@ -7,7 +7,10 @@
 //! - Every listing of this worker whose signature in some aggregate changed in
 //!   the epoch (see market.rs) and that had no event of its own: a market
 //!   re-evaluation, as of its own last event time (so only the market part of
-//!   its document can differ).
+//!   its document can differ). With
+//!   `runtime.market_evaluations_per_epoch_and_partition`, at most that many
+//!   per partition; the others wait in a queue for the next epochs
+//!   (`deferred_evaluations.rs`).
 //!
 //! A listing's market view is its segments' seen statistics at the end of the
 //! epoch, looked up by segment (every worker keeps every segment's, from the
@@ -37,6 +40,7 @@
 
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -49,8 +53,7 @@ use crate::record::{OutputDocument, SourcePosition};
 use crate::state::{StateError, Store};
 use crate::topology::Plan;
 
-/// A re-evaluated listing's segment per aggregate, where the join named it.
-type NamedSegments = SmallVec<[Option<u64>; 2]>;
+use crate::dataflow::deferred_evaluations::NamedSegments;
 
 /// Bits of the document version below the listing's version.
 pub const REVISION_BITS: u32 = 32;
@@ -109,6 +112,9 @@ pub struct EvaluateCounts {
     pub market_suppressed: u64,
     /// Market re-evaluations that ran the models (no valid kept outputs).
     pub market_scored: u64,
+    /// Market re-evaluations that waited for an epoch after their move's
+    /// (`runtime.market_evaluations_per_epoch_and_partition`).
+    pub market_waited: u64,
     /// Own events whose lookup key was missing from a table, per lookup.
     pub lookup_misses: Vec<u64>,
 }
@@ -134,6 +140,14 @@ pub struct Evaluator {
     /// Every segment's statistics as documents see them, as of the epoch
     /// being evaluated (see "Statistics as documents see them" in market.rs).
     statistics: FxHashMap<u64, StatisticBits>,
+    /// Market re-evaluations per epoch and partition, at most (0: no limit);
+    /// the others wait in the stage's queue (deferred_evaluations.rs).
+    evaluations_per_partition: usize,
+    /// The rebuild's time: its re-evaluations are not limited (see
+    /// `evaluate_epoch`).
+    rebuild_epoch: u64,
+    /// Set while `evaluate_deferred` drains the queue at the input's end.
+    draining: bool,
 }
 
 impl Evaluator {
@@ -143,6 +157,8 @@ impl Evaluator {
         stage: Rc<RefCell<ListingStateStage>>,
         incarnation: u32,
         skip_epoch: Option<u64>,
+        evaluations_per_partition: u64,
+        rebuild_epoch: u64,
     ) -> Self {
         let statistics_width = plan.aggregates.iter().map(|a| a.statistic_count()).sum();
         let counts = EvaluateCounts {
@@ -163,7 +179,29 @@ impl Evaluator {
             incarnation,
             skip_epoch,
             statistics: FxHashMap::default(),
+            evaluations_per_partition: evaluations_per_partition as usize,
+            rebuild_epoch,
+            draining: false,
         }
+    }
+
+    /// Whether market re-evaluations wait for a later epoch.
+    pub fn has_deferred(&self) -> bool {
+        !self.stage.borrow().deferred.is_empty()
+    }
+
+    /// Evaluates waiting market re-evaluations at `time`, an epoch with no
+    /// input of its own on this worker: as many as an epoch takes, or, when
+    /// `drain` (the input has ended), all of them.
+    pub fn evaluate_deferred(
+        &mut self,
+        time: u64,
+        drain: bool,
+    ) -> Result<Vec<OutputDocument>, EvaluateError> {
+        self.draining = drain;
+        let documents = self.evaluate_epoch(time, Vec::new(), Vec::new());
+        self.draining = false;
+        documents
     }
 
     /// Applies one epoch's moves of the seen statistics (every worker gets every segment's).
@@ -205,6 +243,10 @@ impl Evaluator {
         mut own: Vec<Enriched>,
         market_inputs: Vec<Vec<(MarketInput, u64, isize)>>,
     ) -> Result<Vec<OutputDocument>, EvaluateError> {
+        // past a pending checkpoint's epoch, its changes are set aside first
+        // (`ListingStateStage::seal_after`): this worker may have had no event
+        // here for the state stage to seal them at
+        self.stage.borrow_mut().enter_epoch(time);
         let mut moves = Vec::new();
         let mut updates = Vec::with_capacity(market_inputs.iter().map(Vec::len).sum());
         for (input, _time, diff) in market_inputs.into_iter().flatten() {
@@ -262,10 +304,49 @@ impl Evaluator {
             gates.push((own[*index].state.emitted_hash, own[*index].state.revision));
         }
         // (with the segments the join named; see `net`)
-        let mut market_only: Vec<((u32, &str), NamedSegments)> = changes
-            .into_iter()
-            .filter(|(listing, _)| !gate_of.contains_key(listing))
-            .collect();
+        let limit = (self.evaluations_per_partition > 0 && !self.draining)
+            .then_some(self.evaluations_per_partition);
+        // The rebuild (after a change of the market, every listing moves)
+        // is not limited, so the queue never holds the market; a listing the
+        // last run left waiting waits on, for the epoch an uninterrupted run
+        // took it at.
+        let rebuild = time == self.rebuild_epoch;
+        let mut market_only: Vec<((u32, Cow<str>), NamedSegments)> = if rebuild
+            || (limit.is_none() && !self.has_deferred())
+        {
+            let stage = self.stage.borrow();
+            changes
+                .into_iter()
+                .filter(|(listing, _)| {
+                    !gate_of.contains_key(listing) && !stage.deferred.contains(listing.0, listing.1)
+                })
+                .map(|((partition, key), named)| ((partition, Cow::Borrowed(key)), named))
+                .collect()
+        } else {
+            // the moved neighbours queue behind those waiting; the oldest
+            // come out (an own event's listing leaves the queue: its own
+            // evaluation sees the statistics of now)
+            let mut moved: Vec<((u32, &str), NamedSegments)> = changes
+                .into_iter()
+                .filter(|(listing, _)| !gate_of.contains_key(listing))
+                .collect();
+            moved.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let mut stage = self.stage.borrow_mut();
+            // those queued before this epoch's moves waited, when taken now
+            let arrived_by = stage.deferred.arrivals();
+            for (partition, key) in last_own.keys() {
+                stage.deferred.remove(*partition, key);
+            }
+            for ((partition, key), named) in &moved {
+                stage.deferred.push(*partition, key, named);
+            }
+            let taken = stage.deferred.take(limit.unwrap_or(usize::MAX), arrived_by);
+            self.counts.market_waited = stage.deferred.waited;
+            taken
+                .into_iter()
+                .map(|((partition, key), named)| ((partition, Cow::Owned(key.into())), named))
+                .collect()
+        };
         market_only.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let market_keys: Vec<Vec<u8>> = market_only
             .iter()
@@ -283,6 +364,7 @@ impl Evaluator {
         for (((listing, named_segments), (state, taken)), state_key) in
             market_only.iter().zip(fetched).zip(market_keys)
         {
+            let listing = &(listing.0, listing.1.as_ref());
             gate_of.insert(*listing, gates.len());
             gates.push(
                 state

@@ -30,6 +30,7 @@ use smallvec::SmallVec;
 use std::sync::Arc;
 
 use crate::dataflow::decode::ChangeEvent;
+use crate::dataflow::deferred_evaluations::DeferredEvaluations;
 use crate::dataflow::market::{self, MemberUpdate};
 use crate::features;
 use crate::record::{DeadLetter, SourcePosition, Value};
@@ -127,6 +128,15 @@ pub struct ListingStateStage {
     labelled: FxHashSet<u64>,
     /// Where `rebuild_step` continues: (index into its partitions, key).
     rebuild_cursor: Option<(usize, Option<Vec<u8>>)>,
+    /// Market re-evaluations waiting for a later epoch; the evaluator queues
+    /// and takes them (`runtime.market_evaluations_per_epoch_and_partition`).
+    pub deferred: DeferredEvaluations,
+    /// The partitions whose waiting re-evaluations each checkpoint writes
+    /// (this worker's), when a limit is set or the last run left some
+    /// waiting; `None`: checkpoints write none.
+    deferred_partitions: Option<Vec<u32>>,
+    /// The queue as of the seal, for the checkpoint (see `seal`).
+    sealed_deferred: Vec<(u32, Vec<u8>)>,
 }
 
 /// A listing's current state, if it has one, and whether `take_current` took
@@ -145,7 +155,32 @@ impl ListingStateStage {
             counts: GateCounts::default(),
             labelled: FxHashSet::default(),
             rebuild_cursor: None,
+            deferred: DeferredEvaluations::default(),
+            deferred_partitions: None,
+            sealed_deferred: Vec::new(),
         }
+    }
+
+    /// Puts back the market re-evaluations the last checkpoint left waiting
+    /// in `partitions` (this worker's), and has checkpoints write the queue
+    /// from now on when `limited` (a limit per epoch is set) or some waited.
+    pub fn load_deferred(
+        &mut self,
+        binding: &str,
+        partitions: &[u32],
+        limited: bool,
+    ) -> Result<(), StateError> {
+        let mut loaded = false;
+        for partition in partitions {
+            if let Some(stored) = self.store.deferred_evaluations(binding, *partition)? {
+                self.deferred.decode_into(*partition, &stored)?;
+                loaded = true;
+            }
+        }
+        if limited || loaded {
+            self.deferred_partitions = Some(partitions.to_vec());
+        }
+        Ok(())
     }
 
     /// The segments of a live state in every aggregate, in order (`None`
@@ -482,8 +517,10 @@ impl ListingStateStage {
         self.seal_after = Some(epoch);
     }
 
-    /// Seals the changes when `time` is past the pending checkpoint's epoch.
-    fn enter_epoch(&mut self, time: u64) {
+    /// Seals the changes when `time` is past the pending checkpoint's epoch;
+    /// the evaluator calls it before it touches anything of an epoch (the
+    /// queue of waiting re-evaluations included, which the seal snapshots).
+    pub fn enter_epoch(&mut self, time: u64) {
         if self.seal_after.is_some_and(|through| time > through) {
             self.seal();
         }
@@ -503,6 +540,11 @@ impl ListingStateStage {
             &mut self.dirty,
             FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
         )));
+        // the listings still waiting for their re-evaluation: their states
+        // and documents do not show their moves yet (deferred_evaluations.rs)
+        if let Some(partitions) = &self.deferred_partitions {
+            self.sealed_deferred = self.deferred.encode(partitions);
+        }
     }
 
     /// Starts writing the sealed changes (or, without a seal, every change
@@ -520,6 +562,7 @@ impl ListingStateStage {
         // checkpoint's epoch has reached the stage: these are its changes
         self.seal();
         let states = self.sealed.take().expect("sealed just now or before");
+        let deferred = std::mem::take(&mut self.sealed_deferred);
         let (store, binding, written_states, written_positions) = (
             self.store.clone(),
             binding.to_string(),
@@ -537,7 +580,7 @@ impl ListingStateStage {
                     .map(|(k, v)| (k.as_slice(), Some(&**v)))
                     .collect();
                 changes.sort_unstable_by_key(|(key, _)| *key);
-                store.checkpoint(changes.into_iter(), &binding, &written_positions)
+                store.checkpoint(changes.into_iter(), &binding, &written_positions, &deferred)
             })
             .map_err(|e| StateError::Io(e.to_string()))?;
         self.writing = Some(CheckpointWrite {
@@ -866,6 +909,46 @@ mod tests {
             .unwrap();
         stage.wait_checkpoint().unwrap();
         assert_eq!(stored(&stage, &key).emitted_hash, 22);
+    }
+
+    /// The listings waiting for their re-evaluation are stored with a
+    /// checkpoint as the queue stood at the end of its epoch: one that
+    /// waited then is put back by a restart, even if a later epoch took it
+    /// out before the checkpoint was written, and one that a later epoch
+    /// queued is not (the replay of that epoch queues it again).
+    #[test]
+    fn a_checkpoint_stores_the_waiting_listings_of_its_epoch_and_a_restart_puts_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let named: crate::dataflow::deferred_evaluations::NamedSegments =
+            [Some(7)].into_iter().collect();
+        {
+            let mut stage = stage(dir.path());
+            stage
+                .load_deferred("listing_changes", &[0, 1], true)
+                .unwrap();
+            // waiting at the end of epoch 5
+            stage.deferred.push(0, "cl-1", &named);
+            stage.seal_after(5);
+            // the evaluator at epoch 6: takes cl-1, queues cl-2
+            stage.enter_epoch(6);
+            let arrived_by = stage.deferred.arrivals();
+            stage.deferred.push(1, "cl-2", &named);
+            let taken = stage.deferred.take(1, arrived_by);
+            assert_eq!(taken.len(), 2, "one of each partition");
+            stage.deferred.push(1, "cl-2", &named);
+            stage
+                .begin_checkpoint("listing_changes", Vec::new())
+                .unwrap();
+            stage.wait_checkpoint().unwrap();
+        }
+        // a restart on the same state
+        let mut restarted = stage(dir.path());
+        restarted
+            .load_deferred("listing_changes", &[0, 1], true)
+            .unwrap();
+        assert!(restarted.deferred.contains(0, "cl-1"));
+        assert!(!restarted.deferred.contains(1, "cl-2"));
+        assert_eq!(restarted.deferred.len(), 1);
     }
 
     /// Without an epoch past it, the checkpoint takes every change (its own

@@ -23,6 +23,7 @@
 
 pub mod bucket_views;
 pub mod decode;
+pub mod deferred_evaluations;
 pub mod evaluate;
 pub mod listing_state;
 pub mod market;
@@ -380,6 +381,13 @@ pub fn run(
             ),
         };
         let stage = Rc::new(RefCell::new(ListingStateStage::new(plan.clone(), store.clone())));
+        // the market re-evaluations the last checkpoint left waiting (deferred_evaluations.rs)
+        // Only a live source defers: a file is a replay, whose output must be a
+        // function of its lines alone, and a queue drained per tick would make
+        // it one of timing too. Its latency is no one's to wait for anyway.
+        let live_source = matches!(source, Source::Kafka(_));
+        let evaluations_per_partition = if live_source { runtime.market_evaluations_per_epoch_and_partition } else { 0 };
+        stage.borrow_mut().load_deferred(&plan.input_binding, &owned, evaluations_per_partition > 0).map_err(|e| e.to_string())?;
         let counts = Rc::new(RefCell::new(SinkCounts::default()));
         let evaluate_counts = Rc::new(RefCell::new(evaluate::EvaluateCounts::default()));
         let (mut documents_out, documents_writer) = document_sinks.take(index);
@@ -518,7 +526,7 @@ pub fn run(
                 let (market_updates, statistics_changes, traces) = market::build(plan.clone(), members, window);
                 *market_traces.borrow_mut() = Some(traces);
 
-                let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone(), incarnation, skip_epoch);
+                let mut evaluator = evaluate::Evaluator::new(plan.clone(), models.clone(), stage.clone(), incarnation, skip_epoch, evaluations_per_partition, first_epoch);
                 let evaluator_counts = evaluate_counts.clone();
                 let done = evaluated_below.clone();
                 let activator_slot = state_activator.clone();
@@ -534,6 +542,11 @@ pub fn run(
                         // one again every time the vector grew
                         type Pending = (Capability<u64>, Vec<listing_state::Enriched>, Vec<Vec<(market::MarketInput, u64, isize)>>);
                         let mut pending: BTreeMap<u64, Pending> = BTreeMap::new();
+                        // While market re-evaluations wait (deferred_evaluations.rs), a
+                        // capability at the next epoch not yet evaluated: each epoch that
+                        // completes with no input here takes a chunk of the queue at its
+                        // own time, and the input's end takes the rest.
+                        let mut waiting_at: Option<Capability<u64>> = None;
                         move |(own_input, own_frontier), (market_input, market_frontier), output| {
                             own_input.for_each_stamp(|capability, containers| {
                                 let Some(capability) = capability.retain_least(0) else { return };
@@ -565,19 +578,37 @@ pub fn run(
                                 }
                             });
                             let passed = |time: &u64| !own_frontier.less_equal(time) && !market_frontier.less_equal(time);
-                            while let Some(entry) = pending.first_entry() {
-                                if !passed(entry.key()) {
-                                    break;
+                            // Completed epochs in order: each one with input here, and, while
+                            // re-evaluations wait, each one without (a chunk of the queue at its
+                            // own time: which epoch takes which listings is a function of the
+                            // epochs alone, not of when this operator runs).
+                            loop {
+                                let pending_time = pending.first_key_value().map(|(time, _)| *time).filter(|time| passed(time));
+                                let waiting_time = waiting_at.as_ref().map(|held| *held.time()).filter(|time| passed(time));
+                                match (pending_time, waiting_time) {
+                                    (None, None) => break,
+                                    (Some(time), waiting) if waiting.is_none_or(|waiting| time <= waiting) => {
+                                        let (capability, own, updates) = pending.remove(&time).expect("looked up");
+                                        let documents = evaluator.evaluate_epoch(time, own, updates).unwrap_or_else(|e| panic!("{e}"));
+                                        output.session(&capability).give_iterator(documents.into_iter());
+                                        waiting_at = evaluator.has_deferred().then(|| capability.delayed(&(time + 1)));
+                                    }
+                                    (_, Some(time)) => {
+                                        let held = waiting_at.take().expect("looked up");
+                                        // the input's end: nothing comes after to take the rest
+                                        let ended = own_frontier.is_empty() && market_frontier.is_empty();
+                                        let documents = evaluator.evaluate_deferred(time, ended).unwrap_or_else(|e| panic!("{e}"));
+                                        output.session(&held).give_iterator(documents.into_iter());
+                                        waiting_at = evaluator.has_deferred().then(|| held.delayed(&(time + 1)));
+                                    }
+                                    (Some(_), None) => unreachable!("the first arm takes a pending epoch with nothing waiting"),
                                 }
-                                let time = *entry.key();
-                                let (capability, own, updates) = entry.remove();
-                                let documents = evaluator.evaluate_epoch(time, own, updates).unwrap_or_else(|e| panic!("{e}"));
-                                output.session(&capability).give_iterator(documents.into_iter());
                             }
                             *evaluator_counts.borrow_mut() = evaluator.counts.clone();
                             // every epoch below both frontiers has been evaluated
                             let below = own_frontier.frontier().iter().chain(market_frontier.frontier().iter()).min().copied().unwrap_or(u64::MAX);
                             let below = pending.first_key_value().map(|(t, _)| (*t).min(below)).unwrap_or(below);
+                            let below = waiting_at.as_ref().map(|held| (*held.time()).min(below)).unwrap_or(below);
                             if below > done.get() {
                                 done.set(below);
                                 if let Some(activator) = activator_slot.borrow().as_ref() {
@@ -613,7 +644,6 @@ pub fn run(
             .probe_with(&probe);
         });
 
-        let live_source = matches!(source, Source::Kafka(_));
         let wait_park = Some(WAIT_PARK);
         let mut report = WorkerReport { resumed_from_line: source.resume_offset(), ..WorkerReport::default() };
         let mut progress = ProgressBar::new(if index == 0 { progress_enabled } else { Some(false) });

@@ -181,6 +181,7 @@ impl WorkerReport {
         mine.market_emitted += theirs.market_emitted;
         mine.market_suppressed += theirs.market_suppressed;
         mine.market_scored += theirs.market_scored;
+        mine.market_waited += theirs.market_waited;
         mine.lookup_misses
             .resize(theirs.lookup_misses.len().max(mine.lookup_misses.len()), 0);
         for (a, b) in mine.lookup_misses.iter_mut().zip(&theirs.lookup_misses) {
@@ -214,6 +215,9 @@ pub struct RunSummary {
     /// Market re-evaluations that ran the models; the others reused the
     /// outputs kept from the listing's own last evaluation.
     pub market_scored: u64,
+    /// Market re-evaluations that waited for a later epoch than their move's
+    /// (`runtime.market_evaluations_per_epoch_and_partition`; live inputs).
+    pub market_waited: u64,
     /// Documents emitted per record in.
     pub fan_out: f64,
     /// Records whose lookup key was missing from the table, per lookup.
@@ -275,6 +279,7 @@ impl RunSummary {
             market_reevaluations: evaluate.market_emitted + evaluate.market_suppressed,
             market_documents: report.market_documents,
             market_scored: evaluate.market_scored,
+            market_waited: evaluate.market_waited,
             fan_out: emitted as f64 / report.records_in.max(1) as f64,
             lookup_misses: lookup_names
                 .iter()
@@ -349,6 +354,12 @@ impl RunSummary {
                 self.market_documents,
                 self.market_reevaluations - self.market_documents.min(self.market_reevaluations),
                 self.market_scored
+            ));
+        }
+        if self.market_waited > 0 {
+            out.push_str(&format!(
+                "  market waited       {:>10}  (re-evaluations taken at a later epoch than their move: the per-epoch limit)\n",
+                self.market_waited
             ));
         }
         out.push_str(&format!(

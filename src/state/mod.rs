@@ -286,11 +286,14 @@ impl Store {
 
     /// Writes state changes and the positions that produced them in one batch.
     /// `None` deletes the key.
+    /// `deferred`: the market re-evaluations waiting in each partition
+    /// (`DeferredEvaluations::encode`; empty: none, the stored value goes).
     pub fn checkpoint<'a>(
         &self,
         changes: impl Iterator<Item = (&'a [u8], Option<&'a ListingState>)>,
         binding: &str,
         positions: &[(u32, CheckpointedPosition)],
+        deferred: &[(u32, Vec<u8>)],
     ) -> Result<usize, StateError> {
         let listings = self
             .db
@@ -321,8 +324,30 @@ impl Store {
                 value,
             );
         }
+        for (partition, waiting) in deferred {
+            let key = Self::deferred_key(binding, *partition);
+            if waiting.is_empty() {
+                batch.delete_cf(&meta, key.as_bytes());
+            } else {
+                batch.put_cf(&meta, key.as_bytes(), waiting);
+            }
+        }
         self.db.write(batch)?;
         Ok(count)
+    }
+
+    fn deferred_key(binding: &str, partition: u32) -> String {
+        format!("deferred/{binding}/{partition}")
+    }
+
+    /// The market re-evaluations the last checkpoint left waiting in a
+    /// partition, as `checkpoint` stored them (`None`: none).
+    pub fn deferred_evaluations(
+        &self,
+        binding: &str,
+        partition: u32,
+    ) -> Result<Option<Vec<u8>>, StateError> {
+        self.get_meta(&Self::deferred_key(binding, partition))
     }
 
     /// Up to `limit` listings of `partition` (live and removed), in key
@@ -606,8 +631,22 @@ mod tests {
                         next_byte: 99,
                     },
                 )],
+                &[(3, b"waiting".to_vec()), (4, Vec::new())],
             )
             .unwrap();
+        assert_eq!(
+            store.deferred_evaluations("in", 3).unwrap().as_deref(),
+            Some(&b"waiting"[..])
+        );
+        assert_eq!(store.deferred_evaluations("in", 4).unwrap(), None);
+        store
+            .checkpoint(std::iter::empty(), "in", &[], &[(3, Vec::new())])
+            .unwrap();
+        assert_eq!(
+            store.deferred_evaluations("in", 3).unwrap(),
+            None,
+            "emptied"
+        );
         assert_eq!(
             store
                 .get_many(&[key.clone(), Store::state_key(3, "none")])
@@ -650,6 +689,7 @@ mod tests {
                     .zip(&written)
                     .map(|(k, (_, _, state))| (k.as_slice(), Some(state))),
                 "in",
+                &[],
                 &[],
             )
             .unwrap();

@@ -24,6 +24,45 @@ fn same_input_twice_gives_identical_bytes_and_workers_do_not_change_output() {
     );
 }
 
+/// The limit on market re-evaluations per epoch applies to live inputs only:
+/// a file is a replay whose bytes are a function of its lines, and listings
+/// drained from a queue tick by tick would make them one of timing too. So a
+/// file run with a limit (and a window, where it would bite) writes the bytes
+/// of a run without, on one worker and on two, paced or not.
+#[test]
+fn a_file_input_ignores_the_limit_on_market_re_evaluations() {
+    let mut outputs = Vec::new();
+    for (workers, pace, limit) in [
+        (1, "", 0),
+        (1, "", 3),
+        (2, "", 3),
+        (2, "records_per_second = 5000", 3),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &sample_stream(), workers, 128, pace);
+        let text = std::fs::read_to_string(&config.path).unwrap().replace(
+            "checkpoint_interval_ms = 100\n",
+            &format!("checkpoint_interval_ms = 20\nmarket_window_epochs = 8\nmarket_evaluations_per_epoch_and_partition = {limit}\n"),
+        );
+        std::fs::write(&config.path, text).unwrap();
+        let summary = run_in_process(&listings_topology(), &config, true);
+        assert!(summary.reconciled, "{summary:?}");
+        assert_eq!(
+            summary.market_waited, 0,
+            "{workers} worker(s), limit {limit}"
+        );
+        assert!(summary.market_reevaluations > 0);
+        outputs.push(std::fs::read(&config.documents).unwrap());
+    }
+    assert!(!outputs[0].is_empty());
+    for (index, output) in outputs.iter().enumerate().skip(1) {
+        assert!(
+            *output == outputs[0],
+            "run {index} with the limit differs from the run without"
+        );
+    }
+}
+
 /// A paced replay (`records_per_second`) reads like a live source: part of an
 /// epoch, then steps, then more, with checkpoints written in the background
 /// meanwhile. A file's epochs must still be a pure function of line numbers
