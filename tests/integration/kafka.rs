@@ -41,10 +41,10 @@ fn phases_for(window: u64) -> u64 {
 }
 
 /// `runtime.market_evaluations_per_epoch_and_partition` for the tests that
-/// run the shipped window: 5, not the shipped limit, which the sample's few
-/// re-evaluations per window end never reach. So listings wait in the queue
-/// across clock-driven epochs, checkpoints and the `kill -9`, and the input's
-/// end takes the rest.
+/// run the shipped window: 5 (`config/kafka.toml` sets none; 100 would never
+/// be reached by the sample's few re-evaluations per window end). So
+/// listings wait in the queue across clock-driven epochs, checkpoints and the
+/// `kill -9`, and the input's end takes the rest.
 fn limit_for(window: u64) -> u64 {
     if window == shipped_market_window() && window > 1 {
         5
