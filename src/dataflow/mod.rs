@@ -656,10 +656,19 @@ pub fn run(
         let mut batch: Vec<RawRecord> = Vec::with_capacity(epoch_records as usize);
         // A checkpoint is written in the background (see `begin_checkpoint`); the
         // source commits its positions only once they are durable.
+        // A test hook: the process dies as by `kill -9` (no destructor, no
+        // flush) as soon as this worker has made this many checkpoints
+        // durable, so that a crash test can crash at a known point instead of
+        // a random one (tests/integration/crash_resume.rs).
+        let kill_after_checkpoints: Option<u64> = std::env::var("ASSAY_TEST_KILL_AFTER_CHECKPOINTS").ok().and_then(|n| n.parse().ok());
         let durable = |positions: Option<Vec<_>>, source: &Source, report: &mut WorkerReport| {
             if let Some(positions) = positions {
                 source.checkpointed(&positions);
                 report.checkpoints += 1;
+                if kill_after_checkpoints == Some(report.checkpoints) {
+                    // SAFETY: kill(2) on this process; nothing is shared with Rust
+                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                }
             }
         };
         // The stage seals its changes itself when an epoch past the checkpoint's
