@@ -385,6 +385,19 @@ fn run_command() -> anyhow::Result<ExitCode> {
                 "never" => Some(false),
                 other => anyhow::bail!("--progress takes auto, always or never, not {other:?}"),
             };
+            let limit = prepared
+                .config
+                .runtime
+                .market_evaluations_per_epoch_and_partition;
+            if limit > 0
+                && let Some(assay::config::Binding::File(_)) =
+                    prepared.config.bindings.get(&prepared.plan.input_binding)
+            {
+                eprintln!(
+                    "note: runtime.market_evaluations_per_epoch_and_partition = {limit} applies to Kafka inputs; \
+                     this file input evaluates every market re-evaluation in the epoch of its move (a replay's output stays a function of its lines)"
+                );
+            }
             let options = assay::dataflow::RunOptions {
                 from_scratch,
                 progress,
