@@ -528,6 +528,64 @@ fn engine_killed_mid_stream_and_restarted_loses_nothing() {
     }
 }
 
+/// With the re-evaluation limit at 1 per tick and partition, a window end
+/// leaves hundreds of neighbours waiting, so every checkpoint stores a long
+/// queue. After a clean run of the first half, the engine reads the second
+/// half and dies right after its fifth durable checkpoint (the test hook:
+/// no destructor, no flush); the restart puts the queue back, the input's
+/// end takes the rest, and the index ends as the file run's. A listing left
+/// out of the stored queue would keep the document of before its move.
+#[test]
+fn waiting_re_evaluations_survive_a_kill_right_after_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::memory(dir.path());
+    let brokers = broker.address();
+    create_topic(&brokers, "listing_changes", 4);
+    let lines = sample_lines();
+    let (first_half, second_half) = lines.split_at(lines.len() / 2);
+    produce_lines(&producer(&brokers), "listing_changes", first_half);
+    let window = shipped_market_window();
+    let config = kafka_config(dir.path(), &brokers, 2, 4, 2000, window);
+    let text = std::fs::read_to_string(&config.path).unwrap().replace(
+        &format!(
+            "market_evaluations_per_epoch_and_partition = {}\n",
+            limit_for(window)
+        ),
+        "market_evaluations_per_epoch_and_partition = 1\n",
+    );
+    assert!(text.contains("market_evaluations_per_epoch_and_partition = 1\n"));
+    std::fs::write(&config.path, text).unwrap();
+
+    // A clean end first: the stored market views are then trusted at the
+    // next start, so the restart below does not re-evaluate every listing
+    // whose view lags (its rebuild would mend a lost queue by itself).
+    let summary = run_kafka(&config);
+    assert_eq!(summary.records_in, first_half.len() as u64);
+    produce_lines(&producer(&brokers), "listing_changes", second_half);
+    // (the first checkpoints of a start can come before its first fetch)
+    let status = assay_command()
+        .args(["run", "topologies/listings.toml", "--config"])
+        .arg(&config.path)
+        .env("ASSAY_TEST_KILL_AFTER_CHECKPOINTS", "5")
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the run was to die after 5 checkpoints");
+    let summary = run_kafka(&config);
+    assert!(summary.reconciled, "{summary:?}");
+    assert!(
+        summary.records_in < second_half.len() as u64,
+        "the killed run checkpointed none of the second half"
+    );
+    assert!(summary.market_waited > 0, "{summary:?}");
+
+    let file_dir = tempfile::tempdir().unwrap();
+    let (expected, _) = file_run_documents(file_dir.path());
+    let documents = documents_from_topic(&read_topic(&brokers, "search_documents"));
+    if let Some(difference) = first_difference(&indexed(&documents), &indexed(&expected)) {
+        panic!("the kill changed what the index ends with: {difference}");
+    }
+}
+
 /// The broker stops answering mid-stream for several seconds, then comes
 /// back: the engine waits (back-pressure, retries), loses nothing, and
 /// finishes by itself.
