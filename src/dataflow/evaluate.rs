@@ -354,7 +354,7 @@ impl Evaluator {
             .collect();
         // States still unwritten are moved out of the stage, not copied: each
         // goes back (recorded or restored) before this epoch ends.
-        let fetched = self.stage.borrow_mut().take_current(time, &market_keys)?;
+        let fetched = self.stage.borrow_mut().take_current(&market_keys)?;
 
         // The fetched states move into the rows (one copy of each); the
         // state keys of the rows evaluated stay beside them for recording,

@@ -118,7 +118,7 @@ pub struct ListingStateStage {
     sealed: Option<Arc<StateMap>>,
     /// The epoch a checkpoint covers, from `seal_after` until the seal: the
     /// first thing of a later epoch to reach this stage (an event applied, or
-    /// a market re-evaluation's states taken) seals the changes first.
+    /// the evaluator entering that epoch) seals the changes first.
     seal_after: Option<u64>,
     /// The checkpoint being written, at most one: its states (read between
     /// `sealed` and the store) and the thread writing them.
@@ -285,16 +285,10 @@ impl ListingStateStage {
     /// copy of each was 4% of the full pipeline's time); the caller hands
     /// each one back, through `record_market_evaluation` or `restore`, before
     /// anything else reads this stage.
-    ///
-    /// `time` is the epoch being evaluated: past a checkpoint's epoch, the
-    /// changes through it are sealed first, so that the decisions recorded
-    /// on these states stay out of that checkpoint (see `seal_after`).
-    pub fn take_current(
-        &mut self,
-        time: u64,
-        keys: &[Vec<u8>],
-    ) -> Result<Vec<CurrentState>, StateError> {
-        self.enter_epoch(time);
+    /// The evaluator has entered its epoch first (`enter_epoch`), so that
+    /// the decisions recorded on these states stay out of an earlier
+    /// checkpoint.
+    pub fn take_current(&mut self, keys: &[Vec<u8>]) -> Result<Vec<CurrentState>, StateError> {
         // one lookup per key in memory; the rest in one RocksDB multi-get
         let mut current: Vec<CurrentState> = Vec::with_capacity(keys.len());
         let mut missing: Vec<usize> = Vec::new();
@@ -847,6 +841,30 @@ mod tests {
         decode::decode(plan, &decode::Slots::new(plan), 1 << 20, raw).expect("a valid event")
     }
 
+    /// A listing created by an event of `epoch` (as the state stage
+    /// applies it): its state key, and the rows the stage sent on.
+    fn created(stage: &mut ListingStateStage, listing: &str, epoch: u64) -> (Vec<u8>, usize) {
+        let plan = stage.plan.clone();
+        let line = format!(
+            r#"{{"kind":"create","listing_id":"{listing}","version":1,"event_time":1640995618,"price":25990,"model":"e-class","year":2017,"state":"ca"}}"#
+        );
+        let mut out = StateOutputs::default();
+        stage
+            .process(vec![event(&plan, &line)], epoch, &mut out)
+            .unwrap();
+        (Store::state_key(0, listing), out.events.len())
+    }
+
+    /// The state the stage holds for `key`, taken as a market
+    /// re-evaluation takes it.
+    fn taken(stage: &mut ListingStateStage, key: &[u8]) -> Arc<ListingState> {
+        let mut current = stage.take_current(&[key.to_vec()]).unwrap();
+        let (Some(state), _) = current.remove(0) else {
+            panic!("the listing is held")
+        };
+        state
+    }
+
     fn stored(stage: &ListingStateStage, key: &[u8]) -> ListingState {
         let mut states = stage.store.get_many(&[key]).unwrap();
         states.remove(0).expect("the listing is stored")
@@ -863,24 +881,16 @@ mod tests {
     fn a_decision_of_an_epoch_past_the_checkpoints_is_left_to_the_next_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let mut stage = stage(dir.path());
-        let plan = stage.plan.clone();
-        let line = r#"{"kind":"create","listing_id":"cl-1","version":1,"event_time":1640995618,"price":25990,"model":"e-class","year":2017,"state":"ca"}"#;
-        let mut out = StateOutputs::default();
-        stage
-            .process(vec![event(&plan, line)], 5, &mut out)
-            .unwrap();
-        assert_eq!(out.events.len(), 1);
-        drop(out);
-        let key = Store::state_key(0, "cl-1");
+        let (key, rows) = created(&mut stage, "cl-1", 5);
+        assert_eq!(rows, 1);
         // the evaluator's decision on the event of epoch 5
         stage.record_own_evaluation(&key, 11, 0, vec![1.0], None);
         stage.seal_after(5);
 
-        // epoch 6: a market re-evaluation, on the state the stage holds
-        let mut current = stage.take_current(6, std::slice::from_ref(&key)).unwrap();
-        let (Some(state), _) = current.remove(0) else {
-            panic!("the listing is held")
-        };
+        // epoch 6: a market re-evaluation, on the state the stage holds (the
+        // evaluator enters the epoch before it takes anything)
+        stage.enter_epoch(6);
+        let state = taken(&mut stage, &key);
         assert_eq!(state.emitted_hash, 11);
         stage.record_market_evaluation(key.clone(), state, 22, 1, vec![2.0], None);
 
@@ -895,13 +905,8 @@ mod tests {
             "the checkpoint through epoch 5 holds epoch 5's decision"
         );
         // the decision of epoch 6 is still held, for the next checkpoint
-        let (Some(held), _) = stage
-            .take_current(7, std::slice::from_ref(&key))
-            .unwrap()
-            .remove(0)
-        else {
-            panic!("the listing is held")
-        };
+        stage.enter_epoch(7);
+        let held = taken(&mut stage, &key);
         assert_eq!(held.emitted_hash, 22);
         stage.restore(key.clone(), held);
         stage
@@ -957,20 +962,11 @@ mod tests {
     fn a_checkpoint_with_nothing_later_takes_every_change() {
         let dir = tempfile::tempdir().unwrap();
         let mut stage = stage(dir.path());
-        let plan = stage.plan.clone();
-        let line = r#"{"kind":"create","listing_id":"cl-2","version":1,"event_time":1640995618,"price":25990,"model":"e-class","year":2017,"state":"ca"}"#;
-        let mut out = StateOutputs::default();
-        stage
-            .process(vec![event(&plan, line)], 5, &mut out)
-            .unwrap();
-        drop(out);
-        let key = Store::state_key(0, "cl-2");
+        let (key, _) = created(&mut stage, "cl-2", 5);
         stage.seal_after(5);
         // a market re-evaluation within the checkpoint's epoch
-        let mut current = stage.take_current(5, std::slice::from_ref(&key)).unwrap();
-        let (Some(state), _) = current.remove(0) else {
-            panic!("the listing is held")
-        };
+        stage.enter_epoch(5);
+        let state = taken(&mut stage, &key);
         stage.record_market_evaluation(key.clone(), state, 33, 1, vec![3.0], None);
         stage
             .begin_checkpoint("listing_changes", Vec::new())

@@ -42,18 +42,7 @@ fn with_staggered_market_windows_a_killed_and_resumed_run_equals_a_clean_run() {
 /// every input partition (a file's epoch is its line number over
 /// `epoch_records`).
 fn checkpointed_epochs(config: &TestConfig, epoch_records: u64) -> BTreeSet<u64> {
-    let prepared = assay::prepare(&listings_topology(), Some(&config.path), &[]).unwrap();
-    let tuning = assay::state::StoreTuning {
-        block_cache_bytes: 1 << 20,
-        write_buffer_bytes: 1 << 20,
-    };
-    let store = assay::state::Store::open(
-        &config.state.join(&prepared.plan.name),
-        &prepared.plan.field_fingerprint(),
-        tuning,
-    )
-    .unwrap();
-    let positions = store.positions(&prepared.plan.input_binding).unwrap();
+    let positions = open_store(config).positions("listing_changes").unwrap();
     positions
         .values()
         .map(|position| position.next_offset / epoch_records)
@@ -70,11 +59,7 @@ fn killed_and_resumed_equals_clean(market_window_epochs: &str, market_window_pha
     // the uninterrupted run
     let clean_dir = tempfile::tempdir().unwrap();
     let clean = write_config(clean_dir.path(), &sample_stream(), 2, 256, "");
-    let status = assay()
-        .args(["run", "topologies/listings.toml", "--config"])
-        .arg(&clean.path)
-        .status()
-        .unwrap();
+    let status = run_engine(assay(), &clean.path);
     assert!(status.success());
 
     // the crashed run: throttled so that it is mid-stream when killed
@@ -129,12 +114,9 @@ fn killed_and_resumed_equals_clean(market_window_epochs: &str, market_window_pha
         "killed after the end ({before_restart} of {total_documents})"
     );
 
-    let status = assay()
-        .args(["run", "topologies/listings.toml", "--config"])
-        .arg(&crashed.path)
-        .env("ASSAY_BINDINGS__LISTING_CHANGES__RECORDS_PER_SECOND", "0")
-        .status()
-        .unwrap();
+    let mut command = assay();
+    command.env("ASSAY_BINDINGS__LISTING_CHANGES__RECORDS_PER_SECOND", "0");
+    let status = run_engine(command, &crashed.path);
     assert!(status.success());
 
     for (name, clean_path, crashed_path) in [
@@ -296,12 +278,9 @@ fn checkpoint_on_a_worker_without_events(kill_after: u64) {
         "checkpoint_interval_ms = 5\n",
     );
     std::fs::write(&crashed.path, text).unwrap();
-    let status = assay_command()
-        .args(["run", "topologies/listings.toml", "--config"])
-        .arg(&crashed.path)
-        .env("ASSAY_TEST_KILL_AFTER_CHECKPOINTS", kill_after.to_string())
-        .status()
-        .unwrap();
+    let mut command = assay_command();
+    command.env("ASSAY_TEST_KILL_AFTER_CHECKPOINTS", kill_after.to_string());
+    let status = run_engine(command, &crashed.path);
     assert!(
         !status.success(),
         "the run was to die after {kill_after} checkpoints"

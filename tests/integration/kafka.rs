@@ -508,11 +508,7 @@ fn engine_killed_mid_stream_and_restarted_loses_nothing() {
             engine.kill(); // SIGKILL
         }
     }
-    let status = assay_command()
-        .args(["run", "topologies/listings.toml", "--config"])
-        .arg(&config.path)
-        .status()
-        .unwrap();
+    let status = run_engine(assay_command(), &config.path);
     assert!(status.success());
 
     let file_dir = tempfile::tempdir().unwrap();
@@ -563,12 +559,9 @@ fn waiting_re_evaluations_survive_a_kill_right_after_a_checkpoint() {
     assert_eq!(summary.records_in, first_half.len() as u64);
     produce_lines(&producer(&brokers), "listing_changes", second_half);
     // (the first checkpoints of a start can come before its first fetch)
-    let status = assay_command()
-        .args(["run", "topologies/listings.toml", "--config"])
-        .arg(&config.path)
-        .env("ASSAY_TEST_KILL_AFTER_CHECKPOINTS", "5")
-        .status()
-        .unwrap();
+    let mut command = assay_command();
+    command.env("ASSAY_TEST_KILL_AFTER_CHECKPOINTS", "5");
+    let status = run_engine(command, &config.path);
     assert!(!status.success(), "the run was to die after 5 checkpoints");
     let summary = run_kafka(&config);
     assert!(summary.reconciled, "{summary:?}");

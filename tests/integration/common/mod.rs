@@ -132,6 +132,16 @@ pub fn spawn_engine(mut command: std::process::Command, config: &Path) -> Killed
     )
 }
 
+/// `command` (an `assay_command`, perhaps with environment overrides)
+/// running the listings topology with `config` to its end (or its death).
+pub fn run_engine(mut command: std::process::Command, config: &Path) -> std::process::ExitStatus {
+    command
+        .args(["run", "topologies/listings.toml", "--config"])
+        .arg(config)
+        .status()
+        .unwrap()
+}
+
 /// An engine process a test kills mid-stream, killed too when dropped: a
 /// failed assertion between its spawn and its kill would otherwise leave it
 /// running after the test.
