@@ -236,11 +236,13 @@ fn open_store(config: &TestConfig) -> assay::state::Store {
 ///
 /// Whether worker 1 evaluated an epoch past the checkpoint's before the
 /// checkpoint was written is a race (with the fix taken out, one kill point
-/// in about six showed the hole), so the test dies at twelve kill points,
-/// each a fresh run.
+/// in about six showed the hole), so the test dies at 24 kill points, each a
+/// fresh run. The 30,000 price changes keep the last kill point well inside
+/// the run on a quiet machine too (with 3,000, an idle machine finished the
+/// run before the 13th checkpoint).
 #[test]
 fn a_checkpoint_on_a_worker_without_events_holds_no_later_decision() {
-    for kill_after in 2..14 {
+    for kill_after in 2..26 {
         checkpoint_on_a_worker_without_events(kill_after);
     }
 }
@@ -257,7 +259,7 @@ fn checkpoint_on_a_worker_without_events(kill_after: u64) {
     for (index, key) in mine.iter().chain(&theirs).enumerate() {
         lines.push(create(key, 20_000 + 500 * index as u64));
     }
-    for step in 0..3000u64 {
+    for step in 0..30000u64 {
         let key = &theirs[step as usize % theirs.len()];
         let version = 2 + step / theirs.len() as u64;
         // prices that move the segment's statistics at every step
