@@ -12,7 +12,10 @@
 #
 # Environment: EVENTS (default 200000); STATISTICS=1 also binds the
 # statistics changelog (as config/default.toml does; `bench` does not);
-# DIR (default target/instructions).
+# DIR (default target/instructions); PIPELINE (default full): `core` runs
+# the topology without its market (`bench`'s core row), `pass-through` the
+# decode-and-re-encode baseline, so that the pipelines' instructions per
+# event can be compared on the same events.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
@@ -36,12 +39,23 @@ fi
 
 # the stream `bench` generates (a fixed seed: the same bytes every time)
 stream="$dir/bench/mixed-1000000.jsonl"
-if [ ! -f "$stream" ]; then
+# (the same run writes the core topology, bench::core_topology's)
+if [ ! -f "$stream" ] || [ ! -f "$dir/bench/listings-core.toml" ]; then
   echo "instructions: generating the 1M-event stream (a short bench run)" >&2
   "${binaries[0]}" bench --workers 1 --live-listings 0 --market-window-epochs 1 \
     --dir "$dir/bench" >/dev/null
 fi
 head -n "$events" "$stream" >"$dir/input.jsonl"
+
+pipeline="${PIPELINE:-full}"
+topology=topologies/listings.toml
+mode=()
+case "$pipeline" in
+  full) ;;
+  core) topology="$dir/bench/listings-core.toml" ;;
+  pass-through) mode=(--pass-through) ;;
+  *) echo "instructions: PIPELINE must be full, core or pass-through, not '$pipeline'" >&2; exit 2 ;;
+esac
 
 cat >"$dir/config.toml" <<EOF
 # scripts/instructions.sh: 1 worker, bench's epochs, checkpoints only at the end
@@ -76,16 +90,17 @@ path = "$dir/out/market_statistics.jsonl"
 EOF
 fi
 
-echo "first $events events of the bench stream, full topology, 1 worker"
+echo "first $events events of the bench stream, $pipeline, 1 worker"
 for binary in "${binaries[@]}"; do
   rm -rf "$dir/state" "$dir/out"
   valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
-    "$binary" run topologies/listings.toml --config "$dir/config.toml" --from-scratch \
+    "$binary" run "$topology" --config "$dir/config.toml" --from-scratch "${mode[@]}" \
     >"$dir/run.log" 2>"$dir/valgrind.log"
   instructions=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$dir/valgrind.log")
   documents=$(sha256sum "$dir/out/search_documents.jsonl" | cut -c1-16)
   dead_letters=$(sha256sum "$dir/out/dead_letters.jsonl" | cut -c1-16)
-  printf '%s\n  instructions %s   documents %s   dead letters %s\n' \
-    "$binary" "$instructions" "$documents" "$dead_letters"
+  per_event=$((instructions / events))
+  printf '%s\n  instructions %s (%s per event)   documents %s   dead letters %s\n' \
+    "$binary" "$instructions" "$per_event" "$documents" "$dead_letters"
 done
 echo "callgrind's profile of the last binary: $dir/callgrind.out (callgrind_annotate)"
