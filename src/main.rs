@@ -389,10 +389,7 @@ fn run_command() -> anyhow::Result<ExitCode> {
                 .config
                 .runtime
                 .market_evaluations_per_epoch_and_partition;
-            if limit > 0
-                && let Some(assay::config::Binding::File(_)) =
-                    prepared.config.bindings.get(&prepared.plan.input_binding)
-            {
+            if limit > 0 && prepared.config.market_evaluation_limit(&prepared.plan) == 0 {
                 eprintln!(
                     "note: runtime.market_evaluations_per_epoch_and_partition = {limit} applies to Kafka inputs; \
                      this file input evaluates every market re-evaluation in the epoch of its move (a replay's output stays a function of its lines)"

@@ -331,6 +331,19 @@ impl EnvConfig {
         self.bindings.get(name)
     }
 
+    /// The limit on market re-evaluations per epoch and partition that a run
+    /// of `plan` applies: the runtime's for a Kafka input, 0 (none) for a
+    /// file. A file is a replay, whose output must be a function of its
+    /// lines alone, and a queue drained per tick would make it one of timing
+    /// too (its latency is no one's to wait for anyway). `assay run` says so
+    /// when the two differ.
+    pub fn market_evaluation_limit(&self, plan: &Plan) -> u64 {
+        match self.bindings.get(&plan.input_binding) {
+            Some(Binding::Kafka(_)) => self.runtime.market_evaluations_per_epoch_and_partition,
+            _ => 0,
+        }
+    }
+
     /// Input partitions for `explain`; Kafka's are known only from the broker.
     pub fn input_partitions(&self, plan: &Plan) -> Option<u32> {
         match &self.bindings[&plan.input_binding] {

@@ -340,6 +340,7 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| format!("assay-{}", plan.name));
     let runtime = config.runtime.clone();
+    let market_evaluation_limit = config.market_evaluation_limit(&plan);
     let workers = runtime.workers;
     let progress_enabled = options.progress.or(match runtime.progress {
         crate::config::ProgressMode::Always => Some(true),
@@ -381,12 +382,11 @@ pub fn run(
             ),
         };
         let stage = Rc::new(RefCell::new(ListingStateStage::new(plan.clone(), store.clone())));
-        // the market re-evaluations the last checkpoint left waiting (deferred_evaluations.rs)
-        // Only a live source defers: a file is a replay, whose output must be a
-        // function of its lines alone, and a queue drained per tick would make
-        // it one of timing too. Its latency is no one's to wait for anyway.
+        // the market re-evaluations the last checkpoint left waiting
+        // (deferred_evaluations.rs); only a live source defers (the config says why)
         let live_source = matches!(source, Source::Kafka(_));
-        let evaluations_per_partition = if live_source { runtime.market_evaluations_per_epoch_and_partition } else { 0 };
+        let evaluations_per_partition = market_evaluation_limit;
+        debug_assert!(live_source || evaluations_per_partition == 0);
         stage.borrow_mut().load_deferred(&plan.input_binding, &owned, evaluations_per_partition > 0).map_err(|e| e.to_string())?;
         let counts = Rc::new(RefCell::new(SinkCounts::default()));
         let evaluate_counts = Rc::new(RefCell::new(evaluate::EvaluateCounts::default()));
