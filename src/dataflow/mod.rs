@@ -340,7 +340,8 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| format!("assay-{}", plan.name));
     let runtime = config.runtime.clone();
-    let market_evaluation_limit = config.market_evaluation_limit(&plan);
+    // market re-evaluations per epoch and partition (0 for a file input)
+    let evaluations_per_partition = config.market_evaluation_limit(&plan);
     let workers = runtime.workers;
     let progress_enabled = options.progress.or(match runtime.progress {
         crate::config::ProgressMode::Always => Some(true),
@@ -385,7 +386,6 @@ pub fn run(
         // the market re-evaluations the last checkpoint left waiting
         // (deferred_evaluations.rs); only a live source defers (the config says why)
         let live_source = matches!(source, Source::Kafka(_));
-        let evaluations_per_partition = market_evaluation_limit;
         debug_assert!(live_source || evaluations_per_partition == 0);
         stage.borrow_mut().load_deferred(&plan.input_binding, &owned, evaluations_per_partition > 0).map_err(|e| e.to_string())?;
         let counts = Rc::new(RefCell::new(SinkCounts::default()));
