@@ -347,7 +347,7 @@ impl Evaluator {
                 .map(|((partition, key), named)| ((partition, Cow::Owned(key.into())), named))
                 .collect()
         };
-        market_only.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        sort_by_listing(&mut market_only);
         let market_keys: Vec<Vec<u8>> = market_only
             .iter()
             .map(|((partition, key), _)| Store::state_key(*partition, key))
@@ -589,6 +589,58 @@ fn same_read_view(a: &[f64], b: &[f64], read: &[bool]) -> bool {
             .all(|((x, y), read)| !read || x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
 }
 
+/// Sorts listings by (partition, id), the order `Ord` gives (the state
+/// keys' order, for RocksDB's `multi_get`), through a compact key first:
+/// the partition and the id's first 16 bytes, zero-padded, as two
+/// big-endian words, with the ids compared only where those tie. The
+/// evaluator sorts each epoch's market re-evaluations; sorted in place, the
+/// 72-byte elements were moved and compared through their strings at every
+/// step (1.2% of the 1M stream's instructions).
+fn sort_by_listing<T>(items: &mut Vec<((u32, Cow<'_, str>), T)>) {
+    let mut order: Vec<(u32, u64, u64, u32)> = items
+        .iter()
+        .enumerate()
+        .map(|(index, ((partition, key), _))| {
+            let mut prefix = [0u8; 16];
+            let length = key.len().min(16);
+            prefix[..length].copy_from_slice(&key.as_bytes()[..length]);
+            let (high, low) = prefix.split_at(8);
+            (
+                *partition,
+                u64::from_be_bytes(high.try_into().expect("8 bytes")),
+                u64::from_be_bytes(low.try_into().expect("8 bytes")),
+                index as u32,
+            )
+        })
+        .collect();
+    // a zero-padded prefix orders as the id does: where it differs, it
+    // differs at a byte both ids have, or where the shorter one has ended
+    // (a padding zero against a byte of the longer id: never greater)
+    order.sort_unstable();
+    // ids that share their first 16 bytes (rare: the shipped ids are
+    // shorter) are put in order among themselves
+    let mut start = 0;
+    while start < order.len() {
+        let prefix = &order[start];
+        let end = start
+            + order[start..]
+                .iter()
+                .take_while(|other| (other.0, other.1, other.2) == (prefix.0, prefix.1, prefix.2))
+                .count();
+        if end - start > 1 {
+            order[start..end]
+                .sort_unstable_by(|a, b| items[a.3 as usize].0.1.cmp(&items[b.3 as usize].0.1));
+        }
+        start = end;
+    }
+    let mut unsorted: Vec<Option<((u32, Cow<'_, str>), T)>> = items.drain(..).map(Some).collect();
+    items.extend(
+        order
+            .iter()
+            .map(|(_, _, _, index)| unsorted[*index as usize].take().expect("each index once")),
+    );
+}
+
 /// The listings whose signature in some aggregate changed, each with the
 /// segment the join named for it in each such aggregate: a listing's
 /// signatures before (retracted) and after (inserted) do not cancel. Hashed,
@@ -676,6 +728,52 @@ mod tests {
         let changes = changed_listings(&updates, 1);
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert_eq!(changes[&(0, "cl-1")].as_slice(), &[Some(live)]);
+    }
+
+    /// Ids that share long prefixes, end inside or past the 16 bytes
+    /// compared first, are prefixes of each other or hold zero bytes and
+    /// multi-byte characters: the order is `Ord`'s every time.
+    #[test]
+    fn listings_sort_as_their_partition_and_id_order_them() {
+        let mut rng = crate::bench::Rng::new(5);
+        let alphabet = ["", "\0", "a", "b", "z", "0", "9", "-", "é", "\u{10FFFF}"];
+        for round in 0..300 {
+            let mut items: Vec<((u32, Cow<str>), usize)> = (0..rng.below(200))
+                .map(|index| {
+                    let shared = ["", "g-0000000", "listing-000000000000-"][rng.below(3)];
+                    let mut id = shared.to_string();
+                    for _ in 0..rng.below(24) {
+                        id.push_str(alphabet[rng.below(alphabet.len())]);
+                    }
+                    let id = if rng.below(2) == 0 {
+                        Cow::Owned(id)
+                    } else {
+                        Cow::Borrowed(&*id.leak())
+                    };
+                    ((rng.below(3) as u32, id), index)
+                })
+                .collect();
+            let mut expected = items.clone();
+            expected.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+            // equal listings keep no particular order in the evaluator (it has
+            // none); here they are told apart by their index
+            sort_by_listing(&mut items);
+            for pair in items.windows(2) {
+                assert!(pair[0].0 <= pair[1].0, "round {round}: {pair:?}");
+            }
+            let keys = |list: &[((u32, Cow<str>), usize)]| -> Vec<(u32, String)> {
+                list.iter()
+                    .map(|((partition, id), _)| (*partition, id.to_string()))
+                    .collect()
+            };
+            assert_eq!(keys(&items), keys(&expected), "round {round}");
+            let mut indices: Vec<usize> = items.iter().map(|(_, index)| *index).collect();
+            indices.sort();
+            assert!(
+                indices.iter().enumerate().all(|(i, index)| i == *index),
+                "each item once"
+            );
+        }
     }
 
     #[test]
