@@ -755,8 +755,8 @@ mod tests {
                 .collect();
             let mut expected = items.clone();
             expected.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-            // equal listings keep no particular order in the evaluator (it has
-            // none); here they are told apart by their index
+            // equal listings (the evaluator never has two rows of one) may
+            // come out in either order: only the listings are compared
             sort_by_listing(&mut items);
             for pair in items.windows(2) {
                 assert!(pair[0].0 <= pair[1].0, "round {round}: {pair:?}");
