@@ -633,7 +633,7 @@ fn sort_by_listing<T>(items: &mut Vec<((u32, Cow<'_, str>), T)>) {
         }
         start = end;
     }
-    let mut unsorted: Vec<Option<((u32, Cow<'_, str>), T)>> = items.drain(..).map(Some).collect();
+    let mut unsorted: Vec<Option<_>> = items.drain(..).map(Some).collect();
     items.extend(
         order
             .iter()
